@@ -1,0 +1,45 @@
+"""Small building blocks shared by the components."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
+    """A multilayer perceptron with ELU activations and a linear output layer."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ELU()]
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def cat_batched(*tensors: torch.Tensor) -> torch.Tensor:
+    """Concatenate on the last dim after broadcasting all the others.
+
+    Vectorised particles add leading dims to z but not to x or a.
+    """
+    shape = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+    return torch.cat([t.expand(*shape, t.shape[-1]) for t in tensors], dim=-1)
+
+
+def positive(raw: torch.Tensor, min_scale: float) -> torch.Tensor:
+    """A scale from an unconstrained tensor, bounded away from zero."""
+    return nn.functional.softplus(raw) + min_scale
+
+
+def check_dim(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def check_hidden(hidden: Sequence[int]) -> tuple[int, ...]:
+    hidden = tuple(hidden)
+    if not all(isinstance(h, int) and h > 0 for h in hidden):
+        raise ValueError(f"hidden: expected a sequence of positive ints, got {hidden!r}")
+    return hidden

@@ -1,0 +1,62 @@
+"""Emissions p(x_t | z_t)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from ._nets import check_dim, check_hidden, mlp
+
+
+class GaussianMLPEmission(nn.Module):
+    """p(x_t | z_t) = N(W z_t + f(z_t), diag(σ²)).
+
+    :param scale: ``"learned"`` for a learned σ per observation dimension, or
+        a positive float for a fixed σ.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        obs_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        scale: float | str = "learned",
+    ):
+        super().__init__()
+        self.latent_dim = check_dim("latent_dim", latent_dim)
+        self.obs_dim = check_dim("obs_dim", obs_dim)
+        self.hidden = check_hidden(hidden)
+        self.linear = nn.Linear(latent_dim, obs_dim)
+        self.net = mlp(latent_dim, self.hidden, obs_dim)
+        if scale == "learned":
+            self.log_scale = nn.Parameter(torch.zeros(obs_dim))
+        elif isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+            self.register_buffer("log_scale", torch.full((obs_dim,), float(scale)).log())
+        else:
+            raise ValueError(f"scale: expected 'learned' or a positive float, got {scale!r}")
+        self.scale = scale
+
+    def forward(self, z: torch.Tensor) -> dist.Distribution:
+        """:param z: ``(..., Z)``. :returns: a Normal with event shape ``(X,)``."""
+        loc = self.linear(z) + self.net(z)  # (..., X)
+        return dist.Normal(loc, self.log_scale.exp().expand(loc.shape)).to_event(1)
+
+
+class LinearGaussianEmission(nn.Module):
+    """p(x_t | z_t) = N(H z_t + b, diag(σ²))."""
+
+    def __init__(self, latent_dim: int, obs_dim: int):
+        super().__init__()
+        self.latent_dim = check_dim("latent_dim", latent_dim)
+        self.obs_dim = check_dim("obs_dim", obs_dim)
+        self.H = nn.Parameter(torch.randn(obs_dim, latent_dim) / latent_dim**0.5)
+        self.bias = nn.Parameter(torch.zeros(obs_dim))
+        self.log_scale = nn.Parameter(torch.zeros(obs_dim))
+
+    def forward(self, z: torch.Tensor) -> dist.Distribution:
+        """:param z: ``(..., Z)``. :returns: a Normal with event shape ``(X,)``."""
+        loc = z @ self.H.T + self.bias  # (..., X)
+        return dist.Normal(loc, self.log_scale.exp().expand(loc.shape)).to_event(1)

@@ -1,0 +1,37 @@
+"""Guide factors q(z_t | ·)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from ._nets import cat_batched, check_dim, check_hidden, mlp, positive
+
+
+class Combiner(nn.Module):
+    """q(z_t | z_{t-1}, h_t) = N(loc, diag(scale²)), both MLPs of [z_{t-1}, h_t].
+
+    ``h_t`` summarises what the guide has seen, e.g. a GRU state over
+    x_{≤t} and a_{<t}; the name follows the Deep Markov Model example.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        summary_dim: int,
+        hidden: Sequence[int] = (64,),
+        min_scale: float = 1e-3,
+    ):
+        super().__init__()
+        self.latent_dim = check_dim("latent_dim", latent_dim)
+        self.summary_dim = check_dim("summary_dim", summary_dim)
+        self.min_scale = min_scale
+        self.net = mlp(latent_dim + summary_dim, check_hidden(hidden), 2 * latent_dim)
+
+    def forward(self, z_prev: torch.Tensor, h_t: torch.Tensor) -> dist.Distribution:
+        """:param z_prev: ``(..., Z)``; :param h_t: ``(..., H)``."""
+        loc, raw_scale = self.net(cat_batched(z_prev, h_t)).chunk(2, dim=-1)  # (..., Z) each
+        return dist.Normal(loc, positive(raw_scale, self.min_scale)).to_event(1)
