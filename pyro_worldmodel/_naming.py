@@ -1,0 +1,38 @@
+"""Param-store names: one prefix per model or guide instance (PYRO_NOTES §7)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pyro
+from torch import nn
+
+_counter = itertools.count()
+
+
+def unique_name(prefix: str, name: str | None) -> str:
+    """``name`` if given, else ``prefix`` with a number no other instance has."""
+    if name is None:
+        return f"{prefix}_{next(_counter)}"
+    if not isinstance(name, str) or not name or "$$$" in name:
+        raise ValueError(f"name: expected a non-empty str without '$$$', got {name!r}")
+    return name
+
+
+def register(name: str, module: nn.Module) -> None:
+    """``pyro.module``, refusing to train another module's parameters.
+
+    Pyro's param store is global: if ``name`` already holds the parameters of
+    another module, ``pyro.module`` returns those and SVI would silently
+    optimise the wrong tensors.
+    """
+    pyro.module(name, module)
+    store = pyro.get_param_store()
+    for param_name, param in module.named_parameters():
+        if store._params[f"{name}$$${param_name}"] is not param:
+            raise ValueError(
+                f"name: the Pyro param store already holds parameters under {name!r} that"
+                " belong to another module; give each model and guide its own name, or"
+                " call pyro.clear_param_store() before building them"
+            )
+        break  # one parameter tells: names are registered module by module

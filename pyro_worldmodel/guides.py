@@ -1,0 +1,85 @@
+"""Guides q(z | x, a): Pyro programs over the same ``z_{t}`` sites as the model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro
+import torch
+from pyro.infer.util import is_validation_enabled
+from torch import nn
+
+from ._naming import register, unique_name
+from .components import Combiner
+from .spaces import ActionSpace, check_inputs
+
+
+class FilterGuide(nn.Module):
+    """q(z_t | z_{t-1}, x_{≤t}, a_{<t}): the seed's Bayesian filter.
+
+    A GRU summarises the past, h_t = GRU(h_{t-1}, [x_t, a_{t-1}]), and a
+    :class:`~pyro_worldmodel.components.Combiner` turns ``(z_{t-1}, h_t)``
+    into q(z_t | ·). The GRU runs over the whole sequence in one call; only
+    the z recurrence is a Python loop.
+
+    :param obs_dim: X, the size of x_t.
+    :param action_space: the actions a_t.
+    :param latent_dim: Z, the size of z_t.
+    :param rnn_dim: size of the GRU state h_t.
+    :param hidden: hidden widths of the combiner MLP.
+    :param name: prefix in Pyro's param store; unique by default.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_space: ActionSpace,
+        latent_dim: int,
+        rnn_dim: int = 64,
+        hidden: Sequence[int] = (64,),
+        *,
+        name: str | None = None,
+    ):
+        super().__init__()
+        self.obs_dim = obs_dim
+        self.action_space = action_space
+        self.latent_dim = latent_dim
+        self.rnn = nn.GRU(obs_dim + action_space.feature_dim, rnn_dim, batch_first=True)
+        self.combiner = Combiner(latent_dim, rnn_dim, hidden)
+        self.z_0 = nn.Parameter(torch.zeros(latent_dim))  # stands in for z_{t-1} at t = 0
+        self.name = unique_name("filter_guide", name)
+
+    @classmethod
+    def for_model(cls, model, **kwargs) -> FilterGuide:
+        """A filter whose sizes match ``model``'s."""
+        return cls(model.obs_dim, model.action_space, model.latent_dim, **kwargs)
+
+    def check_inputs(self, obs, actions, mask=None, *, check_values: bool | None = None):
+        """Checked ``(obs, actions, mask)``; see :meth:`WorldModel.check_inputs`."""
+        if check_values is None:
+            check_values = is_validation_enabled()
+        return check_inputs(
+            obs,
+            actions,
+            mask,
+            obs_dim=self.obs_dim,
+            action_space=self.action_space,
+            dtype=self.z_0.dtype,
+            device=self.z_0.device,
+            check_values=check_values,
+        )
+
+    def forward(self, obs, actions, mask=None):
+        """The Pyro guide; takes the model's arguments. :returns: ``(B, T, Z)``."""
+        obs, actions, mask = self.check_inputs(obs, actions, mask)
+        B, T = mask.shape
+        register(self.name, self)
+        a_feat = self.action_space.features(actions, obs.dtype)  # (B, T, A)
+        a_prev = torch.cat([torch.zeros_like(a_feat[:, :1]), a_feat[:, :-1]], dim=1)  # a_{t-1}
+        h, _ = self.rnn(torch.cat([obs, a_prev], dim=-1))  # (B, T, H)
+        z = [self.z_0.expand(B, 1, self.latent_dim)]
+        with pyro.plate("episodes", B, dim=-2):
+            for t in pyro.markov(range(T)):
+                q_t = self.combiner(z[-1], h[:, t : t + 1])  # (..., B, 1, Z)
+                z.append(pyro.sample(f"z_{t}", q_t.mask(mask[:, t : t + 1])))
+        return torch.cat(z[1:], dim=-2)  # (..., B, T, Z)

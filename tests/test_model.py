@@ -1,0 +1,167 @@
+"""The Pyro model: its sites, its masking and its parameters."""
+
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+from pyro_worldmodel import ActionSpace, FilterGuide, LinearGaussianSSM, WorldModel, fit
+
+BOX = ActionSpace.box(2)
+
+
+def small(space=BOX, name=None):
+    model = WorldModel.default(3, space, latent_dim=2, hidden=(8,), name=name)
+    return model, FilterGuide.for_model(model, rnn_dim=8, hidden=(8,))
+
+
+def test_sites_and_shapes():
+    model, guide = small()
+    obs, actions = torch.randn(4, 6, 3), torch.randn(4, 6, 2)
+    trace = poutine.trace(
+        poutine.replay(model.model, poutine.trace(guide).get_trace(obs, actions))
+    ).get_trace(obs, actions)
+    sample_sites = [
+        n for n, s in trace.nodes.items() if s["type"] == "sample" and s["name"] not in ("episodes", "time")
+    ]
+    assert sample_sites == [f"z_{t}" for t in range(6)] + ["x", "a"]
+    assert trace.nodes["x"]["is_observed"] and trace.nodes["a"]["is_observed"]
+    assert not trace.nodes["z_0"]["is_observed"]
+    assert trace.nodes["z_3"]["fn"].batch_shape == (4, 1)
+    assert trace.nodes["z_3"]["fn"].event_shape == (2,)
+    assert trace.nodes["x"]["fn"].batch_shape == (4, 6)
+    assert trace.nodes["x"]["fn"].event_shape == (3,)
+
+
+def test_discrete_actions_use_a_categorical_policy():
+    model, guide = small(ActionSpace.discrete(3))
+    obs, actions = torch.randn(2, 4, 3), torch.randint(3, (2, 4))
+    trace = poutine.trace(model.model).get_trace(obs, actions)
+    z = torch.cat([trace.nodes[f"z_{t}"]["value"] for t in range(4)], dim=-2)  # (B, T, Z)
+    logits = model.policy.net(z)
+    expected = torch.distributions.Categorical(logits=logits).log_prob(actions).sum()
+    torch.testing.assert_close(trace.nodes["a"]["fn"].log_prob(actions).sum(), expected)
+    fit(model, guide, obs, actions, num_steps=2, progress=False)
+
+
+def tmf_loss(model, guide, obs, actions, mask, seed=1):
+    pyro.set_rng_seed(seed)
+    return TraceMeanField_ELBO(max_plate_nesting=2).loss(model.model, guide, obs, actions, mask)
+
+
+def test_junk_after_the_mask_does_not_change_the_loss():
+    model, guide = small()
+    obs, actions = torch.randn(3, 8, 3), torch.randn(3, 8, 2)
+    lengths = torch.tensor([8, 5, 2])
+    mask = torch.arange(8) < lengths[:, None]
+    clean = tmf_loss(model, guide, obs * mask[..., None], actions * mask[..., None], mask)
+    junk_obs = torch.where(mask[..., None], obs, 1e3 * torch.randn_like(obs))
+    junk_actions = torch.where(mask[..., None], actions, -7.0)
+    assert tmf_loss(model, guide, junk_obs, junk_actions, mask) == pytest.approx(clean, rel=1e-6)
+    # the control: junk inside the mask does change it
+    inside = junk_obs.clone()
+    inside[1, 4] = 50.0
+    assert abs(tmf_loss(model, guide, inside, junk_actions, mask) - clean) > 1.0
+
+
+def test_masked_density_is_the_sum_over_truncated_episodes():
+    ssm = LinearGaussianSSM.random(2, 3, 2, seed=1)
+    obs, actions, z = ssm.sample(3, 6, seed=2)
+    model = ssm.world_model()
+    lengths = [6, 3, 1]
+    mask = torch.arange(6) < torch.tensor(lengths)[:, None]
+
+    def log_density(o, a, zz, m=None):
+        data = {f"z_{t}": zz[:, t : t + 1] for t in range(o.shape[1])}
+        return poutine.trace(poutine.condition(model.model, data)).get_trace(o, a, m).log_prob_sum()
+
+    padded = log_density(obs, actions, z, mask)
+    parts = sum(
+        log_density(obs[b : b + 1, :L], actions[b : b + 1, :L], z[b : b + 1, :L])
+        for b, L in enumerate(lengths)
+    )
+    torch.testing.assert_close(padded, parts, rtol=1e-12, atol=1e-10)
+
+
+def test_guide_is_a_filter():
+    """q(z_t | ·) must not depend on x or a after t."""
+    model, guide = small()
+    obs, actions = torch.randn(2, 7, 3), torch.randn(2, 7, 2)
+    trace = poutine.trace(guide).get_trace(obs, actions)
+    later = obs.clone()
+    later[:, 4:] += 5.0
+    late_actions = actions.clone()
+    late_actions[:, 4:] -= 3.0  # a_4 first enters q(z_5)
+    data = {f"z_{t}": trace.nodes[f"z_{t}"]["value"] for t in range(7)}
+    trace2 = poutine.trace(poutine.condition(guide, data)).get_trace(later, late_actions)
+    for t in range(7):
+        same = torch.equal(trace.nodes[f"z_{t}"]["fn"].mean, trace2.nodes[f"z_{t}"]["fn"].mean)
+        assert same == (t < 4), t
+
+
+@pytest.mark.parametrize("elbo_cls", [TraceMeanField_ELBO, Trace_ELBO])
+def test_vectorized_particles(elbo_cls):
+    model, guide = small()
+    obs, actions = torch.randn(2, 5, 3), torch.randn(2, 5, 2)
+    elbo = elbo_cls(num_particles=7, vectorize_particles=True, max_plate_nesting=2)
+    loss = elbo.differentiable_loss(model.model, guide, obs, actions)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.transition.parameters())
+
+
+def test_two_models_in_one_process_have_disjoint_parameters_and_both_train():
+    obs, actions = torch.randn(8, 5, 3), torch.randn(8, 5, 2)
+    first, first_guide = small()
+    second, second_guide = small()
+    fit(first, first_guide, obs, actions, num_steps=3, progress=False)
+    before = [p.detach().clone() for p in first.parameters()]
+    second_before = [p.detach().clone() for p in second.parameters()]
+    fit(second, second_guide, obs, actions, num_steps=3, progress=False)
+    names = {m.name for m in (first, first_guide, second, second_guide)}
+    assert len(names) == 4
+    store = pyro.get_param_store()
+    ids = {}
+    for key in store.keys():
+        ids.setdefault(key.split("$$$")[0], set()).add(id(store._params[key]))
+    assert set(ids) == names
+    assert not ids[first.name] & ids[second.name]
+    assert all(torch.equal(b, p) for b, p in zip(before, first.parameters()))  # untouched
+    assert any(not torch.equal(b, p) for b, p in zip(second_before, second.parameters()))
+
+
+def test_a_name_taken_by_another_module_is_refused():
+    obs, actions = torch.randn(2, 3, 3), torch.randn(2, 3, 2)
+    first, _ = small(name="wm")
+    first.model(obs, actions)
+    second, _ = small(name="wm")
+    with pytest.raises(ValueError, match=r"name: the Pyro param store already holds parameters under 'wm'"):
+        second.model(obs, actions)
+
+
+def test_components_must_agree_on_sizes():
+    from pyro_worldmodel.components import (
+        GaussianMLPEmission,
+        GaussianMLPTransition,
+        NormalPolicy,
+        StandardNormalInit,
+    )
+
+    space = ActionSpace.box(2)
+    with pytest.raises(
+        ValueError, match=r"GaussianMLPEmission: expected latent_dim=4 as in StandardNormalInit, got 3"
+    ):
+        WorldModel(
+            StandardNormalInit(4),
+            GaussianMLPTransition(4, 2),
+            GaussianMLPEmission(3, 5),
+            NormalPolicy(4, space),
+        )
+    with pytest.raises(ValueError, match=r"transition: expected action_dim=2"):
+        WorldModel(
+            StandardNormalInit(4),
+            GaussianMLPTransition(4, 3),
+            GaussianMLPEmission(4, 5),
+            NormalPolicy(4, space),
+        )
