@@ -1,0 +1,272 @@
+"""Training by SVI, and checkpoints that survive a crash."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyro
+import pyro.optim
+import torch
+from pyro import poutine
+from pyro.infer import ELBO, SVI, TraceMeanField_ELBO
+from pyro.optim.optim import _get_state_dict  # handles optimisers and LR schedulers
+from tqdm.auto import tqdm
+
+from .evaluate import elbo_terms
+
+MAX_PLATE_NESTING = 2  # episodes (dim -2) and time (dim -1)
+CHECKPOINT_FORMAT = "pyro_worldmodel.checkpoint/1"
+
+
+@dataclass
+class History:
+    """What :func:`fit` records.
+
+    :ivar loss: −ELBO per observed timestep of each step's minibatch (nats).
+    :ivar terms: every ``terms_every`` steps, a dict with ``step``, ``elbo``,
+        ``log_px``, ``log_pa`` and ``kl``, per observed timestep.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    terms: list[dict[str, float]] = field(default_factory=list)
+
+
+def default_elbo() -> ELBO:
+    """``TraceMeanField_ELBO``: the KL terms of the bound computed analytically."""
+    return TraceMeanField_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
+
+
+def default_optim(lr: float = 1e-3, clip_norm: float = 10.0, lrd: float = 1.0) -> pyro.optim.PyroOptim:
+    """Pyro's ClippedAdam, as the DMM example uses."""
+    return pyro.optim.ClippedAdam({"lr": lr, "clip_norm": clip_norm, "lrd": lrd})
+
+
+def fit(
+    model,
+    guide,
+    obs,
+    actions,
+    mask=None,
+    *,
+    num_steps: int = 1000,
+    batch_size: int = 32,
+    elbo: ELBO | None = None,
+    optim: pyro.optim.PyroOptim | None = None,
+    lr: float = 1e-3,
+    train: str = "all",
+    terms_every: int = 0,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    progress: bool = True,
+) -> History:
+    """Train ``model`` and ``guide`` by SVI on minibatches of episodes.
+
+    :param model: a :class:`~pyro_worldmodel.model.WorldModel`.
+    :param guide: a guide over the model's ``z_{t}`` sites, e.g.
+        :class:`~pyro_worldmodel.guides.FilterGuide`.
+    :param obs: ``(N, T, X)`` observations of N episodes.
+    :param actions: ``(N, T, A)`` reals or ``(N, T)`` integers.
+    :param mask: ``(N, T)`` bool, True on observed steps; all True if None.
+    :param num_steps: total SVI steps (including those of a resumed run).
+    :param batch_size: episodes per step, drawn without replacement each epoch.
+    :param elbo: any Pyro ELBO instance; ``TraceMeanField_ELBO`` by default.
+    :param optim: a Pyro optimiser; ClippedAdam with ``lr`` by default.
+    :param train: ``"all"``, or ``"guide"`` / ``"model"`` to hold the other fixed.
+    :param terms_every: if positive, record :func:`~pyro_worldmodel.evaluate.elbo_terms`
+        of the minibatch every this many steps, in ``History.terms``.
+    :param device: move model, guide and data here first, e.g. ``"cuda"``.
+    :param seed: seeds Pyro, torch and the minibatch order.
+    :param checkpoint: a file to save to every ``checkpoint_every`` steps and
+        at the end, atomically, so a crash leaves the last good one.
+    :param resume: continue from ``checkpoint`` if that file exists.
+    :param progress: show a progress bar.
+    :returns: the :class:`History` of the run (of all runs, when resumed).
+    """
+    _check_int("num_steps", num_steps, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("terms_every", terms_every, 0)
+    _check_int("checkpoint_every", checkpoint_every, 1)
+    if train not in ("all", "model", "guide"):
+        raise ValueError(f"train: expected 'all', 'model' or 'guide', got {train!r}")
+    elbo = default_elbo() if elbo is None else elbo
+    if not isinstance(elbo, ELBO):
+        raise ValueError(f"elbo: expected a pyro.infer.ELBO instance, got {type(elbo).__name__}")
+    optim = default_optim(lr) if optim is None else optim
+    if not isinstance(optim, pyro.optim.PyroOptim):
+        raise ValueError(f"optim: expected a pyro.optim.PyroOptim, got {type(optim).__name__}")
+    if resume and checkpoint is None:
+        raise ValueError("resume: expected a checkpoint path to resume from, got checkpoint=None")
+
+    if device is not None:
+        model.to(device)
+        guide.to(device)
+    obs, actions, mask = model.check_inputs(obs, actions, mask, check_values=True)
+    if hasattr(guide, "check_inputs"):
+        guide.check_inputs(obs, actions, mask, check_values=False)
+    lengths = mask.sum(1).cpu()  # (N,)
+    N = obs.shape[0]
+    batch_size = min(batch_size, N)
+
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    order = torch.Generator().manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+    history = History()
+    start = 0
+    if resume and Path(checkpoint).exists():
+        extra = load_checkpoint(checkpoint, model, guide, optim)
+        history = History(**extra["history"])
+        start = len(history.loss)
+        order.set_state(extra["order_rng"])
+        torch.set_rng_state(extra["torch_rng"])
+
+    frozen = {"all": None, "guide": model, "model": guide}[train]
+    model_fn = model.model
+    guide_fn = guide
+    if train == "guide":
+        model_fn = poutine.block(model_fn, hide_types=["param"])
+    elif train == "model":
+        guide_fn = poutine.block(guide_fn, hide_types=["param"])
+    svi = SVI(model_fn, guide_fn, optim, loss=elbo)
+
+    def save(step):
+        save_checkpoint(
+            checkpoint,
+            model,
+            guide,
+            optim,
+            step=step,
+            history=asdict(history),
+            order_rng=order.get_state(),
+            torch_rng=torch.get_rng_state(),
+        )
+
+    batches = _minibatches(N, batch_size, order)
+    bar = tqdm(range(start, num_steps), desc="SVI", disable=not progress, initial=start, total=num_steps)
+    try:
+        for step in bar:
+            idx = next(batches)
+            T_b = int(lengths[idx].max())
+            idx = idx.to(obs.device)
+            batch = (obs[idx, :T_b], actions[idx, :T_b], mask[idx, :T_b])
+            loss = svi.step(*batch) / float(lengths[idx.cpu()].sum())
+            if not math.isfinite(loss):
+                where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
+                raise FloatingPointError(f"loss: got {loss} at step {step}{where}")
+            history.loss.append(loss)
+            if terms_every and step % terms_every == 0:
+                history.terms.append({"step": step, **elbo_terms(model, guide, *batch).as_dict()})
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}")
+            if checkpoint is not None and (step + 1) % checkpoint_every == 0:
+                save(step + 1)
+        if checkpoint is not None and start < num_steps:
+            save(num_steps)
+    finally:
+        bar.close()
+        if frozen is not None:
+            # Blocked params are not stepped, but backward still reached them.
+            for p in frozen.parameters():
+                p.grad = None
+    return history
+
+
+def _minibatches(N, batch_size, generator):
+    """Episode indices: a fresh permutation each epoch, cut into batches."""
+    while True:
+        perm = torch.randperm(N, generator=generator)
+        for i in range(0, N - batch_size + 1, batch_size):
+            yield perm[i : i + batch_size]
+
+
+def _check_int(name, value, low):
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+def save_checkpoint(path, model, guide, optim=None, **extra) -> Path:
+    """Save model, guide and optimiser state to ``path``, atomically.
+
+    The file is written beside ``path`` and renamed over it, so a crash
+    leaves either the old file or the new one, never half of one. Optimiser
+    state is stored by parameter name relative to its module, so it loads
+    into a model whose param-store prefix differs.
+
+    :param extra: further tensors, numbers, strings, lists and dicts to store.
+    """
+    path = Path(path)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "guide": guide.state_dict(),
+        "optim": _relative_optim_state(optim, model, guide) if optim is not None else None,
+        "extra": extra,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path, model, guide, optim=None) -> dict:
+    """Load a :func:`save_checkpoint` file into ``model``, ``guide`` and ``optim``.
+
+    Uses ``torch.load(weights_only=True)``: nothing but tensors and plain
+    containers is ever unpickled.
+
+    :returns: the ``extra`` entries that were saved.
+    """
+    device = next(model.parameters()).device
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"path: {path} is not a readable pyro_worldmodel checkpoint: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file, got {path}")
+    for key, module in (("model", model), ("guide", guide)):
+        try:
+            module.load_state_dict(state[key])
+        except RuntimeError as e:
+            raise ValueError(f"{key}: the checkpoint's {key} does not fit this one: {e}") from e
+    if optim is not None and state["optim"] is not None:
+        optim.set_state(
+            {
+                f"{owner.name}$$${rel}": value
+                for key, owner in (("model", model), ("guide", guide))
+                for rel, value in state["optim"][key].items()
+            }
+        )
+    return state["extra"]
+
+
+def _relative_optim_state(optim, model, guide):
+    # Keyed by the parameter objects, not by param-store names, so a cleared
+    # store (pyro.clear_param_store() in a notebook) loses nothing.
+    owners = {
+        id(p): (key, rel)
+        for key, owner in (("model", model), ("guide", guide))
+        for rel, p in owner.named_parameters()
+    }
+    out = {"model": {}, "guide": {}}
+    for param, optimizer in optim.optim_objs.items():
+        if id(param) in owners:
+            key, rel = owners[id(param)]
+            out[key][rel] = _get_state_dict(optimizer)
+    return out
