@@ -1,0 +1,23 @@
+"""The README stays true to the code."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    commands = re.findall(r"^    (pip install .*)$", README, flags=re.M)
+    test_command = [c for c in commands if "pytest" in c]
+    assert len(test_command) == 1
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command[0] in ci
+
+
+def test_readme_api_example_runs(capsys):
+    block = re.search(r"```python\n(.*?)```", README, flags=re.S).group(1)
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    elbo, log_px, log_pa, kl = (float(v) for v in re.findall(r"-?\d+\.\d+", out.splitlines()[0]))
+    assert abs(elbo - (log_px + log_pa - kl)) < 2e-3
