@@ -31,8 +31,8 @@ def register(name: str, module: nn.Module) -> None:
     for param_name, param in module.named_parameters():
         if store._params[f"{name}$$${param_name}"] is not param:
             raise ValueError(
-                f"name: the Pyro param store already holds parameters under {name!r} that"
-                " belong to another module; give each model and guide its own name, or"
-                " call pyro.clear_param_store() before building them"
+                f"name: the Pyro param store holds another tensor under {name!r}$$${param_name};"
+                " a second module of that name, or a component swapped in after training"
+                " began, would never be trained. Give each model and guide its own name,"
+                " or call pyro.clear_param_store() first"
             )
-        break  # one parameter tells: names are registered module by module

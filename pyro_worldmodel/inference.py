@@ -107,24 +107,31 @@ def fit(
     if device is not None:
         model.to(device)
         guide.to(device)
+    device = next(model.parameters()).device
+    obs, actions, mask = (None if x is None else torch.as_tensor(x).to(device) for x in (obs, actions, mask))
     obs, actions, mask = model.check_inputs(obs, actions, mask, check_values=True)
     if hasattr(guide, "check_inputs"):
         guide.check_inputs(obs, actions, mask, check_values=False)
     lengths = mask.sum(1).cpu()  # (N,)
+    if (lengths == 0).any():
+        raise ValueError(
+            f"mask: expected at least one observed step per episode, got none in episodes"
+            f" {(lengths == 0).nonzero().flatten().tolist()}"
+        )
     N = obs.shape[0]
     batch_size = min(batch_size, N)
 
     if seed is not None:
         pyro.set_rng_seed(seed)
-    order = torch.Generator().manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+    order_seed = int(torch.randint(2**62, ())) if seed is None else seed
     history = History()
     start = 0
     if resume and Path(checkpoint).exists():
         extra = load_checkpoint(checkpoint, model, guide, optim)
         history = History(**extra["history"])
         start = len(history.loss)
-        order.set_state(extra["order_rng"])
-        torch.set_rng_state(extra["torch_rng"])
+        order_seed = extra["order_seed"]
+        _set_rng_state(extra["rng"])
 
     frozen = {"all": None, "guide": model, "model": guide}[train]
     model_fn = model.model
@@ -143,15 +150,14 @@ def fit(
             optim,
             step=step,
             history=asdict(history),
-            order_rng=order.get_state(),
-            torch_rng=torch.get_rng_state(),
+            order_seed=order_seed,
+            rng=_get_rng_state(),
         )
 
-    batches = _minibatches(N, batch_size, order)
     bar = tqdm(range(start, num_steps), desc="SVI", disable=not progress, initial=start, total=num_steps)
     try:
         for step in bar:
-            idx = next(batches)
+            idx = _minibatch(step, N, batch_size, order_seed)
             T_b = int(lengths[idx].max())
             idx = idx.to(obs.device)
             batch = (obs[idx, :T_b], actions[idx, :T_b], mask[idx, :T_b])
@@ -177,12 +183,29 @@ def fit(
     return history
 
 
-def _minibatches(N, batch_size, generator):
-    """Episode indices: a fresh permutation each epoch, cut into batches."""
-    while True:
-        perm = torch.randperm(N, generator=generator)
-        for i in range(0, N - batch_size + 1, batch_size):
-            yield perm[i : i + batch_size]
+def _minibatch(step, N, batch_size, seed):
+    """The episodes of one step: each epoch a permutation drawn from (seed, epoch).
+
+    A function of the step alone, so a run resumed mid-epoch sees the same batches.
+    """
+    per_epoch = N // batch_size
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed + epoch))
+    return perm[i * batch_size : (i + 1) * batch_size]
+
+
+def _get_rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    # load_checkpoint maps tensors to the parameters' device; RNG states live on the CPU.
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _check_int(name, value, low):
@@ -208,19 +231,33 @@ def save_checkpoint(path, model, guide, optim=None, **extra) -> Path:
         "optim": _relative_optim_state(optim, model, guide) if optim is not None else None,
         "extra": extra,
     }
+    atomic_write(path, lambda f: torch.save(state, f))
+    return path
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
 
 
 def load_checkpoint(path, model, guide, optim=None) -> dict:

@@ -102,7 +102,8 @@ def check_inputs(
     """Check the observed inputs of a model or guide and return clean tensors.
 
     Shapes are always checked; values (NaN, inf, out-of-range actions) when
-    ``check_values``. Entries outside the mask are replaced by zeros, so that
+    ``check_values``. Each row of ``mask`` must be a run of True then False:
+    an episode, then padding. Entries outside the mask are replaced by zeros, so that
     padding can never reach a loss or a gradient.
 
     :returns: ``obs`` ``(B, T, X)`` of ``dtype``, ``actions`` ``(B, T, A)`` of
@@ -151,6 +152,13 @@ def check_inputs(
 
     obs = obs.to(dtype)
     if check_values:
+        holes = mask[:, 1:] & ~mask[:, :-1]
+        if holes.any():
+            b, t = holes.nonzero()[0].tolist()
+            raise ValueError(
+                "mask: expected each row to be a prefix of True values (an episode, then"
+                f" padding), got True after False at episode {b}, step {t + 1}"
+            )
         _check_finite("obs", obs, mask)
         if action_space.kind == "discrete":
             bad = mask & ((actions < 0) | (actions >= action_space.dim))

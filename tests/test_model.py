@@ -104,11 +104,36 @@ def test_guide_is_a_filter():
 def test_vectorized_particles(elbo_cls):
     model, guide = small()
     obs, actions = torch.randn(2, 5, 3), torch.randn(2, 5, 2)
+    with pyro.plate("particles", 7, dim=-3):
+        guide_trace = poutine.trace(guide).get_trace(obs, actions)
+        trace = poutine.trace(poutine.replay(model.model, guide_trace)).get_trace(obs, actions)
+    assert trace.nodes["z_4"]["value"].shape == (7, 2, 1, 2)  # (K, B, 1, Z)
+    assert trace.nodes["x"]["fn"].batch_shape == (7, 2, 5)  # (K, B, T)
+    assert trace.nodes["a"]["fn"].batch_shape == (7, 2, 5)
+    # each particle's z gives that particle's own x likelihood
+    z = torch.cat([trace.nodes[f"z_{t}"]["value"] for t in range(5)], dim=-2)  # (K, B, T, Z)
+    per_particle = trace.nodes["x"]["fn"].log_prob(obs)  # (K, B, T)
+    torch.testing.assert_close(per_particle[3], model.emission(z[3]).log_prob(obs))
+    # the vectorised K-particle loss is the mean of K single-particle losses on the same draws
+    pyro.set_rng_seed(4)
     elbo = elbo_cls(num_particles=7, vectorize_particles=True, max_plate_nesting=2)
     loss = elbo.differentiable_loss(model.model, guide, obs, actions)
     loss.backward()
-    assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.transition.parameters())
+    pyro.set_rng_seed(4)
+    with pyro.plate("particles", 7, dim=-3):
+        guide_trace = poutine.trace(guide).get_trace(obs, actions)
+    singles = []
+    for k in range(7):
+        draw = poutine.Trace()
+        for t in range(5):
+            value = guide_trace.nodes[f"z_{t}"]["value"][k]
+            draw.add_node(f"z_{t}", type="sample", value=value, is_observed=False, infer={})
+        single = elbo_cls(max_plate_nesting=2).loss(
+            model.model, poutine.replay(guide, trace=draw), obs, actions
+        )
+        singles.append(single)
+    assert loss.item() == pytest.approx(sum(singles) / 7, rel=1e-5)
 
 
 def test_two_models_in_one_process_have_disjoint_parameters_and_both_train():
@@ -136,7 +161,7 @@ def test_a_name_taken_by_another_module_is_refused():
     first, _ = small(name="wm")
     first.model(obs, actions)
     second, _ = small(name="wm")
-    with pytest.raises(ValueError, match=r"name: the Pyro param store already holds parameters under 'wm'"):
+    with pytest.raises(ValueError, match=r"name: the Pyro param store holds another tensor under 'wm'"):
         second.model(obs, actions)
 
 
@@ -165,3 +190,14 @@ def test_components_must_agree_on_sizes():
             GaussianMLPEmission(4, 5),
             NormalPolicy(4, space),
         )
+
+
+def test_a_component_swapped_in_after_training_began_is_refused():
+    obs, actions = torch.randn(4, 3, 3), torch.randn(4, 3, 2)
+    model, guide = small()
+    fit(model, guide, obs, actions, num_steps=2, progress=False)
+    from pyro_worldmodel.components import GaussianMLPEmission
+
+    model.emission = GaussianMLPEmission(2, 3, hidden=(8,))
+    with pytest.raises(ValueError, match=r"name: the Pyro param store holds another tensor under .*emission"):
+        fit(model, guide, obs, actions, num_steps=2, progress=False)

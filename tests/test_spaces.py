@@ -72,6 +72,21 @@ BAD_BOX = [
         r"mask: expected dtype torch.bool, got torch.float32",
     ),
     (
+        "mask_hole",
+        lambda o, a, m: (o, a, torch.tensor([[True] * 5, [True, False, True, True, False]])),
+        r"mask: expected each row to be a prefix of True values .* got True after False at episode 1, step 2",
+    ),
+    (
+        "mask_left_padded",
+        lambda o, a, m: (o, a, torch.tensor([[False, True, True, True, True]] * 2)),
+        r"mask: expected each row to be a prefix .* at episode 0, step 1",
+    ),
+    (
+        "mask_empty_episode",
+        lambda o, a, m: (o, a, torch.tensor([[True] * 5, [False] * 5])),
+        r"mask: expected at least one observed step per episode, got none in episodes \[1\]",
+    ),
+    (
         "actions_int_for_box",
         lambda o, a, m: (o, a.long(), m),
         r"actions: expected a floating dtype for a box space, got torch.int64",
