@@ -6,15 +6,14 @@ from collections.abc import Sequence
 
 import pyro
 import torch
-from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from ._naming import register, unique_name
 from .components import Combiner
-from .spaces import ActionSpace, check_inputs
+from .spaces import ActionSpace, ChecksInputs
 
 
-class FilterGuide(nn.Module):
+class FilterGuide(ChecksInputs, nn.Module):
     """q(z_t | z_{t-1}, x_{≤t}, a_{<t}): the seed's Bayesian filter.
 
     A GRU summarises the past, h_t = GRU(h_{t-1}, [x_t, a_{t-1}]), and a
@@ -53,21 +52,6 @@ class FilterGuide(nn.Module):
     def for_model(cls, model, **kwargs) -> FilterGuide:
         """A filter whose sizes match ``model``'s."""
         return cls(model.obs_dim, model.action_space, model.latent_dim, **kwargs)
-
-    def check_inputs(self, obs, actions, mask=None, *, check_values: bool | None = None):
-        """Checked ``(obs, actions, mask)``; see :meth:`WorldModel.check_inputs`."""
-        if check_values is None:
-            check_values = is_validation_enabled()
-        return check_inputs(
-            obs,
-            actions,
-            mask,
-            obs_dim=self.obs_dim,
-            action_space=self.action_space,
-            dtype=self.z_0.dtype,
-            device=self.z_0.device,
-            check_values=check_values,
-        )
 
     def forward(self, obs, actions, mask=None):
         """The Pyro guide; takes the model's arguments. :returns: ``(B, T, Z)``."""

@@ -6,15 +6,14 @@ from collections.abc import Sequence
 
 import pyro
 import torch
-from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from ._naming import register, unique_name
 from .components import GaussianMLPEmission, GaussianMLPTransition, StandardNormalInit, auto_policy
-from .spaces import ActionSpace, check_inputs
+from .spaces import ActionSpace, ChecksInputs
 
 
-class WorldModel(nn.Module):
+class WorldModel(ChecksInputs, nn.Module):
     """p(z_1) · Π_t p(x_t | z_t) · π(a_t | z_t) · Π_{t<T} p(z_{t+1} | z_t, a_t).
 
     Composes four components, each a module returning one factor's
@@ -86,25 +85,6 @@ class WorldModel(nn.Module):
     @property
     def action_space(self) -> ActionSpace:
         return self.policy.action_space
-
-    def check_inputs(self, obs, actions, mask=None, *, check_values: bool | None = None):
-        """Checked ``(obs, actions, mask)``, cast to this model's dtype; see
-        :func:`~pyro_worldmodel.spaces.check_inputs`. Values are checked while
-        Pyro validation is on, unless ``check_values`` says otherwise."""
-        param = next(self.parameters(), None)
-        ref = param if param is not None else self.init.loc
-        if check_values is None:
-            check_values = is_validation_enabled()
-        return check_inputs(
-            obs,
-            actions,
-            mask,
-            obs_dim=self.obs_dim,
-            action_space=self.action_space,
-            dtype=ref.dtype,
-            device=ref.device,
-            check_values=check_values,
-        )
 
     def model(self, obs, actions, mask=None):
         """The Pyro model.

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pyro.infer.util import is_validation_enabled
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,29 @@ class ActionSpace:
         if self.kind == "discrete":
             return F.one_hot(actions, self.dim).to(dtype)
         return actions.to(dtype)
+
+
+class ChecksInputs:
+    """For modules whose Pyro program takes ``(obs, actions, mask)``: they have
+    ``obs_dim``, ``action_space`` and at least one parameter."""
+
+    def check_inputs(self, obs, actions, mask=None, *, check_values: bool | None = None):
+        """Checked ``(obs, actions, mask)`` on this module's device and dtype; see
+        :func:`check_inputs`. Values are checked while Pyro validation is on,
+        unless ``check_values`` says otherwise."""
+        ref = next(self.parameters())
+        if check_values is None:
+            check_values = is_validation_enabled()
+        return check_inputs(
+            obs,
+            actions,
+            mask,
+            obs_dim=self.obs_dim,
+            action_space=self.action_space,
+            dtype=ref.dtype,
+            device=ref.device,
+            check_values=check_values,
+        )
 
 
 def check_inputs(
