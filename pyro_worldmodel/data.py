@@ -7,7 +7,6 @@ final observation, and gymnasium's ``terminated`` / ``truncated`` flags.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -21,6 +20,8 @@ from .inference import atomic_write
 from .spaces import ActionSpace
 
 EPISODES_FORMAT = "pyro_worldmodel.episodes/1"
+# Fields of Episodes with one row per episode; the rest describe the whole set.
+_PER_EPISODE = ("obs", "actions", "rewards", "mask", "terminated", "truncated", "final_obs")
 
 
 @dataclass
@@ -116,11 +117,7 @@ class Episodes:
         """The episodes at ``index`` (an int, slice, list or tensor of indices)."""
         if isinstance(index, int):
             index = [index]
-        per_episode = {
-            f.name: getattr(self, f.name)[index]
-            for f in fields(self)
-            if f.name not in ("action_space", "env_id", "normalizer")
-        }
+        per_episode = {name: getattr(self, name)[index] for name in _PER_EPISODE}
         T = int(per_episode["mask"].sum(1).max()) if len(per_episode["mask"]) else 0
         for name in ("obs", "actions", "rewards", "mask"):
             per_episode[name] = per_episode[name][:, :T]
@@ -188,11 +185,7 @@ class Episodes:
     def save(self, path) -> Path:
         """Write to a ``.npz`` file, atomically. :returns: the path."""
         path = Path(path)
-        arrays = {
-            f.name: getattr(self, f.name).numpy()
-            for f in fields(self)
-            if f.name not in ("action_space", "env_id", "normalizer")
-        }
+        arrays = {name: getattr(self, name).numpy() for name in _PER_EPISODE}
         arrays["format"] = np.array(EPISODES_FORMAT)
         arrays["env_id"] = np.array(self.env_id)
         arrays["action_kind"] = np.array(self.action_space.kind)
@@ -207,12 +200,7 @@ class Episodes:
                 if value is not None:
                     arrays[f"normalizer_{f.name}"] = value.numpy()
 
-        def write(f):
-            buffer = io.BytesIO()
-            np.savez(buffer, **arrays)
-            f.write(buffer.getvalue())
-
-        atomic_write(path, write)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
         return path
 
     @classmethod
@@ -238,11 +226,7 @@ class Episodes:
                     for f in fields(Normalizer)
                 }
             )
-        per_episode = {
-            f.name: torch.from_numpy(data[f.name])
-            for f in fields(cls)
-            if f.name not in ("action_space", "env_id", "normalizer")
-        }
+        per_episode = {name: torch.from_numpy(data[name]) for name in _PER_EPISODE}
         return cls(**per_episode, action_space=space, env_id=str(data["env_id"]), normalizer=normalizer)
 
 

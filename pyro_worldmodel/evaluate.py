@@ -57,8 +57,7 @@ def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1)
     kl_t = torch.zeros(T, dtype=obs.dtype, device=obs.device)
     with torch.no_grad():
         for _ in range(num_particles):
-            guide_tr = poutine.trace(guide).get_trace(obs, actions, mask)
-            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(obs, actions, mask)
+            guide_tr, model_tr = _traces(model, guide, obs, actions, mask)
             for name, site in model_tr.nodes.items():
                 if site["type"] != "sample" or site_is_subsample(site):
                     continue
@@ -77,6 +76,12 @@ def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1)
     )
 
 
+def _traces(model, guide, *args):
+    """A guide trace, and the model's trace with its latents replayed from it."""
+    guide_tr = poutine.trace(guide).get_trace(*args)
+    return guide_tr, poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+
+
 def _analytic_kl(name, q, p):
     try:
         return kl_divergence(q, p)
@@ -93,8 +98,7 @@ def log_weights(model, guide, obs, actions, mask=None, *, num_particles: int) ->
     :returns: ``(K, B)``.
     """
     with torch.no_grad(), pyro.plate("particles", num_particles, dim=_PARTICLE_DIM):
-        guide_tr = poutine.trace(guide).get_trace(obs, actions, mask)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(obs, actions, mask)
+        guide_tr, model_tr = _traces(model, guide, obs, actions, mask)
     return _site_sum(model_tr) - _site_sum(guide_tr)
 
 

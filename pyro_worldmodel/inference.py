@@ -157,11 +157,11 @@ def fit(
     bar = tqdm(range(start, num_steps), desc="SVI", disable=not progress, initial=start, total=num_steps)
     try:
         for step in bar:
-            idx = _minibatch(step, N, batch_size, order_seed)
+            idx = _minibatch(step, N, batch_size, order_seed)  # on the CPU, like lengths
             T_b = int(lengths[idx].max())
-            idx = idx.to(obs.device)
-            batch = (obs[idx, :T_b], actions[idx, :T_b], mask[idx, :T_b])
-            loss = svi.step(*batch) / float(lengths[idx.cpu()].sum())
+            on_device = idx.to(obs.device)
+            batch = (obs[on_device, :T_b], actions[on_device, :T_b], mask[on_device, :T_b])
+            loss = svi.step(*batch) / float(lengths[idx].sum())
             if not math.isfinite(loss):
                 where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
                 raise FloatingPointError(f"loss: got {loss} at step {step}{where}")
