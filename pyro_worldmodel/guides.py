@@ -17,9 +17,11 @@ class FilterGuide(ChecksInputs, nn.Module):
     """q(z_t | z_{t-1}, x_{≤t}, a_{<t}): the seed's Bayesian filter.
 
     A GRU summarises the past, h_t = GRU(h_{t-1}, [x_t, a_{t-1}]), and a
-    :class:`~pyro_worldmodel.components.Combiner` turns ``(z_{t-1}, h_t)``
-    into q(z_t | ·). The GRU runs over the whole sequence in one call; only
-    the z recurrence is a Python loop.
+    :class:`~pyro_worldmodel.components.Combiner` turns ``z_{t-1}`` and
+    ``[h_t, x_t, a_{t-1}]`` into q(z_t | ·). The current inputs reach the
+    combiner directly as well as through the GRU, so that its linear path
+    can read x_t at full precision. The GRU runs over the whole sequence in
+    one call; only the z recurrence is a Python loop.
 
     :param obs_dim: X, the size of x_t.
     :param action_space: the actions a_t.
@@ -44,7 +46,7 @@ class FilterGuide(ChecksInputs, nn.Module):
         self.action_space = action_space
         self.latent_dim = latent_dim
         self.rnn = nn.GRU(obs_dim + action_space.feature_dim, rnn_dim, batch_first=True)
-        self.combiner = Combiner(latent_dim, rnn_dim, hidden)
+        self.combiner = Combiner(latent_dim, rnn_dim + obs_dim + action_space.feature_dim, hidden)
         self.z_0 = nn.Parameter(torch.zeros(latent_dim))  # stands in for z_{t-1} at t = 0
         self.name = unique_name("filter_guide", name)
 
@@ -53,14 +55,20 @@ class FilterGuide(ChecksInputs, nn.Module):
         """A filter whose sizes match ``model``'s."""
         return cls(model.obs_dim, model.action_space, model.latent_dim, **kwargs)
 
-    def forward(self, obs, actions, mask=None):
-        """The Pyro guide; takes the model's arguments. :returns: ``(B, T, Z)``."""
+    def forward(self, obs, actions, mask=None, **_):
+        """The Pyro guide; takes the model's arguments. :returns: ``(B, T, Z)``.
+
+        Keyword arguments of the model (``horizon``, ``future_actions``) are
+        ignored: steps past the data are left to the model's prior.
+        """
         obs, actions, mask = self.check_inputs(obs, actions, mask)
         B, T = mask.shape
         register(self.name, self)
         a_feat = self.action_space.features(actions, obs.dtype)  # (B, T, A)
         a_prev = torch.cat([torch.zeros_like(a_feat[:, :1]), a_feat[:, :-1]], dim=1)  # a_{t-1}
-        h, _ = self.rnn(torch.cat([obs, a_prev], dim=-1))  # (B, T, H)
+        inputs = torch.cat([obs, a_prev], dim=-1)  # (B, T, X + A)
+        h, _ = self.rnn(inputs)  # (B, T, H)
+        h = torch.cat([h, inputs], dim=-1)  # (B, T, H + X + A)
         z = [self.z_0.expand(B, 1, self.latent_dim)]
         with pyro.plate("episodes", B, dim=-2):
             for t in pyro.markov(range(T)):

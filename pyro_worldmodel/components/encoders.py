@@ -12,10 +12,12 @@ from ._nets import cat_batched, check_dim, check_hidden, mlp, positive
 
 
 class Combiner(nn.Module):
-    """q(z_t | z_{t-1}, h_t) = N(loc, diag(scale²)), both MLPs of [z_{t-1}, h_t].
+    """q(z_t | z_{t-1}, h_t) = N(loc, diag(scale²)) from u = [z_{t-1}, h_t].
 
     ``h_t`` summarises what the guide has seen, e.g. a GRU state over
     x_{≤t} and a_{<t}; the name follows the Deep Markov Model example.
+    The mean has a linear path beside the MLP, loc = W u + f(u), so that a
+    latent that is a linear function of the data is easy to infer precisely.
     """
 
     def __init__(
@@ -29,9 +31,11 @@ class Combiner(nn.Module):
         self.latent_dim = check_dim("latent_dim", latent_dim)
         self.summary_dim = check_dim("summary_dim", summary_dim)
         self.min_scale = min_scale
+        self.linear = nn.Linear(latent_dim + summary_dim, latent_dim)
         self.net = mlp(latent_dim + summary_dim, check_hidden(hidden), 2 * latent_dim)
 
     def forward(self, z_prev: torch.Tensor, h_t: torch.Tensor) -> dist.Distribution:
         """:param z_prev: ``(..., Z)``; :param h_t: ``(..., H)``."""
-        loc, raw_scale = self.net(cat_batched(z_prev, h_t)).chunk(2, dim=-1)  # (..., Z) each
-        return dist.Normal(loc, positive(raw_scale, self.min_scale)).to_event(1)
+        u = cat_batched(z_prev, h_t)
+        delta, raw_scale = self.net(u).chunk(2, dim=-1)  # (..., Z) each
+        return dist.Normal(self.linear(u) + delta, positive(raw_scale, self.min_scale)).to_event(1)
