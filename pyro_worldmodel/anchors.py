@@ -145,6 +145,35 @@ class LinearGaussianSSM:
             out[rows] = self._hmm(actions[rows, :L], L).log_prob(y)
         return out
 
+    def filter(self, obs, actions) -> dist.MultivariateNormal:
+        """The Kalman filter's p(z_C | x_{1:C}, a_{1:C}) for the last step C, batch ``(B,)``."""
+        obs = torch.as_tensor(obs, dtype=torch.float64)
+        actions = torch.as_tensor(actions, dtype=torch.float64)
+        y = torch.cat([obs, actions], dim=-1)  # (B, C, X + A)
+        return self._hmm(actions, obs.shape[1]).filter(y)
+
+    def forecast(self, obs, actions, future_actions) -> dist.MultivariateNormal:
+        """The exact open-loop predictive p(x_{C+h} | x_{1:C}, a_{1:C+h-1}), h = 1 … H.
+
+        :param obs: ``(B, C, X)`` context; :param actions: ``(B, C, A)``.
+        :param future_actions: ``(B, H, A)``, the actions at the predicted
+            steps; the last one does not affect any prediction.
+        :returns: batch ``(B, H)``, event ``(X,)``: each step's marginal.
+        """
+        future_actions = torch.as_tensor(future_actions, dtype=torch.float64)
+        posterior = self.filter(obs, actions)
+        m, P = posterior.loc, posterior.covariance_matrix  # (B, Z), (B, Z, Z)
+        a_prev = torch.as_tensor(actions, dtype=torch.float64)[:, -1]
+        Q, R = torch.diag(self.trans_scale**2), torch.diag(self.obs_scale**2)
+        locs, covs = [], []
+        for h in range(future_actions.shape[1]):
+            m = m @ self.F.T + a_prev @ self.G.T + self.bias
+            P = self.F @ P @ self.F.T + Q
+            locs.append(m @ self.H.T + self.obs_bias)
+            covs.append(self.H @ P @ self.H.T + R)
+            a_prev = future_actions[:, h]
+        return dist.MultivariateNormal(torch.stack(locs, 1), torch.stack(covs, 1))
+
     def _hmm(self, actions, L):
         Z = self.latent_dim
         eye = torch.eye(Z, dtype=torch.float64)

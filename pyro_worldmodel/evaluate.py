@@ -38,6 +38,46 @@ class ELBOTerms:
         return {"elbo": self.elbo, "log_px": self.log_px, "log_pa": self.log_pa, "kl": self.kl}
 
 
+@dataclass
+class OpenLoop:
+    """Open-loop prediction: after ``context`` observed steps, predict ``horizon`` more.
+
+    Each predictor (``"model"`` and the baselines) is given the true actions.
+    Figures are per horizon h = 1 … H, averaged over the windows:
+
+    :ivar mse: predictor → ``[H]`` mean squared error of the predicted mean, in
+        real units, averaged over observation dimensions.
+    :ivar log_lik: predictor → ``[H]`` log-density of the true x_{C+h} under the
+        predictor's distribution for it, in nats (summed over dimensions, in
+        real units).
+    :ivar num_windows: windows evaluated.
+
+    A horizon that no window reaches (every episode too short) is NaN.
+    """
+
+    context: int
+    horizon: int
+    mse: dict[str, list[float]]
+    log_lik: dict[str, list[float]]
+    num_windows: int
+
+    def table(self, horizons=(1, 5, 15)) -> str:
+        """A markdown table of MSE and log-likelihood at ``horizons``."""
+        horizons = [h for h in horizons if 1 <= h <= self.horizon]
+        head = "| predictor | " + " | ".join(f"MSE h={h}" for h in horizons)
+        head += " | " + " | ".join(f"log-lik h={h}" for h in horizons) + " |"
+        rule = "|---|" + "---:|" * (2 * len(horizons))
+        rows = [
+            f"| {name} | "
+            + " | ".join(f"{self.mse[name][h - 1]:.3g}" for h in horizons)
+            + " | "
+            + " | ".join(f"{self.log_lik[name][h - 1]:.2f}" for h in horizons)
+            + " |"
+            for name in self.mse
+        ]
+        return "\n".join([head, rule, *rows])
+
+
 def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1) -> ELBOTerms:
     """Σ log p(x|z), Σ log π(a|z) and the analytic KL, per observed timestep.
 
@@ -140,3 +180,134 @@ def iwae_log_likelihood(
         chunks.append(log_weights(model, guide, obs, actions, mask, num_particles=k))
     log_w = torch.cat(chunks)  # (K, B)
     return torch.logsumexp(log_w, dim=0) - math.log(num_particles)
+
+
+def heldout_bounds(
+    model, guide, obs, actions, mask=None, *, num_particles: int = 8, iwae_particles: int = 100
+) -> dict[str, float]:
+    """Held-out ELBO and its terms, and the IWAE estimate, all in nats per observed timestep.
+
+    :param num_particles: guide draws averaged in the ELBO terms.
+    :param iwae_particles: K of the IWAE-K estimate.
+    :returns: ``elbo``, ``log_px``, ``log_pa``, ``kl`` and ``iwae``.
+    """
+    obs, actions, mask = model.check_inputs(obs, actions, mask)
+    terms = elbo_terms(model, guide, obs, actions, mask, num_particles=num_particles)
+    iwae = iwae_log_likelihood(model, guide, obs, actions, mask, num_particles=iwae_particles)
+    return {**terms.as_dict(), "iwae": float(iwae.sum() / mask.sum())}
+
+
+def open_loop(
+    model,
+    guide,
+    obs,
+    actions,
+    mask=None,
+    *,
+    context: int = 5,
+    horizon: int = 15,
+    num_samples: int = 100,
+    normalizer=None,
+    baselines=None,
+    max_windows: int | None = 2000,
+    chunk_size: int = 256,
+    seed: int = 0,
+) -> OpenLoop:
+    """Predict ``horizon`` steps open loop after ``context`` observed ones, given the true actions.
+
+    Windows start at every step of every episode that leaves at least one step
+    to predict (a random ``max_windows`` of them if there are more). At
+    horizon h a window counts only if its episode reaches that step. The model
+    predicts by :func:`~pyro_worldmodel.imagine.imagine`: the mean is the
+    average of ``num_samples`` emission means, and the log-likelihood is
+    log (1/S) Σ_s p(x | z_s), a Monte Carlo estimate of the predictive density.
+
+    :param obs: ``(N, T, X)`` real units; :param actions: ``(N, T, ...)``.
+    :param mask: ``(N, T)`` bool, each row a prefix of True values.
+    :param normalizer: maps real units to the model's (and the baselines'); None
+        when the data are already in model units.
+    :param baselines: name → a fitted predictor with ``predict(context_obs,
+        actions, horizon)`` returning a Normal over ``(B, H, X)`` in model
+        units, e.g. :class:`~pyro_worldmodel.baselines.LinearLeastSquares`.
+    """
+    from .imagine import imagine
+
+    for arg, value, low in (
+        ("context", context, 1),
+        ("horizon", horizon, 1),
+        ("num_samples", num_samples, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{arg}: expected an int >= {low}, got {value!r}")
+    obs = torch.as_tensor(obs)
+    actions = torch.as_tensor(actions)
+    mask = torch.ones(obs.shape[:2], dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+    lengths = mask.sum(1)
+    episode, start = _window_starts(lengths, context, max_windows, seed)
+    if len(episode) == 0:
+        raise ValueError(
+            f"mask: expected an episode longer than context={context}, got lengths up to {int(lengths.max())}"
+        )
+    W = context + horizon
+    t = start[:, None] + torch.arange(W)  # (n, W)
+    inside = t < lengths[episode][:, None]
+    t = t.clamp(max=obs.shape[1] - 1)
+    w_obs, w_act = obs[episode[:, None], t], actions[episode[:, None], t]
+    valid = inside[:, context:]  # (n, H)
+    to_model = (lambda x: x) if normalizer is None else normalizer.obs
+    # log-density in real units = in model units − log |d real / d model|
+    log_jac = 0.0 if normalizer is None else float(normalizer.obs_scale.log().sum())
+    predictors = {"model": None, **(baselines or {})}
+    sq_err = {name: [] for name in predictors}
+    log_lik = {name: [] for name in predictors}
+    device = next(model.parameters()).device
+    for lo in range(0, len(episode), chunk_size):
+        sl = slice(lo, lo + chunk_size)
+        ctx_obs, ctx_act = w_obs[sl, :context], w_act[sl, :context]
+        future_obs, future_act = w_obs[sl, context:], w_act[sl, context:]
+        im = imagine(
+            model, guide, ctx_obs, ctx_act, horizon,
+            future_actions=future_act, num_samples=num_samples, normalizer=normalizer,
+        )  # fmt: skip
+        target = to_model(future_obs).to(device)  # (b, H, X)
+        with torch.no_grad():
+            log_p = model.emission(im.latents).log_prob(target)  # (S, b, H)
+        sq_err["model"].append((im.obs_mean.mean(0).cpu() - future_obs) ** 2)
+        log_lik["model"].append((torch.logsumexp(log_p, 0) - math.log(num_samples)).cpu() - log_jac)
+        for name, predictor in (baselines or {}).items():
+            model_act = w_act[sl, : W - 1]
+            if normalizer is not None and model_act.is_floating_point():
+                model_act = normalizer.actions(model_act)
+            pred = predictor.predict(to_model(ctx_obs), model_act, horizon)
+            mean = pred.mean if normalizer is None else normalizer.obs_inverse(pred.mean)
+            sq_err[name].append((mean - future_obs) ** 2)
+            log_lik[name].append(pred.log_prob(to_model(future_obs)).sum(-1) - log_jac)
+    count = valid.sum(0)  # (H,); a horizon no window reaches gets NaN
+
+    def per_h(chunks, reduce_dims):
+        x = torch.cat(chunks)
+        x = x.mean(-1) if reduce_dims else x  # (n, H)
+        return (torch.where(valid, x, 0.0).sum(0) / count).tolist()
+
+    return OpenLoop(
+        context=context,
+        horizon=horizon,
+        mse={name: per_h(v, True) for name, v in sq_err.items()},
+        log_lik={name: per_h(v, False) for name, v in log_lik.items()},
+        num_windows=len(episode),
+    )
+
+
+def _window_starts(lengths, context, max_windows, seed):
+    """(episode, start) of every window with a full context and one step to predict."""
+    episode, start = [], []
+    for n, L in enumerate(lengths.tolist()):
+        s = torch.arange(max(L - context, 0))
+        episode.append(torch.full_like(s, n))
+        start.append(s)
+    episode, start = torch.cat(episode), torch.cat(start)
+    if max_windows is not None and len(episode) > max_windows:
+        keep = torch.randperm(len(episode), generator=torch.Generator().manual_seed(seed))[:max_windows]
+        keep = keep.sort().values
+        episode, start = episode[keep], start[keep]
+    return episode, start

@@ -86,19 +86,32 @@ class WorldModel(ChecksInputs, nn.Module):
     def action_space(self) -> ActionSpace:
         return self.policy.action_space
 
-    def model(self, obs, actions, mask=None):
+    def model(self, obs, actions, mask=None, *, horizon: int = 0, future_actions=None):
         """The Pyro model.
 
         :param obs: ``(B, T, X)`` observations x_t.
         :param actions: ``(B, T, A)`` reals, or ``(B, T)`` integers for a
             discrete space: a_t, the action taken after seeing x_t.
         :param mask: ``(B, T)`` bool, True where a step was observed.
+        :param horizon: H, further steps to sample after the last one given;
+            run under :class:`pyro.infer.Predictive` with a guide, these are
+            the posterior predictive (see :func:`~pyro_worldmodel.imagine`).
+            Needs every step of the context observed.
+        :param future_actions: the actions of those steps: None samples them
+            from π(a_t | z_t); a ``(B, H, A)`` (or ``(B, H)``) tensor sets them;
+            a callable ``f(z_t) -> a_t`` maps each ``(..., B, 1, Z)`` latent to
+            an action of shape ``(..., B, 1, A)`` (or ``(..., B, 1)``). Set
+            actions are interventions: they are not scored by π.
         :returns: the latents ``(B, T, Z)``.
 
         Sites: ``z_{t}`` for each t, then ``x`` and ``a`` over a time plate.
+        With a horizon, also ``z_{t}`` (and ``a_{t}`` when sampled from π)
+        for t = T … T+H-1, then over a ``future`` plate the deterministic
+        ``z_future``, ``a_future``, ``x_future_mean`` and the sampled ``x_future``.
         """
         obs, actions, mask = self.check_inputs(obs, actions, mask)
         B, T = mask.shape
+        _check_horizon(horizon, mask)
         register(self.name, self)
         a_feat = self.action_space.features(actions, obs.dtype)  # (B, T, A)
         z = []
@@ -115,8 +128,59 @@ class WorldModel(ChecksInputs, nn.Module):
             with pyro.plate("time", T, dim=-1):
                 pyro.sample("x", self.emission(z).mask(mask), obs=obs)
                 pyro.sample("a", self.policy(z).mask(mask), obs=actions)
+            if horizon:
+                self._dream(z[..., -1:, :], a_feat[:, -1:], T, horizon, future_actions)
         return z
 
-    def forward(self, obs, actions, mask=None):
+    def _dream(self, z_last, a_feat_last, T, horizon, future_actions):
+        """Sample ``horizon`` steps after ``z_last``, inside the episodes plate."""
+        B = a_feat_last.shape[0]
+        if torch.is_tensor(future_actions):
+            future_actions = self._check_future_actions(future_actions, B, horizon)
+        z_prev, a_prev = z_last, a_feat_last
+        zs, acts = [], []
+        for h in pyro.markov(range(horizon)):
+            t = T + h
+            z_t = pyro.sample(f"z_{t}", self.transition(z_prev, a_prev))  # (..., B, 1, Z)
+            if future_actions is None:
+                a_t = pyro.sample(f"a_{t}", self.policy(z_t))
+            elif callable(future_actions):
+                a_t = future_actions(z_t)
+            else:
+                a_t = future_actions[:, h : h + 1]
+            zs.append(z_t)
+            acts.append(a_t)
+            z_prev, a_prev = z_t, self.action_space.features(a_t, z_t.dtype)
+        shape = torch.broadcast_shapes(*(z.shape[:-1] for z in zs))  # (..., B, 1)
+        z_future = torch.cat([z.expand(*shape, z.shape[-1]) for z in zs], dim=-2)  # (..., B, H, Z)
+        event = () if self.action_space.kind == "discrete" else (self.action_space.dim,)
+        a_future = torch.cat([a.expand(*shape, *event) for a in acts], dim=len(shape) - 1)
+        with pyro.plate("future", horizon, dim=-1):
+            pyro.deterministic("z_future", z_future, event_dim=1)
+            pyro.deterministic("a_future", a_future, event_dim=len(event))
+            emission = self.emission(z_future)
+            pyro.deterministic("x_future_mean", emission.mean, event_dim=1)
+            pyro.sample("x_future", emission)
+
+    def _check_future_actions(self, future_actions, B, horizon):
+        space = self.action_space
+        expected = (B, horizon) if space.kind == "discrete" else (B, horizon, space.dim)
+        if tuple(future_actions.shape) != expected:
+            raise ValueError(
+                f"future_actions: expected shape {expected} for {space}, got {tuple(future_actions.shape)}"
+            )
+        return future_actions.to(next(self.parameters()).device)
+
+    def forward(self, obs, actions, mask=None, **kwargs):
         """Same as :meth:`model`."""
-        return self.model(obs, actions, mask)
+        return self.model(obs, actions, mask, **kwargs)
+
+
+def _check_horizon(horizon, mask):
+    if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 0:
+        raise ValueError(f"horizon: expected an int >= 0, got {horizon!r}")
+    if horizon and not bool(mask.all()):
+        raise ValueError(
+            "mask: expected every context step observed to imagine past it, got"
+            f" {int((~mask).sum())} unobserved steps; pass the context without padding"
+        )

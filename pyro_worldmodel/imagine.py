@@ -1,0 +1,115 @@
+"""Imagination: futures dreamt by the model, as the posterior predictive of its own Pyro program."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Imagination:
+    """Imagined futures after a context, in real units when a normalizer was given.
+
+    S samples, B episodes, H imagined steps.
+
+    :ivar latents: ``(S, B, H, Z)`` z_{C+1} … z_{C+H}.
+    :ivar actions: ``(S, B, H, A)``, or ``(S, B, H)`` integers for a discrete space:
+        the action taken at each imagined step.
+    :ivar obs_mean: ``(S, B, H, X)`` the emission's mean E[x_t | z_t] per sample.
+    :ivar obs: ``(S, B, H, X)`` observations sampled from the emission.
+    :ivar context_obs: ``(B, C, X)`` the context the futures follow.
+    """
+
+    latents: torch.Tensor
+    actions: torch.Tensor
+    obs_mean: torch.Tensor
+    obs: torch.Tensor
+    context_obs: torch.Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return self.obs.shape[0]
+
+    @property
+    def horizon(self) -> int:
+        return self.obs.shape[2]
+
+
+def imagine(
+    model,
+    guide,
+    obs,
+    actions,
+    horizon: int,
+    *,
+    future_actions=None,
+    num_samples: int = 100,
+    normalizer=None,
+    parallel: bool = True,
+) -> Imagination:
+    """Dream ``horizon`` steps past a context, as the model's posterior predictive.
+
+    The guide filters the context into q(z_{1:C} | x, a); the model then rolls
+    forward from z_C with its own transition, takes actions from π, from
+    ``future_actions`` or from a callable, and decodes each step with its
+    emission. It is :class:`pyro.infer.Predictive` on
+    :meth:`WorldModel.model <pyro_worldmodel.model.WorldModel.model>` with a
+    ``horizon``: no second copy of the dynamics.
+
+    :param model: a :class:`~pyro_worldmodel.model.WorldModel`.
+    :param guide: its trained guide.
+    :param obs: ``(B, C, X)`` context observations, every step observed.
+    :param actions: ``(B, C, A)`` (or ``(B, C)``) context actions; a_C, the last,
+        drives the first imagined step.
+    :param horizon: H, steps to imagine.
+    :param future_actions: None to sample from the learned π; a ``(B, H, A)``
+        (or ``(B, H)``) tensor; or a callable ``f(z) -> a`` on latents
+        ``(..., B, 1, Z)``. In real units when ``normalizer`` is given.
+    :param num_samples: S, futures drawn per episode.
+    :param normalizer: a :class:`~pyro_worldmodel.data.Normalizer`: inputs are in
+        real units and so is the result. None: everything in model units.
+    :param parallel: draw the S samples in one vectorised pass.
+    """
+    from pyro.infer import Predictive
+
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+    device = next(model.parameters()).device
+    obs = torch.as_tensor(obs).to(device)
+    actions = torch.as_tensor(actions).to(device)
+    context_obs = obs
+    if normalizer is not None:
+        obs = normalizer.obs(obs)
+        actions = normalizer.actions(actions) if actions.is_floating_point() else actions
+        if torch.is_tensor(future_actions) and future_actions.is_floating_point():
+            future_actions = normalizer.actions(future_actions)
+        elif callable(future_actions):
+            future_actions = _in_model_units(future_actions, normalizer)
+    predictive = Predictive(
+        model.model,
+        guide=guide,
+        num_samples=num_samples,
+        parallel=parallel,
+        return_sites=["z_future", "a_future", "x_future_mean", "x_future"],
+    )
+    with torch.no_grad():
+        out = predictive(obs, actions, horizon=horizon, future_actions=future_actions)
+    B = obs.shape[0]
+    x_mean = out["x_future_mean"].reshape(num_samples, B, horizon, -1)
+    x = out["x_future"].reshape(num_samples, B, horizon, -1)
+    z = out["z_future"].reshape(num_samples, B, horizon, -1)
+    space = model.action_space
+    a = out["a_future"].reshape(num_samples, B, horizon, *(() if space.kind == "discrete" else (space.dim,)))
+    if normalizer is not None:
+        x_mean, x = normalizer.obs_inverse(x_mean), normalizer.obs_inverse(x)
+        a = normalizer.actions_inverse(a) if a.is_floating_point() else a
+    return Imagination(latents=z, actions=a, obs_mean=x_mean, obs=x, context_obs=context_obs)
+
+
+def _in_model_units(fn, normalizer):
+    def wrapped(z):
+        a = fn(z)
+        return normalizer.actions(a) if a.is_floating_point() else a
+
+    return wrapped

@@ -1,0 +1,287 @@
+"""Imagination is the model's posterior predictive: checked against the Kalman forecast."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_worldmodel import ActionSpace, FilterGuide, LinearGaussianSSM, WorldModel
+from pyro_worldmodel.baselines import CopyLast
+from pyro_worldmodel.data import Normalizer
+from pyro_worldmodel.evaluate import open_loop
+from pyro_worldmodel.imagine import imagine
+
+
+def brute_force_forecast(ssm, obs, actions, future_actions):
+    """p(x_{C+1:C+H} | x_{1:C}, a_{1:C}) with the future actions set, from the
+    joint Gaussian of every variable written as an affine map of unit noises."""
+    B, C, X = obs.shape
+    H = future_actions.shape[1]
+    Z, A = ssm.latent_dim, ssm.action_dim
+    T = C + H
+    n_noise = Z + T * (X + A + Z)
+    f64 = torch.float64
+    out = []
+    for b in range(B):
+        z_mean, z_M = ssm.init_loc.clone(), torch.zeros(Z, n_noise, dtype=f64)
+        z_M[:, :Z] = torch.diag(ssm.init_scale)
+        offset = Z
+        past_means, past_Ms, fut_means, fut_Ms = [], [], [], []
+        for t in range(T):
+            x_mean, x_M = ssm.H @ z_mean + ssm.obs_bias, ssm.H @ z_M
+            x_M[:, offset : offset + X] += torch.diag(ssm.obs_scale)
+            offset += X
+            if t < C:
+                a_mean, a_M = ssm.K @ z_mean + ssm.act_bias, ssm.K @ z_M
+                a_M[:, offset : offset + A] += torch.diag(ssm.act_scale)
+                past_means += [x_mean, a_mean]
+                past_Ms += [x_M, a_M]
+            else:  # an intervention: a constant, not emitted from z
+                a_mean, a_M = future_actions[b, t - C], torch.zeros(A, n_noise, dtype=f64)
+                fut_means.append(x_mean)
+                fut_Ms.append(x_M)
+            offset += A
+            z_mean = ssm.F @ z_mean + ssm.G @ a_mean + ssm.bias
+            z_M = ssm.F @ z_M + ssm.G @ a_M
+            z_M[:, offset : offset + Z] += torch.diag(ssm.trans_scale)
+            offset += Z
+        mp, Mp = torch.cat(past_means), torch.cat(past_Ms)
+        mf, Mf = torch.stack(fut_means), torch.stack(fut_Ms)  # (H, X), (H, X, n)
+        y = torch.cat([obs[b], actions[b]], dim=-1).reshape(-1)
+        gain = torch.linalg.solve(Mp @ Mp.T, Mp @ Mf.reshape(H * X, -1).T).T  # (H X, P)
+        loc = mf.reshape(-1) + gain @ (y - mp)
+        cov = Mf.reshape(H * X, -1) @ Mf.reshape(H * X, -1).T - gain @ Mp @ Mf.reshape(H * X, -1).T
+        out.append(
+            (
+                loc.reshape(H, X),
+                torch.stack([cov[h * X : (h + 1) * X, h * X : (h + 1) * X] for h in range(H)]),
+            )
+        )
+    return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+
+
+@pytest.fixture
+def system():
+    return LinearGaussianSSM.random(latent_dim=3, obs_dim=4, action_dim=2, seed=1)
+
+
+def test_forecast_matches_the_brute_force_joint_gaussian(system):
+    obs, actions, _ = system.sample(3, 9, seed=2)
+    C = 6
+    forecast = system.forecast(obs[:, :C], actions[:, :C], actions[:, C:])
+    loc, cov = brute_force_forecast(system, obs[:, :C], actions[:, :C], actions[:, C:])
+    torch.testing.assert_close(forecast.loc, loc, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(forecast.covariance_matrix, cov, rtol=1e-9, atol=1e-9)
+
+
+def kalman_guide(system, C):
+    """A guide whose q(z_C) is the Kalman filter's posterior; the future depends on nothing else."""
+
+    def guide(obs, actions, mask=None, **_):
+        B = obs.shape[0]
+        posterior = system.filter(obs, actions)
+        with pyro.plate("episodes", B, dim=-2):
+            for t in range(C - 1):
+                pyro.sample(
+                    f"z_{t}",
+                    dist.Normal(torch.zeros(B, 1, system.latent_dim, dtype=obs.dtype), 1.0).to_event(1),
+                )
+            last = dist.MultivariateNormal(posterior.loc[:, None], posterior.covariance_matrix[:, None])
+            pyro.sample(f"z_{C - 1}", last)
+
+    return guide
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_imagined_means_equal_the_kalman_forecast(system, parallel):
+    obs, actions, _ = system.sample(3, 11, seed=3)
+    C, H, S = 6, 5, 4000 if parallel else 1000
+    model = system.world_model()
+    im = imagine(
+        model,
+        kalman_guide(system, C),
+        obs[:, :C],
+        actions[:, :C],
+        H,
+        future_actions=actions[:, C:],
+        num_samples=S,
+        parallel=parallel,
+    )
+    assert im.obs.shape == (S, 3, H, 4) and im.latents.shape == (S, 3, H, 3)
+    torch.testing.assert_close(im.actions, actions[:, C:].expand(S, 3, H, 2))
+    forecast = system.forecast(obs[:, :C], actions[:, :C], actions[:, C:])
+    # The means over samples agree within 5 standard errors of the Monte Carlo mean.
+    var = forecast.covariance_matrix.diagonal(dim1=-2, dim2=-1)  # (B, H, X)
+    se = (var / S).sqrt()
+    assert ((im.obs.mean(0) - forecast.loc).abs() < 5 * se).all()
+    # obs_mean is E[x | z] per sample; its average has the same expectation.
+    assert ((im.obs_mean.mean(0) - forecast.loc).abs() < 5 * se).all()
+    # And the spread of the sampled observations is the forecast's.
+    if parallel:
+        torch.testing.assert_close(im.obs.var(0), var, rtol=0.15, atol=0.0)
+
+
+def test_obs_mean_is_the_emission_mean_of_each_latent(system):
+    obs, actions, _ = system.sample(2, 6, seed=4)
+    model = system.world_model()
+    im = imagine(model, kalman_guide(system, 6), obs, actions, 3, num_samples=7)
+    expected = im.latents @ system.H.T + system.obs_bias
+    torch.testing.assert_close(im.obs_mean, expected)
+
+
+def test_imagination_samples_actions_from_the_policy_when_none_given(system):
+    obs, actions, _ = system.sample(2, 6, seed=5)
+    model = system.world_model()
+    S = 4000
+    im = imagine(model, kalman_guide(system, 6), obs, actions, 2, num_samples=S)
+    # π(a | z) = N(K z + d, diag s²): the residuals have the policy's scale.
+    resid = im.actions - (im.latents @ system.K.T + system.act_bias)
+    torch.testing.assert_close(resid.std(dim=(0, 1, 2)), system.act_scale, rtol=0.05, atol=0.0)
+
+
+def test_callable_actions_see_the_imagined_latent(system):
+    obs, actions, _ = system.sample(2, 6, seed=6)
+    model = system.world_model()
+
+    def act(z):  # (..., B, 1, Z) -> (..., B, 1, A)
+        return z[..., :2].tanh()
+
+    im = imagine(model, kalman_guide(system, 6), obs, actions, 4, future_actions=act, num_samples=5)
+    torch.testing.assert_close(im.actions, im.latents[..., :2].tanh())
+
+
+def test_normalizer_makes_inputs_and_outputs_real_units(system):
+    obs, actions, _ = system.sample(2, 6, seed=7)
+    obs, actions = obs.float(), actions.float()
+    model = WorldModel.default(4, ActionSpace.box(2), latent_dim=3, hidden=(8,))
+    guide = FilterGuide.for_model(model, rnn_dim=8)
+    norm = Normalizer(
+        torch.tensor([1.0, -2, 3, 0]),
+        torch.tensor([2.0, 0.5, 1, 3]),
+        torch.tensor([0.5, 0]),
+        torch.tensor([2.0, 4]),
+    )
+    future = torch.randn(2, 3, 2)
+    pyro.set_rng_seed(1)
+    real = imagine(model, guide, obs, actions, 3, future_actions=future, num_samples=4, normalizer=norm)
+    pyro.set_rng_seed(1)
+    units = imagine(
+        model,
+        guide,
+        norm.obs(obs),
+        norm.actions(actions),
+        3,
+        future_actions=norm.actions(future),
+        num_samples=4,
+    )
+    torch.testing.assert_close(real.obs, norm.obs_inverse(units.obs))
+    torch.testing.assert_close(real.obs_mean, norm.obs_inverse(units.obs_mean))
+    torch.testing.assert_close(real.actions, future.expand(4, 2, 3, 2))
+    torch.testing.assert_close(real.latents, units.latents)
+    torch.testing.assert_close(real.context_obs, obs)
+
+
+def test_discrete_actions():
+    model = WorldModel.default(3, ActionSpace.discrete(4), latent_dim=2, hidden=(8,))
+    guide = FilterGuide.for_model(model, rnn_dim=8)
+    obs, actions = torch.randn(5, 4, 3), torch.randint(4, (5, 4))
+    im = imagine(model, guide, obs, actions, 6, num_samples=3)
+    assert im.actions.shape == (3, 5, 6) and im.actions.dtype == torch.int64
+    assert ((im.actions >= 0) & (im.actions < 4)).all()
+    future = torch.randint(4, (5, 6))
+    im = imagine(model, guide, obs, actions, 6, future_actions=future, num_samples=3)
+    assert torch.equal(im.actions, future.expand(3, 5, 6))
+
+
+def test_horizon_zero_leaves_the_training_program_unchanged():
+    model = WorldModel.default(3, ActionSpace.box(1), latent_dim=2, hidden=(8,))
+    obs, actions = torch.randn(2, 4, 3), torch.randn(2, 4, 1)
+    trace = pyro.poutine.trace(model.model).get_trace(obs, actions)
+    names = [n for n, s in trace.nodes.items() if s["type"] == "sample"]
+    assert names == ["episodes", "z_0", "z_1", "z_2", "z_3", "time", "x", "a"]
+
+
+def test_bad_input():
+    model = WorldModel.default(3, ActionSpace.box(1), latent_dim=2, hidden=(8,))
+    guide = FilterGuide.for_model(model, rnn_dim=8)
+    obs, actions = torch.randn(2, 4, 3), torch.randn(2, 4, 1)
+    with pytest.raises(ValueError, match="horizon: expected an int >= 0, got -1"):
+        imagine(model, guide, obs, actions, -1)
+    with pytest.raises(ValueError, match=r"future_actions: expected shape \(2, 3, 1\).*got \(2, 2, 1\)"):
+        imagine(model, guide, obs, actions, 3, future_actions=torch.zeros(2, 2, 1))
+    with pytest.raises(ValueError, match="num_samples: expected a positive int, got 0"):
+        imagine(model, guide, obs, actions, 3, num_samples=0)
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    with pytest.raises(ValueError, match="mask: expected every context step observed"):
+        model.model(obs, actions, mask, horizon=2)
+
+
+def test_open_loop_of_the_true_model_matches_the_exact_forecast(system):
+    """At the true parameters, the model's open-loop MSE and log-likelihood are the Kalman forecast's."""
+    N, T, C, H = 8, 12, 4, 5
+    obs, actions, _ = system.sample(N, T, seed=8)
+    lengths = torch.tensor([12, 12, 10, 9, 8, 12, 5, 11])
+    mask = torch.arange(T) < lengths[:, None]
+    model = system.world_model()
+    guide = kalman_guide(system, C)
+    pyro.set_rng_seed(0)
+    ol = open_loop(model, guide, obs, actions, mask, context=C, horizon=H, num_samples=3000, max_windows=None)
+    # By hand: every start s with s + C < L, and at horizon h the windows where s + C + h - 1 < L.
+    sq, ll = [[] for _ in range(H)], [[] for _ in range(H)]
+    for n in range(N):
+        L = int(lengths[n])
+        for s in range(L - C):
+            future_actions = actions[n : n + 1, s + C : s + C + H]
+            future_actions = torch.cat([future_actions, torch.zeros(1, H - future_actions.shape[1], 2)], 1)
+            f = system.forecast(obs[n : n + 1, s : s + C], actions[n : n + 1, s : s + C], future_actions)
+            for h in range(min(H, L - s - C)):
+                x = obs[n, s + C + h]
+                sq[h].append(((f.loc[0, h] - x) ** 2).mean())
+                ll[h].append(dist.MultivariateNormal(f.loc[0, h], f.covariance_matrix[0, h]).log_prob(x))
+    assert ol.num_windows == sum(int(L) - C for L in lengths)
+    mse = torch.stack([torch.stack(v).mean() for v in sq])
+    log_lik = torch.stack([torch.stack(v).mean() for v in ll])
+    torch.testing.assert_close(torch.tensor(ol.mse["model"], dtype=torch.float64), mse, rtol=0.05, atol=0.0)
+    # log (1/S) Σ_s p(x | z_s) is biased low by Jensen; at S = 3000 by a few hundredths.
+    torch.testing.assert_close(
+        torch.tensor(ol.log_lik["model"], dtype=torch.float64), log_lik, rtol=0, atol=0.1
+    )
+
+
+def test_open_loop_reports_real_units_and_baselines(system):
+    N, T, C, H = 6, 10, 3, 4
+    obs, actions, _ = system.sample(N, T, seed=9)
+    obs, actions = obs.float(), actions.float()
+    model = WorldModel.default(4, ActionSpace.box(2), latent_dim=3, hidden=(8,))
+    guide = FilterGuide.for_model(model, rnn_dim=8)
+    s, loc = 3.0, torch.tensor([1.0, 2.0, -1.0, 0.5])
+    norm = Normalizer(loc, torch.full((4,), s), torch.zeros(2), torch.ones(2))
+    copy_last = CopyLast(ActionSpace.box(2)).fit(obs, actions, None, horizon=H)
+    pyro.set_rng_seed(3)
+    in_units = open_loop(
+        model, guide, obs, actions, context=C, horizon=H, num_samples=4, baselines={"copy": copy_last}
+    )
+    pyro.set_rng_seed(3)
+    real = open_loop(
+        model, guide, norm.obs_inverse(obs), actions, context=C, horizon=H, num_samples=4,
+        normalizer=norm, baselines={"copy": copy_last},
+    )  # fmt: skip
+    for name in ("model", "copy"):
+        torch.testing.assert_close(torch.tensor(real.mse[name]), s**2 * torch.tensor(in_units.mse[name]))
+        torch.testing.assert_close(
+            torch.tensor(real.log_lik[name]), torch.tensor(in_units.log_lik[name]) - 4 * math.log(s)
+        )
+    # copy-the-last-observation by hand
+    expected = [
+        sum(
+            ((obs[n, s0 + C - 1] - obs[n, s0 + C + h]) ** 2).mean()
+            for n in range(N)
+            for s0 in range(T - C - h)
+        )
+        / sum(1 for n in range(N) for s0 in range(T - C - h))
+        for h in range(H)
+    ]
+    torch.testing.assert_close(torch.tensor(in_units.mse["copy"]), torch.stack(expected))
+    assert "| copy |" in in_units.table(horizons=(1, 4))
