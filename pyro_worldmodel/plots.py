@@ -1,0 +1,269 @@
+"""Figures of training, KL per timestep, imagined futures and open-loop error.
+
+Every function builds a :class:`matplotlib.figure.Figure` directly, never
+through pyplot, so nothing is left in pyplot's global state; it runs headless,
+and a returned figure displays in a notebook. Given ``path``, the figure is
+also saved there as a PNG, atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .inference import atomic_write
+
+if TYPE_CHECKING:
+    from .evaluate import OpenLoop
+    from .imagine import Imagination
+    from .inference import History
+
+DPI = 120
+_TERMS = (  # History.terms key, legend label
+    ("elbo", "ELBO"),
+    ("log_px", "log p(x | z)"),
+    ("log_pa", "log π(a | z)"),
+    ("kl", "KL(q ‖ p)"),
+)
+
+
+def plot_training(
+    history: History, path: str | os.PathLike | None = None, *, window: int | None = None
+) -> Figure:
+    """The loss per SVI step and, if recorded, the ELBO's terms.
+
+    :param history: a :class:`~pyro_worldmodel.inference.History` from
+        :func:`~pyro_worldmodel.inference.fit`.
+    :param path: if given, save the figure here as a PNG.
+    :param window: steps in the trailing moving average of the loss; by
+        default a twentieth of the steps, at most 100.
+    :returns: the figure: −ELBO per step (raw, faint, and its moving average),
+        and beside it ``history.terms`` against step, all in nats per timestep.
+    """
+    loss = np.asarray(history.loss, dtype=np.float64)  # (N,)
+    if loss.size == 0:
+        raise ValueError("history: expected at least one recorded step, got none")
+    if window is None:
+        window = max(1, min(100, loss.size // 20))
+    elif not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window: expected an int >= 1, got {window!r}")
+
+    ncols = 2 if history.terms else 1
+    fig = Figure(figsize=(6 * ncols, 4), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    steps = np.arange(loss.size)
+    ax = axes[0]
+    ax.plot(steps, loss, color="C0", alpha=0.3, linewidth=0.8, label="per step", gid="loss")
+    ax.plot(steps, _moving_average(loss, window), color="C0", label=f"mean of last {window}", gid="loss_ma")
+    ax.set(xlabel="SVI step", ylabel="−ELBO (nats per timestep)", title="Loss")
+    ax.legend()
+
+    if history.terms:
+        ax = axes[1]
+        term_steps = [row["step"] for row in history.terms]
+        for i, (key, label) in enumerate(_TERMS):
+            style = {"color": "black", "linewidth": 2} if key == "elbo" else {"color": f"C{i}"}
+            ys = [row[key] for row in history.terms]
+            ax.plot(term_steps, ys, marker=".", label=label, gid=key, **style)
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set(xlabel="SVI step", ylabel="nats per timestep", title="ELBO terms")
+        ax.legend()
+    fig.suptitle("Training (nats per timestep)")
+    return _save(fig, path)
+
+
+def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last ``window`` values; over all of them before that many exist."""
+    csum = np.concatenate([[0.0], np.cumsum(values)])
+    end = np.arange(1, len(values) + 1)
+    start = np.maximum(end - window, 0)
+    return (csum[end] - csum[start]) / (end - start)
+
+
+def plot_kl_per_t(kl_per_t: torch.Tensor | Sequence[float], path: str | os.PathLike | None = None) -> Figure:
+    """KL(q(z_t | ·) ‖ p(z_t | z_{t-1}, a_{t-1})) at each time index t.
+
+    :param kl_per_t: ``(T,)``, e.g. :attr:`~pyro_worldmodel.evaluate.ELBOTerms.kl_per_t`.
+    :param path: if given, save the figure here as a PNG.
+    """
+    kl = _numpy(kl_per_t)
+    if kl.ndim != 1 or kl.size == 0:
+        raise ValueError(f"kl_per_t: expected shape (T,) with T >= 1, got {tuple(kl.shape)}")
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(np.arange(kl.size), kl, width=0.8, color="C0", gid="kl")
+    ax.set(xlabel="t", ylabel="KL(q ‖ p) nats", title=f"KL per time index (sum over t {kl.sum():.3g} nats)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(fig, path)
+
+
+def plot_imagination(
+    imagination: Imagination,
+    future_obs: torch.Tensor | None = None,
+    *,
+    episode: int = 0,
+    dim_names: Sequence[str] | None = None,
+    band: float = 0.9,
+    max_paths: int = 5,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """One episode's context, then its imagined futures, one panel per observation dimension.
+
+    Over t = 0 … C−1 the context (black); over t = C … C+H−1 the median of the
+    sampled observations, the central ``band`` of them, ``max_paths`` of the
+    sample paths, and the true future if given (dashed black). A dotted
+    vertical line at t = C − ½ marks where the context ends.
+
+    :param imagination: an :class:`~pyro_worldmodel.imagine.Imagination`.
+    :param future_obs: ``(B, H, X)`` or ``(H, X)`` what really followed the context.
+    :param episode: which of the B episodes to draw.
+    :param dim_names: X names for the panels; ``x[0]``, ``x[1]`` … by default.
+    :param band: the probability of the shaded central quantile band, in (0, 1).
+    :param max_paths: sample paths drawn (fewer if there are fewer samples).
+    :param path: if given, save the figure here as a PNG.
+    """
+    obs = imagination.obs
+    context_obs = imagination.context_obs
+    if obs.dim() != 4:
+        raise ValueError(f"imagination: expected obs of shape (S, B, H, X), got {tuple(obs.shape)}")
+    S, B, H, X = obs.shape
+    if context_obs.dim() != 3 or context_obs.shape[0] != B or context_obs.shape[2] != X:
+        raise ValueError(
+            f"imagination: expected context_obs of shape (B, C, X) = ({B}, C, {X}), got {tuple(context_obs.shape)}"
+        )
+    C = context_obs.shape[1]
+    if not isinstance(episode, int) or isinstance(episode, bool) or not 0 <= episode < B:
+        raise ValueError(f"episode: expected an int in [0, {B}), got {episode!r}")
+    if not isinstance(band, (int, float)) or isinstance(band, bool) or not 0.0 < band < 1.0:
+        raise ValueError(f"band: expected a probability in (0, 1), got {band!r}")
+    if not isinstance(max_paths, int) or isinstance(max_paths, bool) or max_paths < 0:
+        raise ValueError(f"max_paths: expected an int >= 0, got {max_paths!r}")
+    if dim_names is None:
+        dim_names = [f"x[{i}]" for i in range(X)]
+    elif len(dim_names) != X:
+        raise ValueError(
+            f"dim_names: expected {X} names, one per observation dimension, got {len(dim_names)}"
+        )
+    if future_obs is not None:
+        future_obs = torch.as_tensor(future_obs)
+        if future_obs.dim() == 3 and future_obs.shape == (B, H, X):
+            future_obs = future_obs[episode]
+        if future_obs.shape != (H, X):
+            raise ValueError(
+                f"future_obs: expected shape (B, H, X) = ({B}, {H}, {X}) or (H, X) = ({H}, {X}),"
+                f" got {tuple(future_obs.shape)}"
+            )
+        future_obs = _numpy(future_obs)  # (H, X)
+
+    samples = obs[:, episode].detach().to("cpu", torch.float64)  # (S, H, X)
+    q = torch.tensor([(1.0 - band) / 2, 0.5, (1.0 + band) / 2], dtype=torch.float64)
+    lo, median, hi = torch.quantile(samples, q, dim=0).numpy()  # 3 × (H, X)
+    samples = samples.numpy()
+    context = _numpy(context_obs[episode])  # (C, X)
+    t_context = np.arange(C)
+    t_future = np.arange(C, C + H)
+
+    ncols = 1 if X <= 4 else 2 if X <= 12 else 3
+    nrows = math.ceil(X / ncols)
+    fig = Figure(figsize=(6 * ncols, 1.2 + 2.2 * nrows), layout="constrained")
+    grid = fig.subplots(nrows, ncols, sharex=True, squeeze=False)
+    axes = _keep_first(grid, X)
+    for i, ax in enumerate(axes):
+        ax.plot(t_context, context[:, i], color="black", label="context", gid="context")
+        ax.fill_between(
+            t_future,
+            lo[:, i],
+            hi[:, i],
+            color="C0",
+            alpha=0.25,
+            linewidth=0,
+            label=f"{band:.0%} band",
+            gid="band",
+        )
+        for s in range(min(max_paths, S)):
+            ax.plot(
+                t_future,
+                samples[s, :, i],
+                color="C0",
+                alpha=0.5,
+                linewidth=0.6,
+                label="samples" if s == 0 else "_nolegend_",
+                gid="sample",
+            )
+        ax.plot(t_future, median[:, i], color="C0", linewidth=2, label="median", gid="median")
+        if future_obs is not None:
+            ax.plot(
+                t_future, future_obs[:, i], color="black", linestyle="--", label="true future", gid="future"
+            )
+        ax.axvline(C - 0.5, color="grey", linestyle=":", gid="context_end")
+        ax.set_ylabel(dim_names[i])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"Imagination, episode {episode}: {C} context steps, {H} imagined, {S} samples")
+    return _save(fig, path)
+
+
+def plot_open_loop(open_loop: OpenLoop, path: str | os.PathLike | None = None) -> Figure:
+    """MSE and log-likelihood against horizon h = 1 … H, one line per predictor.
+
+    :param open_loop: an :class:`~pyro_worldmodel.evaluate.OpenLoop`.
+    :param path: if given, save the figure here as a PNG.
+    """
+    H = open_loop.horizon
+    names = list(dict.fromkeys([*open_loop.mse, *open_loop.log_lik]))
+    for field_name in ("mse", "log_lik"):
+        for name, values in getattr(open_loop, field_name).items():
+            if len(values) != H:
+                raise ValueError(
+                    f"open_loop: expected {field_name}[{name!r}] to hold horizon = {H} values, got {len(values)}"
+                )
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_mse, ax_ll = fig.subplots(1, 2, sharex=True)
+    h = np.arange(1, H + 1)
+    for i, name in enumerate(names):
+        if name in open_loop.mse:
+            ax_mse.plot(h, open_loop.mse[name], marker="o", markersize=3, color=f"C{i}", label=name)
+        if name in open_loop.log_lik:
+            ax_ll.plot(h, open_loop.log_lik[name], marker="o", markersize=3, color=f"C{i}", label=name)
+    ax_mse.set_yscale("log")
+    ax_mse.set(xlabel="horizon h", ylabel="MSE of the predicted mean", title="Mean squared error")
+    ax_ll.set(xlabel="horizon h", ylabel=r"$\log p(x_{C+h})$ (nats)", title="Log-likelihood of the truth")
+    for ax in (ax_mse, ax_ll):
+        ax.legend(fontsize="small")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(
+        f"Open-loop prediction after {open_loop.context} context steps, {open_loop.num_windows} windows"
+    )
+    return _save(fig, path)
+
+
+def _keep_first(grid: np.ndarray, n: int) -> list[Axes]:
+    """The first ``n`` axes of a shared-x grid, row by row; the rest are removed."""
+    nrows, ncols = grid.shape
+    for k in range(n, nrows * ncols):
+        grid.flat[k].remove()
+    axes = list(grid.flat[:n])
+    for col in range(min(ncols, n)):
+        # The lowest remaining axes of each column carries its x tick labels and label.
+        bottom = axes[max(k for k in range(n) if k % ncols == col)]
+        bottom.xaxis.set_tick_params(labelbottom=True)
+        bottom.set_xlabel("t")
+    return axes
+
+
+def _numpy(x) -> np.ndarray:
+    return torch.as_tensor(x).detach().to("cpu", torch.float64).numpy()
+
+
+def _save(fig: Figure, path: str | os.PathLike | None) -> Figure:
+    if path is not None:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight"))
+    return fig

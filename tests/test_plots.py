@@ -1,0 +1,303 @@
+"""Figures: the plotted data against the numbers they were made from, and atomic PNG files."""
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from pyro_worldmodel.evaluate import OpenLoop
+from pyro_worldmodel.imagine import Imagination
+from pyro_worldmodel.inference import History
+from pyro_worldmodel.plots import DPI, plot_imagination, plot_kl_per_t, plot_open_loop, plot_training
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+S, B, C, H, X = 4000, 2, 4, 6, 3
+Z_95 = 1.6448536269514722  # Φ⁻¹(0.95)
+
+
+def by_gid(ax, gid):
+    return [a for a in [*ax.get_lines(), *ax.collections] if a.get_gid() == gid]
+
+
+def assert_png_of(fig, path):
+    """``path`` is a PNG of ``fig`` at DPI, cropped to its tight bounding box."""
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    img = mpimg.imread(path)  # (rows, cols, RGBA)
+    bbox = fig.get_tightbbox()  # inches
+    pad = 0.1  # savefig's default pad_inches
+    assert img.shape[2] == 4
+    # the bbox is measured at the figure's own dpi, so text may come out a pixel or two wider
+    assert img.shape[0] == pytest.approx((bbox.height + 2 * pad) * DPI, rel=0.01)
+    assert img.shape[1] == pytest.approx((bbox.width + 2 * pad) * DPI, rel=0.01)
+
+
+# -- plot_training -------------------------------------------------------------------
+
+
+@pytest.fixture
+def history():
+    loss = [3.0, 1.0, 2.0, 6.0, 0.0, -1.0, 4.0, 2.0]
+    terms = [
+        {"step": 0, "elbo": -3.0, "log_px": -1.0, "log_pa": -0.5, "kl": 1.5},
+        {"step": 4, "elbo": -0.5, "log_px": 1.0, "log_pa": -0.25, "kl": 1.25},
+    ]
+    return History(loss=loss, terms=terms)
+
+
+def test_training_shows_the_loss_its_trailing_mean_and_the_elbo_terms(history):
+    fig = plot_training(history, window=3)
+    assert isinstance(fig, Figure)
+    ax_loss, ax_terms = fig.axes
+    (raw,) = by_gid(ax_loss, "loss")
+    (mean,) = by_gid(ax_loss, "loss_ma")
+    np.testing.assert_array_equal(raw.get_xdata(), np.arange(8))
+    np.testing.assert_array_equal(raw.get_ydata(), history.loss)
+    # by hand: the first two average over what exists, then over the last 3
+    expected = [3.0, 2.0, 2.0, 3.0, 8 / 3, 5 / 3, 1.0, 5 / 3]
+    np.testing.assert_allclose(mean.get_ydata(), expected)
+    assert "nats per timestep" in ax_loss.get_ylabel()
+    for key in ("elbo", "log_px", "log_pa", "kl"):
+        (line,) = by_gid(ax_terms, key)
+        np.testing.assert_array_equal(line.get_xdata(), [0, 4])
+        np.testing.assert_array_equal(line.get_ydata(), [row[key] for row in history.terms])
+    assert {t.get_text() for t in ax_terms.get_legend().get_texts()} == {
+        "ELBO",
+        "log p(x | z)",
+        "log π(a | z)",
+        "KL(q ‖ p)",
+    }
+    assert "nats per timestep" in ax_terms.get_ylabel()
+
+
+def test_training_without_terms_has_one_panel_and_saves_a_png(history, tmp_path):
+    history.terms = []
+    path = tmp_path / "training.png"
+    fig = plot_training(history, path)
+    assert len(fig.axes) == 1
+    assert_png_of(fig, path)
+
+
+def test_training_rejects_an_empty_history_and_a_bad_window(history):
+    with pytest.raises(ValueError, match="history: expected at least one recorded step, got none"):
+        plot_training(History())
+    with pytest.raises(ValueError, match="window: expected an int >= 1, got 0"):
+        plot_training(history, window=0)
+
+
+# -- plot_kl_per_t -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_type", [torch.tensor, list], ids=["tensor", "list"])
+def test_kl_per_t_draws_one_bar_per_time_index_at_its_height(as_type):
+    kl = [0.5, 2.0, 1.25, 0.0]
+    fig = plot_kl_per_t(as_type(kl))
+    (ax,) = fig.axes
+    bars = ax.patches
+    assert [b.get_height() for b in bars] == kl
+    assert [b.get_x() + b.get_width() / 2 for b in bars] == pytest.approx([0, 1, 2, 3])
+    assert ax.get_xlabel() == "t"
+    assert ax.get_ylabel() == "KL(q ‖ p) nats"
+
+
+def test_kl_per_t_rejects_a_matrix():
+    with pytest.raises(ValueError, match=r"kl_per_t: expected shape \(T,\) with T >= 1, got \(2, 3\)"):
+        plot_kl_per_t(torch.zeros(2, 3))
+
+
+# -- plot_imagination ----------------------------------------------------------------
+
+
+@pytest.fixture
+def imagined():
+    """S samples x ~ Normal(loc, scale) with a known loc and scale per episode, step and dim."""
+    loc = torch.arange(B * H * X, dtype=torch.float32).reshape(B, H, X)  # (B, H, X)
+    scale = 0.5 + 0.1 * torch.arange(X, dtype=torch.float32)  # (X,)
+    obs = torch.distributions.Normal(loc, scale).sample((S,))  # (S, B, H, X)
+    imagination = Imagination(
+        latents=torch.zeros(S, B, H, 2),
+        actions=torch.zeros(S, B, H, 1),
+        obs_mean=loc.expand(S, B, H, X),
+        obs=obs,
+        context_obs=-torch.arange(B * C * X, dtype=torch.float32).reshape(B, C, X),
+    )
+    future = loc + 0.25  # (B, H, X)
+    return imagination, future, loc, scale
+
+
+def test_imagination_band_covers_the_sample_quantiles_which_match_the_normal(imagined):
+    imagination, future, loc, scale = imagined
+    episode = 1
+    fig = plot_imagination(imagination, future, episode=episode, band=0.9)
+    assert len(fig.axes) == X
+    samples = imagination.obs[:, episode].double()  # (S, H, X)
+    t = np.arange(C, C + H)
+    for i, ax in enumerate(fig.axes):
+        (band,) = by_gid(ax, "band")
+        verts = np.concatenate([p.vertices for p in band.get_paths()])
+        lo = torch.quantile(samples[..., i], 0.05, dim=0).numpy()
+        hi = torch.quantile(samples[..., i], 0.95, dim=0).numpy()
+        for k, t_k in enumerate(t):
+            at_t = verts[np.isclose(verts[:, 0], t_k), 1]
+            assert at_t.min() == pytest.approx(lo[k])
+            assert at_t.max() == pytest.approx(hi[k])
+        # ... and the samples' quantiles are those of Normal(loc, scale), within sampling error
+        known = loc[episode, :, i].numpy()
+        np.testing.assert_allclose(lo, known - Z_95 * scale[i].item(), atol=0.15 * scale[i].item())
+        np.testing.assert_allclose(hi, known + Z_95 * scale[i].item(), atol=0.15 * scale[i].item())
+        (median,) = by_gid(ax, "median")
+        np.testing.assert_array_equal(median.get_xdata(), t)
+        np.testing.assert_allclose(median.get_ydata(), torch.quantile(samples[..., i], 0.5, dim=0).numpy())
+
+
+def test_imagination_draws_context_paths_truth_and_the_context_end(imagined):
+    imagination, future, _, _ = imagined
+    fig = plot_imagination(imagination, future[0], episode=0, max_paths=3, dim_names=["a", "b", "c"])
+    for i, ax in enumerate(fig.axes):
+        (context,) = by_gid(ax, "context")
+        np.testing.assert_array_equal(context.get_xdata(), np.arange(C))
+        np.testing.assert_array_equal(context.get_ydata(), imagination.context_obs[0, :, i].numpy())
+        paths = by_gid(ax, "sample")
+        assert len(paths) == 3
+        for s, line in enumerate(paths):
+            np.testing.assert_allclose(line.get_ydata(), imagination.obs[s, 0, :, i].numpy())
+        (truth,) = by_gid(ax, "future")
+        assert truth.get_linestyle() == "--"
+        np.testing.assert_allclose(truth.get_ydata(), future[0, :, i].numpy())
+        (end,) = by_gid(ax, "context_end")
+        assert list(end.get_xdata()) == [C - 0.5, C - 0.5]
+        assert ax.get_ylabel() == "abc"[i]
+    assert fig.axes[-1].get_xlabel() == "t"
+
+
+def test_imagination_without_truth_and_fewer_samples_than_paths(imagined):
+    imagination, _, _, _ = imagined
+    few = Imagination(**{**vars(imagination), "obs": imagination.obs[:2]})
+    fig = plot_imagination(few, max_paths=5)
+    for ax in fig.axes:
+        assert len(by_gid(ax, "sample")) == 2
+        assert by_gid(ax, "future") == []
+
+
+def test_imagination_with_five_dims_keeps_five_axes_in_a_grid():
+    X5 = 5
+    imagination = Imagination(
+        latents=torch.zeros(10, 1, H, 2),
+        actions=torch.zeros(10, 1, H),
+        obs_mean=torch.zeros(10, 1, H, X5),
+        obs=torch.randn(10, 1, H, X5),
+        context_obs=torch.zeros(1, C, X5),
+    )
+    fig = plot_imagination(imagination)
+    assert len(fig.axes) == X5
+    assert [ax.get_ylabel() for ax in fig.axes] == [f"x[{i}]" for i in range(X5)]
+    # one axes per column at the bottom of its column carries the "t" label
+    assert sum(ax.get_xlabel() == "t" for ax in fig.axes) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"episode": 2}, r"episode: expected an int in \[0, 2\), got 2"),
+        ({"episode": -1}, r"episode: expected an int in \[0, 2\), got -1"),
+        ({"band": 0.0}, r"band: expected a probability in \(0, 1\), got 0.0"),
+        ({"band": 1.5}, r"band: expected a probability in \(0, 1\), got 1.5"),
+        ({"dim_names": ["a", "b"]}, r"dim_names: expected 3 names, .* got 2"),
+        ({"max_paths": -1}, r"max_paths: expected an int >= 0, got -1"),
+        (
+            {"future_obs": torch.zeros(H, X + 1)},
+            r"future_obs: expected shape .*\(H, X\) = \(6, 3\), got \(6, 4\)",
+        ),
+        (
+            {"future_obs": torch.zeros(B + 1, H, X)},
+            r"future_obs: expected shape \(B, H, X\) = \(2, 6, 3\).* got \(3, 6, 3\)",
+        ),
+    ],
+)
+def test_imagination_rejects_bad_arguments_by_name(imagined, kwargs, message):
+    imagination, _, _, _ = imagined
+    with pytest.raises(ValueError, match=message):
+        plot_imagination(imagination, **kwargs)
+
+
+# -- plot_open_loop ------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_loop():
+    return OpenLoop(
+        context=10,
+        horizon=4,
+        mse={"model": [0.01, 0.02, 0.05, 0.1], "last value": [0.02, 0.08, 0.3, 0.9]},
+        log_lik={"model": [2.0, 1.5, 1.0, 0.2], "last value": [1.0, -0.5, -2.0, -4.0]},
+        num_windows=37,
+    )
+
+
+def test_open_loop_plots_each_predictors_numbers_against_horizon(open_loop):
+    fig = plot_open_loop(open_loop)
+    ax_mse, ax_ll = fig.axes
+    assert ax_mse.get_yscale() == "log"
+    for ax, numbers in ((ax_mse, open_loop.mse), (ax_ll, open_loop.log_lik)):
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == ["model", "last value"]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["model", "last value"]
+        for line, name in zip(lines, numbers):
+            np.testing.assert_array_equal(line.get_xdata(), [1, 2, 3, 4])
+            np.testing.assert_array_equal(line.get_ydata(), numbers[name])
+            assert line.get_marker() == "o"
+    # the same predictor has the same colour in both panels
+    assert [line.get_color() for line in ax_mse.get_lines()] == [
+        line.get_color() for line in ax_ll.get_lines()
+    ]
+    title = fig.get_suptitle()
+    assert "10 context steps" in title and "37 windows" in title
+
+
+def test_open_loop_rejects_a_list_of_the_wrong_length(open_loop):
+    open_loop.log_lik["model"] = [1.0, 2.0]
+    with pytest.raises(
+        ValueError, match=r"open_loop: expected log_lik\['model'\] to hold horizon = 4 values, got 2"
+    ):
+        plot_open_loop(open_loop)
+
+
+# -- saving --------------------------------------------------------------------------
+
+
+def test_saving_creates_missing_directories(open_loop, tmp_path):
+    path = tmp_path / "new" / "deeper" / "open_loop.png"
+    fig = plot_open_loop(open_loop, path=path)
+    assert_png_of(fig, path)
+
+
+def test_saving_replaces_an_existing_file_and_leaves_no_temporary_files(imagined, tmp_path):
+    imagination, future, _, _ = imagined
+    path = tmp_path / "imagination.png"
+    path.write_bytes(b"old")
+    fig = plot_imagination(imagination, future, path=str(path))
+    assert_png_of(fig, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["imagination.png"]
+
+
+def test_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "kl.png"
+    path.write_bytes(b"old")
+
+    def half_written(self, f, **kwargs):
+        f.write(PNG_MAGIC)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        plot_kl_per_t([1.0, 2.0], path=path)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["kl.png"]
+
+
+def test_figures_are_not_registered_with_pyplot(history):
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    plot_training(history)
+    assert plt.get_fignums() == before
