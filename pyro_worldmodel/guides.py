@@ -55,6 +55,16 @@ class FilterGuide(ChecksInputs, nn.Module):
         """A filter whose sizes match ``model``'s."""
         return cls(model.obs_dim, model.action_space, model.latent_dim, **kwargs)
 
+    def init_reading(self, obs_map: torch.Tensor, scale: torch.Tensor) -> None:
+        """Start as q(z_t | ·) = N(obs_map x_t, diag scale²): the latent read off the observation.
+
+        :param obs_map: ``(Z, X)``; :param scale: ``(Z,)``.
+        """
+        Z, R = self.latent_dim, self.rnn.hidden_size
+        weight = torch.zeros(Z, Z + R + self.obs_dim + self.action_space.feature_dim)
+        weight[:, Z + R : Z + R + self.obs_dim] = obs_map
+        self.combiner.init_linear(weight, torch.zeros(Z), scale)
+
     def forward(self, obs, actions, mask=None, **_):
         """The Pyro guide; takes the model's arguments. :returns: ``(B, T, Z)``.
 

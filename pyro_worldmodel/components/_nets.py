@@ -43,3 +43,21 @@ def check_hidden(hidden: Sequence[int]) -> tuple[int, ...]:
     if not all(isinstance(h, int) and h > 0 for h in hidden):
         raise ValueError(f"hidden: expected a sequence of positive ints, got {hidden!r}")
     return hidden
+
+
+def softplus_inverse(y: torch.Tensor) -> torch.Tensor:
+    """The x with softplus(x) = y, for y > 0."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+def set_linear_gaussian(linear: nn.Linear, head: nn.Linear, weight, bias, scale, min_scale: float) -> None:
+    """Make ``linear(u)`` equal ``weight @ u + bias`` and zero the MLP's last layer ``head``,
+    whose second half then gives the scale: ``positive(head.bias[Z:], min_scale) = scale``."""
+    Z = linear.out_features
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+        head.weight.zero_()
+        head.bias.zero_()
+        if head.out_features == 2 * Z:
+            head.bias[Z:] = softplus_inverse((torch.as_tensor(scale) - min_scale).clamp(min=1e-12))

@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._nets import check_dim, check_hidden, mlp
+from ._nets import check_dim, check_hidden, mlp, set_linear_gaussian
 
 
 class GaussianMLPEmission(nn.Module):
@@ -43,6 +43,15 @@ class GaussianMLPEmission(nn.Module):
         """:param z: ``(..., Z)``. :returns: a Normal with event shape ``(X,)``."""
         loc = self.linear(z) + self.net(z)  # (..., X)
         return dist.Normal(loc, self.log_scale.exp().expand(loc.shape)).to_event(1)
+
+    def init_linear(self, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> None:
+        """Start as N(weight z + bias, diag scale²), the MLP at zero (a learned scale only).
+
+        :param weight: ``(X, Z)``; :param bias: ``(X,)``; :param scale: ``(X,)``.
+        """
+        set_linear_gaussian(self.linear, self.net[-1], weight, bias, None, 0.0)
+        with torch.no_grad():
+            self.log_scale.copy_(torch.as_tensor(scale).log())
 
 
 class LinearGaussianEmission(nn.Module):

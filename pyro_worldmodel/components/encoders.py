@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._nets import cat_batched, check_dim, check_hidden, mlp, positive
+from ._nets import cat_batched, check_dim, check_hidden, mlp, positive, set_linear_gaussian
 
 
 class Combiner(nn.Module):
@@ -39,3 +39,10 @@ class Combiner(nn.Module):
         u = cat_batched(z_prev, h_t)
         delta, raw_scale = self.net(u).chunk(2, dim=-1)  # (..., Z) each
         return dist.Normal(self.linear(u) + delta, positive(raw_scale, self.min_scale)).to_event(1)
+
+    def init_linear(self, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> None:
+        """Start as N(weight [z_{t-1}, h_t] + bias, diag scale²), the MLP at zero.
+
+        :param weight: ``(Z, Z + H)``; :param bias: ``(Z,)``; :param scale: ``(Z,)``.
+        """
+        set_linear_gaussian(self.linear, self.net[-1], weight, bias, scale, self.min_scale)

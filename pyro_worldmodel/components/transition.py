@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._nets import cat_batched, check_dim, check_hidden, mlp, positive
+from ._nets import cat_batched, check_dim, check_hidden, mlp, positive, set_linear_gaussian
 
 
 class GaussianMLPTransition(nn.Module):
@@ -44,6 +44,14 @@ class GaussianMLPTransition(nn.Module):
         delta, raw_scale = self.net(u).chunk(2, dim=-1)  # (..., Z) each
         loc = z_prev + self.linear(u) + delta
         return dist.Normal(loc, positive(raw_scale, self.min_scale)).to_event(1)
+
+    def init_linear(self, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> None:
+        """Start as the linear-Gaussian N(weight [z, a] + bias, diag scale²), the MLP at zero.
+
+        :param weight: ``(Z, Z + A)``; :param bias: ``(Z,)``; :param scale: ``(Z,)``.
+        """
+        eye = torch.eye(self.latent_dim, self.latent_dim + self.action_dim)  # the residual z
+        set_linear_gaussian(self.linear, self.net[-1], weight - eye, bias, scale, self.min_scale)
 
 
 class LinearGaussianTransition(nn.Module):
