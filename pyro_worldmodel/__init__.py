@@ -1,8 +1,9 @@
 """Latent world models as probabilistic programs in Pyro."""
 
 from .anchors import LinearGaussianSSM
-from .evaluate import ELBOTerms, elbo_terms, iwae_log_likelihood
+from .evaluate import ELBOTerms, OpenLoop, elbo_terms, heldout_bounds, iwae_log_likelihood, open_loop
 from .guides import FilterGuide
+from .imagine import Imagination, imagine
 from .inference import History, default_elbo, fit, load_checkpoint, save_checkpoint
 from .model import WorldModel
 from .spaces import ActionSpace
@@ -12,13 +13,18 @@ __all__ = [
     "ELBOTerms",
     "FilterGuide",
     "History",
+    "Imagination",
     "LinearGaussianSSM",
+    "OpenLoop",
     "WorldModel",
     "default_elbo",
     "elbo_terms",
     "fit",
+    "heldout_bounds",
+    "imagine",
     "iwae_log_likelihood",
     "load_checkpoint",
+    "open_loop",
     "save_checkpoint",
 ]
 __version__ = "0.1.0"

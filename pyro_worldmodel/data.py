@@ -206,10 +206,22 @@ class Episodes:
     @classmethod
     def load(cls, path) -> Episodes:
         """Read a file written by :meth:`save`; never unpickles objects."""
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
+        try:
+            # An open file, not a path: numpy leaves a path's file open when the zip is bad.
+            with open(path, "rb") as file, np.load(file, allow_pickle=False) as f:
+                data = {k: f[k] for k in f.files}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError, OSError, ...
+            raise ValueError(
+                f"path: expected a readable {EPISODES_FORMAT} .npz file, but {path} is truncated or"
+                f" corrupted ({type(e).__name__}: {e})"
+            ) from e
         if str(data.get("format", "")) != EPISODES_FORMAT:
             raise ValueError(f"path: expected a {EPISODES_FORMAT} file, got {path}")
+        missing = [k for k in (*_PER_EPISODE, "env_id", "action_kind", "action_dim") if k not in data]
+        if missing:
+            raise ValueError(f"path: {path} is an incomplete {EPISODES_FORMAT} file; it lacks {missing}")
         space = ActionSpace(
             str(data["action_kind"]),
             int(data["action_dim"]),
@@ -265,7 +277,11 @@ def collect(
     try:
         spec = gym.spec(env_id)
     except gym.error.Error as e:
-        raise ValueError(f"env_id: expected a registered gymnasium id, got {env_id!r} ({e})") from None
+        raise ValueError(
+            f"env_id: expected a registered gymnasium id, got {env_id!r} ({e}). Supported: any id whose"
+            " observation space is a rank-1 Box and whose action space is a rank-1 Box or a Discrete,"
+            " e.g. Pendulum-v1, CartPole-v1, MountainCarContinuous-v0, Acrobot-v1"
+        ) from None
     make_kwargs = dict(env_kwargs)
     if max_episode_steps is not None:
         make_kwargs["max_episode_steps"] = max_episode_steps
@@ -279,8 +295,17 @@ def collect(
     try:
         obs_space = envs.single_observation_space
         if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-            raise ValueError(f"env_id: expected a rank-1 Box observation space, got {obs_space} for {env_id}")
-        space = ActionSpace.from_gym(envs.single_action_space)
+            raise ValueError(
+                f"env_id: expected a rank-1 Box observation space, got {obs_space} for {env_id}."
+                " Supported: rank-1 Box observations with rank-1 Box or Discrete actions"
+            )
+        try:
+            space = ActionSpace.from_gym(envs.single_action_space)
+        except ValueError as e:
+            raise ValueError(
+                f"env_id: {env_id} has an unsupported action space ({e}). Supported: rank-1 Box"
+                " observations with rank-1 Box or Discrete actions"
+            ) from None
         envs.action_space.seed(seed)
         obs, _ = envs.reset(seed=seed)
         running = [_Episode(o) for o in obs]

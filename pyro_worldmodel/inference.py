@@ -65,6 +65,7 @@ def fit(
     checkpoint_every: int = 100,
     resume: bool = False,
     progress: bool = True,
+    extra: dict | None = None,
 ) -> History:
     """Train ``model`` and ``guide`` by SVI on minibatches of episodes.
 
@@ -87,6 +88,8 @@ def fit(
         at the end, atomically, so a crash leaves the last good one.
     :param resume: continue from ``checkpoint`` if that file exists.
     :param progress: show a progress bar.
+    :param extra: further entries for every checkpoint, as in
+        :func:`save_checkpoint`, e.g. what is needed to rebuild the model.
     :returns: the :class:`History` of the run (of all runs, when resumed).
     """
     _check_int("num_steps", num_steps, 1)
@@ -127,11 +130,11 @@ def fit(
     history = History()
     start = 0
     if resume and Path(checkpoint).exists():
-        extra = load_checkpoint(checkpoint, model, guide, optim)
-        history = History(**extra["history"])
+        saved = load_checkpoint(checkpoint, model, guide, optim)
+        history = History(**saved["history"])
         start = len(history.loss)
-        order_seed = extra["order_seed"]
-        _set_rng_state(extra["rng"])
+        order_seed = saved["order_seed"]
+        _set_rng_state(saved["rng"])
 
     frozen = {"all": None, "guide": model, "model": guide}[train]
     model_fn = model.model
@@ -152,6 +155,7 @@ def fit(
             history=asdict(history),
             order_seed=order_seed,
             rng=_get_rng_state(),
+            **(extra or {}),
         )
 
     bar = tqdm(range(start, num_steps), desc="SVI", disable=not progress, initial=start, total=num_steps)

@@ -22,3 +22,13 @@ def test_readme_api_example_runs(capsys):
     assert out.startswith("ELBO ")
     elbo, log_px, log_pa, kl = (float(v) for v in re.findall(r"-?\d+\.\d+", out.splitlines()[0]))
     assert kl > 0 and log_px < 0 and elbo < 0
+
+
+def test_readme_commands_parse():
+    """Every `pyro-worldmodel ...` line in the README names real subcommands and flags."""
+    from pyro_worldmodel.cli import build_parser
+
+    lines = re.findall(r"^    (?:.*&& )?pyro-worldmodel (.*?)(?:\s+#.*)?$", README, flags=re.M)
+    assert len(lines) >= 5
+    for line in lines:
+        build_parser().parse_args(line.split())  # exits 2 on an unknown flag

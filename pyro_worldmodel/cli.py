@@ -1,0 +1,548 @@
+"""The ``pyro-worldmodel`` command: collect, train, evaluate and imagine.
+
+Every subcommand works in a run directory::
+
+    runs/Pendulum-v1/
+      episodes.npz     the dataset, with the normalisation fitted on its training split
+      model.ckpt       model, guide, optimiser and what rebuilds them
+      metrics.json     held-out bounds and open-loop prediction against the baselines
+      figures/         training.png, kl_per_t.png, open_loop.png, imagination.png
+
+``pyro-worldmodel train`` with no arguments is the default job: collect
+Pendulum-v1 with random actions, train the default model, evaluate it and
+draw the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+
+from .baselines import CopyLast, LinearLeastSquares
+from .data import Episodes, Normalizer, collect
+from .evaluate import elbo_terms, heldout_bounds, open_loop
+from .guides import FilterGuide
+from .imagine import imagine
+from .inference import atomic_write, default_optim, fit, load_checkpoint
+from .model import WorldModel
+from .spaces import ActionSpace
+from .warm_start import linear_warm_start
+
+DEFAULT_ENV = "Pendulum-v1"
+RUN_FORMAT = "pyro_worldmodel.run/1"
+
+
+@dataclass
+class Architecture:
+    """What rebuilds a trained model and guide; stored in the checkpoint."""
+
+    obs_dim: int
+    action_space: dict
+    latent_dim: int = 8
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    rnn_dim: int = 64
+    env_id: str = ""
+
+    def build(self) -> tuple[WorldModel, FilterGuide]:
+        space = ActionSpace(**self.action_space)
+        model = WorldModel.default(self.obs_dim, space, self.latent_dim, tuple(self.hidden))
+        guide = FilterGuide.for_model(model, rnn_dim=self.rnn_dim)
+        return model, guide
+
+    def describe(self) -> str:
+        space = ActionSpace(**self.action_space)
+        return f"{self.env_id or 'unknown env'} (obs_dim {self.obs_dim}, actions {space})"
+
+
+def _space_dict(space: ActionSpace) -> dict:
+    return {
+        "kind": space.kind,
+        "dim": space.dim,
+        "low": None if space.low is None else list(space.low),
+        "high": None if space.high is None else list(space.high),
+    }
+
+
+# ---------------------------------------------------------------- run files
+
+
+def _normalizer_dict(n: Normalizer) -> dict:
+    return {k: v for k, v in asdict(n).items() if v is not None}
+
+
+def _load_run(run: Path, device: str):
+    """Model, guide, architecture, normalizer and split of a trained run."""
+    ckpt = run / "model.ckpt" if run.is_dir() else run
+    if not ckpt.exists():
+        raise FileNotFoundError(
+            f"run: expected a checkpoint at {ckpt}; train one with `pyro-worldmodel train`"
+        )
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"run: {ckpt} is not a readable checkpoint (truncated or corrupted: {e})") from e
+    info = state.get("extra", {}).get("run") if isinstance(state, dict) else None
+    if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
+        raise ValueError(f"run: {ckpt} was not written by `pyro-worldmodel train`")
+    arch = Architecture(**info["architecture"])
+    model, guide = arch.build()
+    model.to(device)
+    guide.to(device)
+    load_checkpoint(ckpt, model, guide)
+    normalizer = Normalizer(**info["normalizer"])
+    return model, guide, arch, normalizer, info
+
+
+def _check_compatible(arch: Architecture, episodes: Episodes, what: str):
+    got = Architecture(episodes.obs_dim, _space_dict(episodes.action_space), env_id=episodes.env_id)
+    differs = []
+    if arch.env_id and got.env_id and arch.env_id != got.env_id:
+        differs.append(f"environment {arch.env_id} vs {got.env_id}")
+    if arch.obs_dim != got.obs_dim:
+        differs.append(f"obs_dim {arch.obs_dim} vs {got.obs_dim}")
+    if ActionSpace(**arch.action_space) != ActionSpace(**got.action_space):
+        differs.append(f"actions {ActionSpace(**arch.action_space)} vs {ActionSpace(**got.action_space)}")
+    if differs:
+        raise ValueError(
+            f"data: the checkpoint was made for {arch.describe()}, but {what} is {got.describe()};"
+            f" they differ in {', '.join(differs)}"
+        )
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def _splits(episodes: Episodes, info: dict) -> tuple[Episodes, Episodes]:
+    return episodes.split(info["val_fraction"], seed=info["seed"])
+
+
+# ---------------------------------------------------------------- subcommands
+
+
+def cmd_collect(args) -> Path:
+    episodes = collect(
+        args.env,
+        args.episodes,
+        seed=args.seed,
+        num_envs=args.num_envs,
+        max_episode_steps=args.max_episode_steps,
+    )
+    out = episodes.save(args.out / "episodes.npz")
+    print(f"collected {len(episodes)} episodes ({int(episodes.lengths.sum())} steps) of {episodes.env_id}")
+    print(f"dataset: {out}")
+    return out
+
+
+def cmd_train(args) -> dict:
+    _set_seed(args.seed)
+    out = args.out
+    if args.data is not None:
+        episodes = Episodes.load(args.data)
+    else:
+        episodes = collect(args.env, args.episodes, seed=args.seed, num_envs=args.num_envs)
+    train, _ = episodes.split(args.val_fraction, seed=args.seed)
+    normalizer = train.fit_normalizer().normalizer
+    episodes = replace(episodes, normalizer=normalizer)
+    episodes.save(out / "episodes.npz")
+    train = replace(train, normalizer=normalizer)
+
+    obs, actions, mask = _training_windows(train, args.window, args.steps * args.batch_size, args.seed)
+    arch = Architecture(
+        train.obs_dim,
+        _space_dict(train.action_space),
+        latent_dim=args.latent_dim,
+        hidden=list(args.hidden),
+        rnn_dim=args.rnn_dim,
+        env_id=episodes.env_id,
+    )
+    _set_seed(args.seed)
+    model, guide = arch.build()
+    if args.init == "linear":
+        linear_warm_start(model, guide, obs, actions, mask)
+    info = {
+        "format": RUN_FORMAT,
+        "architecture": asdict(arch),
+        "normalizer": _normalizer_dict(normalizer),
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "context": args.context,
+        "horizon": args.horizon,
+    }
+    optim = default_optim(args.lr, lrd=args.lr_decay ** (1.0 / args.steps))
+    start = time.perf_counter()
+    with pyro.validation_enabled(False):  # inputs are checked once, up front, by fit
+        history = fit(
+            model,
+            guide,
+            obs,
+            actions,
+            mask,
+            num_steps=args.steps,
+            batch_size=args.batch_size,
+            optim=optim,
+            terms_every=max(args.steps // 50, 1),
+            device=args.device,
+            seed=args.seed,
+            checkpoint=out / "model.ckpt",
+            checkpoint_every=max(args.steps // 10, 1),
+            resume=args.resume,
+            extra={"run": info},
+        )
+    seconds = time.perf_counter() - start
+    from .plots import plot_training
+
+    plot_training(history, out / "figures" / "training.png")
+    print(f"trained {len(history.loss)} steps in {seconds:.0f} s; checkpoint: {out / 'model.ckpt'}")
+    if args.no_evaluate:
+        return {}
+    eval_args = argparse.Namespace(
+        run=out,
+        data=None,
+        context=args.context,
+        horizon=args.horizon,
+        num_samples=args.num_samples,
+        iwae_particles=args.iwae_particles,
+        seed=args.seed,
+        device=args.device,
+        max_windows=args.max_windows,
+        episode=None,
+    )
+    metrics = cmd_evaluate(eval_args)
+    return metrics
+
+
+def _training_windows(train: Episodes, window: int, draws: int, seed: int):
+    """Fixed-length windows in model units, enough that each step is drawn about once per epoch."""
+    obs, actions, mask = train.normalized()
+    units = replace(train, obs=obs, actions=actions)
+    if window <= 0 or window >= int(train.lengths.max()):
+        return obs, actions, mask
+    num = max(int(train.lengths.sum()) // window, 1) * 4
+    return units.windows(window, min(num, draws), generator=torch.Generator().manual_seed(seed))
+
+
+def cmd_evaluate(args) -> dict:
+    from .plots import plot_imagination, plot_kl_per_t, plot_open_loop
+
+    run = Path(args.run)
+    model, guide, arch, normalizer, info = _load_run(run, args.device)
+    episodes = Episodes.load(run / "episodes.npz")
+    train, val = _splits(episodes, info)
+    if args.data is not None:
+        val = Episodes.load(args.data)
+        _check_compatible(arch, val, f"data {args.data}")
+    val = replace(val, normalizer=normalizer)
+    train = replace(train, normalizer=normalizer)
+    if args.episode is None:  # draw the longest held-out episode
+        args.episode = int(val.lengths.argmax())
+    L = int(val.lengths[args.episode]) if 0 <= args.episode < len(val) else 0
+    if L <= args.context:
+        raise ValueError(
+            f"episode: expected a held-out episode longer than context={args.context} to draw,"
+            f" got episode {args.episode} of {L} steps among {len(val)}"
+        )
+    _set_seed(args.seed)
+    figures = run / "figures"
+    obs, actions, mask = val.normalized()
+    bounds = heldout_bounds(model, guide, obs, actions, mask, iwae_particles=args.iwae_particles)
+    kl_per_t = elbo_terms(model, guide, obs, actions, mask, num_particles=8).kl_per_t
+
+    t_obs, t_actions, t_mask = train.normalized()
+    baselines = {
+        "copy_last": CopyLast(train.action_space).fit(t_obs, t_actions, t_mask, horizon=args.horizon),
+        "linear": LinearLeastSquares(train.action_space).fit(t_obs, t_actions, t_mask, horizon=args.horizon),
+    }
+    ol = open_loop(
+        model,
+        guide,
+        val.obs,
+        val.actions,
+        val.mask,
+        context=args.context,
+        horizon=args.horizon,
+        num_samples=args.num_samples,
+        normalizer=normalizer,
+        baselines=baselines,
+        max_windows=args.max_windows,
+        seed=args.seed,
+    )
+    drawn = min(args.horizon, L - args.context)
+    im, future = _imagine_episode(model, guide, val, normalizer, args.episode, 0, args.context, drawn, 100)
+    # Everything is computed; only now are files written.
+    plot_kl_per_t(kl_per_t, figures / "kl_per_t.png")
+    plot_open_loop(ol, figures / "open_loop.png")
+    plot_imagination(im, future, path=figures / "imagination.png")
+
+    metrics = {
+        "env_id": arch.env_id,
+        "num_episodes": len(val),
+        "heldout": bounds,
+        "kl_per_t": kl_per_t.tolist(),
+        "open_loop": asdict(ol),
+    }
+    _write_json(run / "metrics.json", metrics)
+    print(
+        f"held-out, nats per timestep: ELBO {bounds['elbo']:.3f}  IWAE-{args.iwae_particles} {bounds['iwae']:.3f}"
+    )
+    print(f"  log p(x|z) {bounds['log_px']:.3f}  log π(a|z) {bounds['log_pa']:.3f}  KL {bounds['kl']:.3f}")
+    print(f"open loop after {args.context} context steps, {ol.num_windows} windows (MSE in real units):")
+    print(ol.table())
+    print(f"metrics: {run / 'metrics.json'}\nfigures: {figures}/")
+    return metrics
+
+
+def _imagine_episode(
+    model, guide, episodes, normalizer, episode, start, context, horizon, num_samples, policy=False
+):
+    n = len(episodes)
+    if not 0 <= episode < n:
+        raise ValueError(f"episode: expected an index in [0, {n}), got {episode}")
+    L = int(episodes.lengths[episode])
+    if not 0 <= start or start + context > L:
+        raise ValueError(
+            f"start: expected the context [start, start + {context}) inside episode {episode} of"
+            f" {L} steps, got start={start}"
+        )
+    ctx = slice(start, start + context)
+    recorded = L - start - context  # steps of the episode after the context
+    fut = slice(start + context, start + context + min(horizon, recorded))
+    obs = episodes.obs[episode : episode + 1]
+    actions = episodes.actions[episode : episode + 1]
+    future_actions = None
+    if not policy:
+        future_actions = actions[:, fut]
+        if recorded < horizon:
+            raise ValueError(
+                f"horizon: episode {episode} has {recorded} recorded actions after the"
+                f" context, fewer than horizon={horizon}; use --policy model to act from π"
+            )
+    im = imagine(
+        model,
+        guide,
+        obs[:, ctx],
+        actions[:, ctx],
+        horizon,
+        future_actions=future_actions,
+        num_samples=num_samples,
+        normalizer=normalizer,
+    )
+    future_obs = obs[:, fut]
+    return im, future_obs if future_obs.shape[1] == horizon else None
+
+
+def cmd_imagine(args) -> Path:
+    from .plots import plot_imagination
+
+    run = Path(args.run)
+    model, guide, arch, normalizer, info = _load_run(run, args.device)
+    if args.data is not None:
+        episodes = Episodes.load(args.data)
+        _check_compatible(arch, episodes, f"data {args.data}")
+    else:
+        _, episodes = _splits(Episodes.load(run / "episodes.npz"), info)
+    _set_seed(args.seed)
+    im, future = _imagine_episode(
+        model,
+        guide,
+        episodes,
+        normalizer,
+        args.episode,
+        args.start,
+        args.context,
+        args.horizon,
+        args.num_samples,
+        policy=args.policy == "model",
+    )
+    path = run / "imagination.npz"
+    arrays = {
+        k: getattr(im, k).cpu().numpy() for k in ("latents", "actions", "obs_mean", "obs", "context_obs")
+    }
+    if future is not None:
+        arrays["future_obs"] = future.numpy()
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    fig_path = run / "figures" / "imagination.png"
+    plot_imagination(im, future, path=fig_path)
+    print(
+        f"imagined {args.num_samples} futures of {args.horizon} steps after {args.context} steps of episode {args.episode}"
+    )
+    print(f"samples: {path}\nfigure: {fig_path}")
+    return path
+
+
+def _set_seed(seed: int) -> None:
+    pyro.set_rng_seed(seed)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _device(value: str) -> str:
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"expected a device this machine has, got {value!r} (no CUDA here)")
+    try:
+        torch.device(value)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda, got {value!r}") from e
+    return value
+
+
+def _arg_type(convert, ok, expected: str):
+    """An argparse ``type`` that converts, then checks, and says what it expected."""
+
+    def parse(value: str):
+        try:
+            x = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return x
+
+    parse.__name__ = expected
+    return parse
+
+
+positive_int = _arg_type(int, lambda n: n >= 1, "a positive int")
+fraction = _arg_type(float, lambda x: 0.0 < x < 1.0, "a number in (0, 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyro-worldmodel",
+        description="Latent world models as Pyro programs: collect data, train, evaluate, imagine.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{collect,train,evaluate,imagine}")
+
+    def common(p, out=True):
+        p.add_argument(
+            "--seed", type=int, default=0, help="seeds everything; the same seed gives the same metrics"
+        )
+        p.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
+        if out:
+            p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<env id>)")
+
+    p = sub.add_parser("collect", help="collect episodes from a gymnasium environment")
+    p.add_argument("--env", default=DEFAULT_ENV, help=f"gymnasium id (default: {DEFAULT_ENV})")
+    p.add_argument("--episodes", type=positive_int, default=50, help="episodes to collect (default: 50)")
+    p.add_argument("--num-envs", type=positive_int, default=8, help="vector environments (default: 8)")
+    p.add_argument("--max-episode-steps", type=positive_int, default=None, help="override the time limit")
+    common(p)
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser(
+        "train",
+        help="train a world model (with no arguments: the default job on Pendulum-v1)",
+        description="Collect (or load) data, train the default model, then evaluate it and draw figures.",
+    )
+    p.add_argument(
+        "--env", default=DEFAULT_ENV, help=f"gymnasium id to collect from (default: {DEFAULT_ENV})"
+    )
+    p.add_argument(
+        "--data", type=Path, default=None, help="an episodes .npz to train on instead of collecting"
+    )
+    p.add_argument("--episodes", type=positive_int, default=60, help="episodes to collect (default: 60)")
+    p.add_argument("--num-envs", type=positive_int, default=8, help="vector environments (default: 8)")
+    p.add_argument("--val-fraction", type=fraction, default=0.2, help="episodes held out (default: 0.2)")
+    p.add_argument("--steps", type=positive_int, default=1500, help="SVI steps (default: 1500)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per step (default: 32)")
+    p.add_argument("--window", type=int, default=30, help="training window length; 0 for whole episodes")
+    p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default: 1e-3)")
+    p.add_argument(
+        "--lr-decay", type=float, default=0.01, help="final lr as a fraction of --lr (default: 0.01)"
+    )
+    p.add_argument("--latent-dim", type=positive_int, default=8, help="size of z_t (default: 8)")
+    p.add_argument(
+        "--hidden", type=positive_int, nargs="+", default=[64, 64], help="MLP widths (default: 64 64)"
+    )
+    p.add_argument("--rnn-dim", type=positive_int, default=64, help="guide GRU size (default: 64)")
+    p.add_argument(
+        "--init",
+        choices=["linear", "random"],
+        default="linear",
+        help="start at the least-squares linear system of the data (see warm_start.py), or at random",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--no-evaluate", action="store_true", help="skip evaluation and its figures")
+    _eval_options(p)
+    common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="held-out bounds and open-loop prediction against baselines")
+    p.add_argument("--run", type=Path, default=None, help="run directory (default: runs/<env id>)")
+    p.add_argument("--env", default=DEFAULT_ENV, help="names the default run directory")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="episodes .npz to evaluate on (default: the run's held-out split)",
+    )
+    p.add_argument(
+        "--episode", type=int, default=None, help="episode drawn in imagination.png (default: the longest)"
+    )
+    _eval_options(p)
+    common(p, out=False)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("imagine", help="dream futures after a context and plot them against reality")
+    p.add_argument("--run", type=Path, default=None, help="run directory (default: runs/<env id>)")
+    p.add_argument("--env", default=DEFAULT_ENV, help="names the default run directory")
+    p.add_argument(
+        "--data", type=Path, default=None, help="episodes .npz (default: the run's held-out split)"
+    )
+    p.add_argument("--episode", type=int, default=0, help="which episode (default: 0)")
+    p.add_argument("--start", type=int, default=0, help="first context step (default: 0)")
+    p.add_argument("--context", type=positive_int, default=5, help="context steps (default: 5)")
+    p.add_argument("--horizon", type=positive_int, default=30, help="steps to imagine (default: 30)")
+    p.add_argument("--num-samples", type=positive_int, default=100, help="futures to draw (default: 100)")
+    p.add_argument(
+        "--policy",
+        choices=["data", "model"],
+        default="data",
+        help="future actions: the recorded ones, or sampled from the learned π (default: data)",
+    )
+    common(p, out=False)
+    p.set_defaults(func=cmd_imagine)
+    return parser
+
+
+def _eval_options(p):
+    p.add_argument(
+        "--context", type=positive_int, default=5, help="context steps before prediction (default: 5)"
+    )
+    p.add_argument("--horizon", type=positive_int, default=15, help="open-loop horizon (default: 15)")
+    p.add_argument(
+        "--num-samples", type=positive_int, default=100, help="imagined futures per window (default: 100)"
+    )
+    p.add_argument(
+        "--iwae-particles", type=positive_int, default=100, help="K of the IWAE estimate (default: 100)"
+    )
+    p.add_argument("--max-windows", type=positive_int, default=1000, help="open-loop windows (default: 1000)")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "out", "unset") is None:
+        args.out = Path("runs") / args.env
+    if getattr(args, "run", "unset") is None:
+        args.run = Path("runs") / args.env
+    torch.set_num_threads(1)  # faster at these sizes, and no spinning threads fighting (PYRO_NOTES §6)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pyro-worldmodel {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
