@@ -85,13 +85,7 @@ def _load_run(run: Path, device: str):
         raise FileNotFoundError(
             f"run: expected a checkpoint at {ckpt}; train one with `pyro-worldmodel train`"
         )
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"run: {ckpt} is not a readable checkpoint (truncated or corrupted: {e})") from e
-    info = state.get("extra", {}).get("run") if isinstance(state, dict) else None
-    if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
-        raise ValueError(f"run: {ckpt} was not written by `pyro-worldmodel train`")
+    info = _read_run_info(ckpt)
     arch = Architecture(**info["architecture"])
     model, guide = arch.build()
     model.to(device)
@@ -99,6 +93,17 @@ def _load_run(run: Path, device: str):
     load_checkpoint(ckpt, model, guide)
     normalizer = Normalizer(**info["normalizer"])
     return model, guide, arch, normalizer, info
+
+
+def _read_run_info(ckpt: Path) -> dict:
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"run: {ckpt} is not a readable checkpoint (truncated or corrupted: {e})") from e
+    info = state.get("extra", {}).get("run") if isinstance(state, dict) else None
+    if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
+        raise ValueError(f"run: {ckpt} was not written by `pyro-worldmodel train`")
+    return info
 
 
 def _check_compatible(arch: Architecture, episodes: Episodes, what: str):
@@ -118,7 +123,19 @@ def _check_compatible(arch: Architecture, episodes: Episodes, what: str):
 
 
 def _write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    """Strict JSON: a NaN (a horizon no window reached) is written as null."""
+
+    def strict(x):
+        if isinstance(x, float) and x != x:
+            return None
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return x
+
+    text = json.dumps(strict(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _splits(episodes: Episodes, info: dict) -> tuple[Episodes, Episodes]:
@@ -144,18 +161,14 @@ def cmd_collect(args) -> Path:
 
 def cmd_train(args) -> dict:
     _set_seed(args.seed)
-    out = args.out
     if args.data is not None:
         episodes = Episodes.load(args.data)
     else:
         episodes = collect(args.env, args.episodes, seed=args.seed, num_envs=args.num_envs)
-    train, _ = episodes.split(args.val_fraction, seed=args.seed)
-    normalizer = train.fit_normalizer().normalizer
-    episodes = replace(episodes, normalizer=normalizer)
-    episodes.save(out / "episodes.npz")
-    train = replace(train, normalizer=normalizer)
-
-    obs, actions, mask = _training_windows(train, args.window, args.steps * args.batch_size, args.seed)
+    out = args.out
+    if out is None:  # named after the data's environment, not --env's default
+        out = args.out = Path("runs") / (episodes.env_id or Path(args.data).stem)
+    train, val = episodes.split(args.val_fraction, seed=args.seed)
     arch = Architecture(
         train.obs_dim,
         _space_dict(train.action_space),
@@ -164,6 +177,16 @@ def cmd_train(args) -> dict:
         rnn_dim=args.rnn_dim,
         env_id=episodes.env_id,
     )
+    # Everything that can fail is checked before anything is written.
+    if not args.no_evaluate:
+        _check_evaluable(train, val, args.context, args.horizon)
+    if args.resume:
+        _check_resumable(out / "model.ckpt", arch, args)
+    normalizer = train.fit_normalizer().normalizer
+    episodes = replace(episodes, normalizer=normalizer)
+    train = replace(train, normalizer=normalizer)
+    obs, actions, mask = _training_windows(train, args.window, args.steps * args.batch_size, args.seed)
+    episodes.save(out / "episodes.npz")
     _set_seed(args.seed)
     model, guide = arch.build()
     if args.init == "linear":
@@ -220,6 +243,33 @@ def cmd_train(args) -> dict:
     return metrics
 
 
+def _check_evaluable(train: Episodes, val: Episodes, context: int, horizon: int) -> None:
+    if int(val.lengths.max()) <= context:
+        raise ValueError(
+            f"context: expected a held-out episode longer than context={context} to evaluate on,"
+            f" got held-out episodes of at most {int(val.lengths.max())} steps"
+        )
+    if int(train.lengths.max()) <= horizon:
+        raise ValueError(
+            f"horizon: expected a training episode longer than horizon={horizon} to fit the"
+            f" baselines' errors, got training episodes of at most {int(train.lengths.max())} steps"
+        )
+
+
+def _check_resumable(ckpt: Path, arch: Architecture, args) -> None:
+    """--resume continues only the run that was started: same data, model, split and seed."""
+    if not ckpt.exists():
+        return
+    info = _read_run_info(ckpt)
+    asked = {"architecture": asdict(arch), "val_fraction": args.val_fraction, "seed": args.seed}
+    differs = [f"{key} {info[key]!r} vs {value!r}" for key, value in asked.items() if info.get(key) != value]
+    if differs:
+        raise ValueError(
+            f"resume: the checkpoint {ckpt} belongs to another run; it differs in {'; '.join(differs)}."
+            " Resume with the same data and settings, or train into another --out"
+        )
+
+
 def _training_windows(train: Episodes, window: int, draws: int, seed: int):
     """Fixed-length windows in model units, enough that each step is drawn about once per epoch."""
     obs, actions, mask = train.normalized()
@@ -231,11 +281,12 @@ def _training_windows(train: Episodes, window: int, draws: int, seed: int):
 
 
 def cmd_evaluate(args) -> dict:
-    from .plots import plot_imagination, plot_kl_per_t, plot_open_loop
+    from .plots import plot_imagination, plot_kl_per_t, plot_open_loop, save_figure
 
     run = Path(args.run)
     model, guide, arch, normalizer, info = _load_run(run, args.device)
     episodes = Episodes.load(run / "episodes.npz")
+    _check_compatible(arch, episodes, f"the run's {run / 'episodes.npz'}")
     train, val = _splits(episodes, info)
     if args.data is not None:
         val = Episodes.load(args.data)
@@ -276,11 +327,17 @@ def cmd_evaluate(args) -> dict:
         seed=args.seed,
     )
     drawn = min(args.horizon, L - args.context)
-    im, future = _imagine_episode(model, guide, val, normalizer, args.episode, 0, args.context, drawn, 100)
+    im, future = _imagine_episode(
+        model, guide, val, normalizer, args.episode, 0, args.context, drawn, args.num_samples
+    )
+    drawn_figures = {
+        "kl_per_t.png": plot_kl_per_t(kl_per_t),
+        "open_loop.png": plot_open_loop(ol),
+        "imagination.png": plot_imagination(im, future),
+    }
     # Everything is computed; only now are files written.
-    plot_kl_per_t(kl_per_t, figures / "kl_per_t.png")
-    plot_open_loop(ol, figures / "open_loop.png")
-    plot_imagination(im, future, path=figures / "imagination.png")
+    for name, fig in drawn_figures.items():
+        save_figure(fig, figures / name)
 
     metrics = {
         "env_id": arch.env_id,
@@ -348,7 +405,9 @@ def cmd_imagine(args) -> Path:
         episodes = Episodes.load(args.data)
         _check_compatible(arch, episodes, f"data {args.data}")
     else:
-        _, episodes = _splits(Episodes.load(run / "episodes.npz"), info)
+        episodes = Episodes.load(run / "episodes.npz")
+        _check_compatible(arch, episodes, f"the run's {run / 'episodes.npz'}")
+        _, episodes = _splits(episodes, info)
     _set_seed(args.seed)
     im, future = _imagine_episode(
         model,
@@ -412,6 +471,9 @@ def _arg_type(convert, ok, expected: str):
 
 
 positive_int = _arg_type(int, lambda n: n >= 1, "a positive int")
+non_negative_int = _arg_type(int, lambda n: n >= 0, "an int >= 0")
+positive_float = _arg_type(float, lambda x: x > 0.0, "a positive number")
+decay = _arg_type(float, lambda x: 0.0 < x <= 1.0, "a number in (0, 1]")
 fraction = _arg_type(float, lambda x: 0.0 < x < 1.0, "a number in (0, 1)")
 
 
@@ -454,10 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=fraction, default=0.2, help="episodes held out (default: 0.2)")
     p.add_argument("--steps", type=positive_int, default=1500, help="SVI steps (default: 1500)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="windows per step (default: 32)")
-    p.add_argument("--window", type=int, default=30, help="training window length; 0 for whole episodes")
-    p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default: 1e-3)")
     p.add_argument(
-        "--lr-decay", type=float, default=0.01, help="final lr as a fraction of --lr (default: 0.01)"
+        "--window", type=non_negative_int, default=30, help="training window length; 0 for whole episodes"
+    )
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="initial learning rate (default: 1e-3)")
+    p.add_argument(
+        "--lr-decay", type=decay, default=0.01, help="final lr as a fraction of --lr (default: 0.01)"
     )
     p.add_argument("--latent-dim", type=positive_int, default=8, help="size of z_t (default: 8)")
     p.add_argument(
@@ -531,8 +595,8 @@ def _eval_options(p):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "out", "unset") is None:
-        args.out = Path("runs") / args.env
+    if getattr(args, "out", "unset") is None and getattr(args, "data", None) is None:
+        args.out = Path("runs") / args.env  # train --data names it after the data's env
     if getattr(args, "run", "unset") is None:
         args.run = Path("runs") / args.env
     torch.set_num_threads(1)  # faster at these sizes, and no spinning threads fighting (PYRO_NOTES §6)

@@ -51,6 +51,8 @@ class OpenLoop:
         predictor's distribution for it, in nats (summed over dimensions, in
         real units).
     :ivar num_windows: windows evaluated.
+    :ivar count: ``[H]`` windows whose episode reaches each horizon; the
+        figures at horizon h average over these.
 
     A horizon that no window reaches (every episode too short) is NaN.
     """
@@ -60,6 +62,7 @@ class OpenLoop:
     mse: dict[str, list[float]]
     log_lik: dict[str, list[float]]
     num_windows: int
+    count: list[int]
 
     def table(self, horizons=(1, 5, 15)) -> str:
         """A markdown table of MSE and log-likelihood at ``horizons``."""
@@ -253,6 +256,9 @@ def open_loop(
     inside = t < lengths[episode][:, None]
     t = t.clamp(max=obs.shape[1] - 1)
     w_obs, w_act = obs[episode[:, None], t], actions[episode[:, None], t]
+    # Past an episode's end lies padding, NaN included: never let it reach a network.
+    w_obs = torch.where(inside[..., None], w_obs, 0.0)
+    w_act = torch.where(inside[..., None] if w_act.dim() == 3 else inside, w_act, 0)
     valid = inside[:, context:]  # (n, H)
     to_model = (lambda x: x) if normalizer is None else normalizer.obs
     # log-density in real units = in model units − log |d real / d model|
@@ -295,6 +301,7 @@ def open_loop(
         mse={name: per_h(v, True) for name, v in sq_err.items()},
         log_lik={name: per_h(v, False) for name, v in log_lik.items()},
         num_windows=len(episode),
+        count=count.tolist(),
     )
 
 

@@ -73,19 +73,29 @@ def imagine(
     """
     from pyro.infer import Predictive
 
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
-    device = next(model.parameters()).device
-    obs = torch.as_tensor(obs).to(device)
-    actions = torch.as_tensor(actions).to(device)
+    for arg, value in (("horizon", horizon), ("num_samples", num_samples)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{arg}: expected a positive int, got {value!r}")
+    ref = next(model.parameters())
+    box = model.action_space.kind == "box"
+
+    def as_actions(a):  # box actions as reals, so that integer input is not left unnormalised
+        a = torch.as_tensor(a).to(ref.device)
+        return a.to(ref.dtype) if box else a
+
+    obs = torch.as_tensor(obs).to(ref.device, ref.dtype)
+    actions = as_actions(actions)
+    if future_actions is not None and not callable(future_actions):
+        future_actions = as_actions(future_actions)
     context_obs = obs
     if normalizer is not None:
         obs = normalizer.obs(obs)
-        actions = normalizer.actions(actions) if actions.is_floating_point() else actions
-        if torch.is_tensor(future_actions) and future_actions.is_floating_point():
-            future_actions = normalizer.actions(future_actions)
-        elif callable(future_actions):
-            future_actions = _in_model_units(future_actions, normalizer)
+        if box:
+            actions = normalizer.actions(actions)
+            if torch.is_tensor(future_actions):
+                future_actions = normalizer.actions(future_actions)
+            elif callable(future_actions):
+                future_actions = _in_model_units(future_actions, normalizer)
     predictive = Predictive(
         model.model,
         guide=guide,
@@ -103,13 +113,12 @@ def imagine(
     a = out["a_future"].reshape(num_samples, B, horizon, *(() if space.kind == "discrete" else (space.dim,)))
     if normalizer is not None:
         x_mean, x = normalizer.obs_inverse(x_mean), normalizer.obs_inverse(x)
-        a = normalizer.actions_inverse(a) if a.is_floating_point() else a
+        a = normalizer.actions_inverse(a) if box else a
     return Imagination(latents=z, actions=a, obs_mean=x_mean, obs=x, context_obs=context_obs)
 
 
 def _in_model_units(fn, normalizer):
     def wrapped(z):
-        a = fn(z)
-        return normalizer.actions(a) if a.is_floating_point() else a
+        return normalizer.actions(torch.as_tensor(fn(z)).to(z.dtype))
 
     return wrapped

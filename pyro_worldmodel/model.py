@@ -169,7 +169,14 @@ class WorldModel(ChecksInputs, nn.Module):
             raise ValueError(
                 f"future_actions: expected shape {expected} for {space}, got {tuple(future_actions.shape)}"
             )
-        return future_actions.to(next(self.parameters()).device)
+        ref = next(self.parameters())
+        if space.kind == "discrete":
+            if future_actions.is_floating_point() or future_actions.is_complex():
+                raise ValueError(
+                    f"future_actions: expected integers for {space}, got dtype {future_actions.dtype}"
+                )
+            return future_actions.to(ref.device)
+        return future_actions.to(ref.device, ref.dtype)
 
     def forward(self, obs, actions, mask=None, **kwargs):
         """Same as :meth:`model`."""

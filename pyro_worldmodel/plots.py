@@ -77,7 +77,7 @@ def plot_training(
         ax.set(xlabel="SVI step", ylabel="nats per timestep", title="ELBO terms")
         ax.legend()
     fig.suptitle("Training (nats per timestep)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -102,7 +102,7 @@ def plot_kl_per_t(kl_per_t: torch.Tensor | Sequence[float], path: str | os.PathL
     ax.bar(np.arange(kl.size), kl, width=0.8, color="C0", gid="kl")
     ax.set(xlabel="t", ylabel="KL(q ‖ p) nats", title=f"KL per time index (sum over t {kl.sum():.3g} nats)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_imagination(
@@ -208,7 +208,7 @@ def plot_imagination(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize="small")
     fig.suptitle(f"Imagination, episode {episode}: {C} context steps, {H} imagined, {S} samples")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_open_loop(open_loop: OpenLoop, path: str | os.PathLike | None = None) -> Figure:
@@ -242,7 +242,7 @@ def plot_open_loop(open_loop: OpenLoop, path: str | os.PathLike | None = None) -
     fig.suptitle(
         f"Open-loop prediction after {open_loop.context} context steps, {open_loop.num_windows} windows"
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _keep_first(grid: np.ndarray, n: int) -> list[Axes]:
@@ -263,7 +263,8 @@ def _numpy(x) -> np.ndarray:
     return torch.as_tensor(x).detach().to("cpu", torch.float64).numpy()
 
 
-def _save(fig: Figure, path: str | os.PathLike | None) -> Figure:
+def save_figure(fig: Figure, path: str | os.PathLike | None) -> Figure:
+    """Write ``fig`` as a PNG at ``path``, atomically (nothing when ``path`` is None)."""
     if path is not None:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight"))
     return fig

@@ -386,6 +386,9 @@ def test_data_from_another_env_names_what_differs(command, pendulum_run, cartpol
         (["collect", "--episodes", "0"], "argument --episodes: expected a positive int, got 0"),
         (["train", "--val-fraction", "1.5"], "argument --val-fraction: expected a number in (0, 1), got 1.5"),
         (["imagine", "--policy", "random"], "argument --policy: invalid choice: 'random'"),
+        (["train", "--lr-decay", "-1"], "argument --lr-decay: expected a number in (0, 1], got -1"),
+        (["train", "--lr", "0"], "argument --lr: expected a positive number, got 0"),
+        (["train", "--window", "-3"], "argument --window: expected an int >= 0, got -3"),
     ],
 )
 def test_bad_arguments_exit_2_from_argparse(argv, message, tmp_path, capsys):
@@ -417,15 +420,57 @@ def test_imagine_policy_data_stops_at_a_short_episodes_end(cartpole_data, cartpo
 
 
 def test_evaluate_with_a_horizon_past_the_held_out_episodes(cartpole_run, tmp_path, capsys):
+    """Horizons no held-out window reaches are null in strict JSON, not NaN, and not zero."""
     run = copy_run(cartpole_run, tmp_path)
-    before = snapshot(run)
-    horizon = heldout_split(run).mask.shape[1] - 3 + 1  # one step past every held-out episode
+    train, val = Episodes.load(run / "episodes.npz").split(0.2, seed=0)
+    horizon = int(val.lengths.max()) - 3 + 1  # one step past every held-out episode
+    assert int(train.lengths.max()) > horizon  # the baselines can still be fitted
     rc, _, err = cli(capsys, "evaluate", "--run", run, "--context", 3, "--horizon", horizon, *SAMPLES)
-    if rc == 0:
-        assert read_metrics(run)["open_loop"]["horizon"] == horizon
-    else:  # or refuse up front, in evaluate's own terms
-        assert rc == 2 and "--policy" not in err
-        assert snapshot(run) == before
+    assert rc == 0, err
+
+    def no_nan(token):
+        raise AssertionError(f"metrics.json holds {token}")
+
+    metrics = json.loads((run / "metrics.json").read_text(), parse_constant=no_nan)
+    ol = metrics["open_loop"]
+    assert ol["horizon"] == horizon and ol["count"][-1] == 0 and ol["count"][0] > 0
+    for name in ("model", "copy_last", "linear"):
+        assert ol["mse"][name][-1] is None and ol["log_lik"][name][-1] is None
+        assert ol["mse"][name][0] > 0
+
+
+def test_train_checks_before_writing_anything(pendulum_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", "--data", pendulum_data, *TRAIN[:4], "--horizon", 60, "--out", out)
+    assert rc == 2 and "horizon: expected a training episode longer than horizon=60" in err
+    assert not out.exists()
+
+
+def test_resume_refuses_another_runs_checkpoint(pendulum_run, tmp_path, capsys):
+    run = copy_run(pendulum_run, tmp_path)
+    before = snapshot(run)
+    data = tmp_path / "data.npz"
+    shutil.copy(run / "episodes.npz", data)
+    rc, _, err = cli(capsys, "train", "--data", data, *TRAIN, "--seed", 1, "--resume", "--out", run)
+    assert rc == 2 and "resume: the checkpoint" in err and "seed 0 vs 1" in err
+    assert snapshot(run) == before
+
+
+def test_a_run_whose_data_was_swapped_is_rejected(pendulum_run, cartpole_data, tmp_path, capsys):
+    run = copy_run(pendulum_run, tmp_path)
+    shutil.copy(cartpole_data, run / "episodes.npz")
+    before = snapshot(run)
+    rc, _, err = cli(capsys, "evaluate", "--run", run, *EVAL)
+    assert rc == 2 and "the checkpoint was made for Pendulum-v1" in err and "obs_dim 3 vs 4" in err
+    assert snapshot(run) == before
+
+
+def test_train_on_data_names_the_run_after_its_environment(cartpole_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli(capsys, "train", "--data", cartpole_data, "--no-evaluate", *TRAIN)
+    assert rc == 0, err
+    assert (tmp_path / "runs" / "CartPole-v1" / "model.ckpt").exists()
+    assert not (tmp_path / "runs" / "Pendulum-v1").exists()
 
 
 @pytest.mark.parametrize("command", ["evaluate", "imagine"])

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -207,8 +208,11 @@ def test_bad_input():
     model = WorldModel.default(3, ActionSpace.box(1), latent_dim=2, hidden=(8,))
     guide = FilterGuide.for_model(model, rnn_dim=8)
     obs, actions = torch.randn(2, 4, 3), torch.randn(2, 4, 1)
+    for horizon in (-1, 0):
+        with pytest.raises(ValueError, match=f"horizon: expected a positive int, got {horizon}"):
+            imagine(model, guide, obs, actions, horizon)
     with pytest.raises(ValueError, match="horizon: expected an int >= 0, got -1"):
-        imagine(model, guide, obs, actions, -1)
+        model.model(obs, actions, horizon=-1)
     with pytest.raises(ValueError, match=r"future_actions: expected shape \(2, 3, 1\).*got \(2, 2, 1\)"):
         imagine(model, guide, obs, actions, 3, future_actions=torch.zeros(2, 2, 1))
     with pytest.raises(ValueError, match="num_samples: expected a positive int, got 0"):
@@ -285,3 +289,56 @@ def test_open_loop_reports_real_units_and_baselines(system):
     ]
     torch.testing.assert_close(torch.tensor(in_units.mse["copy"]), torch.stack(expected))
     assert "| copy |" in in_units.table(horizons=(1, 4))
+
+
+def test_future_actions_are_checked_and_converted():
+    model = WorldModel.default(3, ActionSpace.discrete(2), latent_dim=2, hidden=(8,))
+    guide = FilterGuide.for_model(model, rnn_dim=8)
+    obs, actions = torch.randn(2, 4, 3), torch.randint(2, (2, 4))
+    with pytest.raises(ValueError, match="future_actions: expected integers for .*got dtype torch.float32"):
+        imagine(model, guide, obs, actions, 3, future_actions=torch.zeros(2, 3))
+    im = imagine(model, guide, obs, actions, 3, future_actions=np.ones((2, 3), dtype=np.int64), num_samples=2)
+    assert torch.equal(im.actions, torch.ones(2, 2, 3, dtype=torch.int64))
+    # Integer actions for a box space are real actions: normalised like any other.
+    box = WorldModel.default(3, ActionSpace.box(1), latent_dim=2, hidden=(8,))
+    box_guide = FilterGuide.for_model(box, rnn_dim=8)
+    norm = Normalizer(torch.zeros(3), torch.ones(3), torch.tensor([1.0]), torch.tensor([2.0]))
+    future = torch.tensor([[[3], [5]], [[1], [-1]]])
+    pyro.set_rng_seed(0)
+    a = imagine(
+        box, box_guide, obs, actions[..., None], 2, future_actions=future, num_samples=2, normalizer=norm
+    )
+    pyro.set_rng_seed(0)
+    b = imagine(
+        box,
+        box_guide,
+        obs,
+        actions[..., None].float(),
+        2,
+        future_actions=future.float(),
+        num_samples=2,
+        normalizer=norm,
+    )
+    torch.testing.assert_close(a.obs, b.obs)
+    torch.testing.assert_close(a.actions, future.float().expand(2, 2, 2, 1))
+
+
+def test_open_loop_ignores_nan_padding():
+    model = WorldModel.default(3, ActionSpace.box(1), latent_dim=2, hidden=(8,))
+    guide = FilterGuide.for_model(model, rnn_dim=8)
+    obs, actions = torch.randn(3, 8, 3), torch.randn(3, 8, 1)
+    mask = torch.arange(8) < torch.tensor([8, 6, 5])[:, None]
+    kwargs = dict(
+        context=2,
+        horizon=3,
+        num_samples=3,
+        baselines={"copy": CopyLast(ActionSpace.box(1)).fit(obs, actions, mask, horizon=3)},
+    )
+    pyro.set_rng_seed(0)
+    clean = open_loop(model, guide, obs, actions, mask, **kwargs)
+    nan_obs = torch.where(mask[..., None], obs, torch.nan)
+    nan_actions = torch.where(mask[..., None], actions, torch.nan)
+    pyro.set_rng_seed(0)
+    padded = open_loop(model, guide, nan_obs, nan_actions, mask, **kwargs)
+    assert padded.mse == clean.mse and padded.log_lik == clean.log_lik
+    assert clean.count == [6 + 4 + 3, 5 + 3 + 2, 4 + 2 + 1]

@@ -231,6 +231,7 @@ def open_loop():
         mse={"model": [0.01, 0.02, 0.05, 0.1], "last value": [0.02, 0.08, 0.3, 0.9]},
         log_lik={"model": [2.0, 1.5, 1.0, 0.2], "last value": [1.0, -0.5, -2.0, -4.0]},
         num_windows=37,
+        count=[37, 30, 22, 15],
     )
 
 

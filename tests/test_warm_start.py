@@ -59,7 +59,7 @@ def test_warm_started_model_imagines_the_least_squares_rollout():
     C, H = 5, 10
     pyro.set_rng_seed(0)
     im = imagine(
-        model, guide, obs[:, :C], actions[:, :C], H, future_actions=actions[:, C : C + H], num_samples=4
+        model, guide, obs[:, :C], actions[:, :C], H, future_actions=actions[:, C : C + H], num_samples=200
     )
     torch.testing.assert_close(im.obs_mean.mean(0), obs[:, C : C + H], atol=5e-3, rtol=0)
     torch.testing.assert_close(im.latents[..., :3].mean(0), obs[:, C : C + H], atol=5e-3, rtol=0)
