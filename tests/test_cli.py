@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -283,15 +284,37 @@ def test_collect_rejects_an_unknown_env_id(tmp_path, capsys):
     assert rc == 2
     assert err.startswith("pyro-worldmodel collect: error: env_id:")
     assert "registered gymnasium id" in err and "NoSuchEnv-v0" in err
+    assert "Supported: any id whose observation space is a rank-1 Box" in err and "Pendulum-v1" in err
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("env_id, space", [("Blackjack-v1", "Tuple("), ("FrozenLake-v1", "Discrete(16)")])
+class _DictObsEnv(gym.Env):
+    """A real environment whose observations are a Dict, which the library does not support."""
+
+    observation_space = gym.spaces.Dict({"position": gym.spaces.Box(-1.0, 1.0, (2,))})
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+gym.register("DictObsForTests-v0", entry_point=_DictObsEnv, max_episode_steps=5)
+
+
+@pytest.mark.parametrize(
+    "env_id, space",
+    [("Blackjack-v1", "Tuple("), ("FrozenLake-v1", "Discrete(16)"), ("DictObsForTests-v0", "Dict(")],
+)
 def test_collect_rejects_observations_that_are_not_a_vector(env_id, space, tmp_path, capsys):
     rc, _, err = cli(capsys, "collect", "--env", env_id, "--episodes", 2, "--out", tmp_path / "x")
     assert rc == 2
     assert err.startswith("pyro-worldmodel collect: error:")
     assert "rank-1 Box observation space" in err and space in err and env_id in err
+    assert "Supported: rank-1 Box observations with rank-1 Box or Discrete actions" in err
     assert not (tmp_path / "x").exists()
 
 
