@@ -1,6 +1,7 @@
 """Latent world models as probabilistic programs in Pyro."""
 
 from .anchors import LinearGaussianSSM
+from .config import Spec, build, register, spec_of
 from .evaluate import ELBOTerms, OpenLoop, elbo_terms, heldout_bounds, iwae_log_likelihood, open_loop
 from .guides import FilterGuide
 from .imagine import Imagination, imagine
@@ -16,7 +17,9 @@ __all__ = [
     "Imagination",
     "LinearGaussianSSM",
     "OpenLoop",
+    "Spec",
     "WorldModel",
+    "build",
     "default_elbo",
     "elbo_terms",
     "fit",
@@ -25,6 +28,8 @@ __all__ = [
     "iwae_log_likelihood",
     "load_checkpoint",
     "open_loop",
+    "register",
+    "spec_of",
     "save_checkpoint",
 ]
 __version__ = "0.1.0"

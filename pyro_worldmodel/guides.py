@@ -45,6 +45,8 @@ class FilterGuide(ChecksInputs, nn.Module):
         self.obs_dim = obs_dim
         self.action_space = action_space
         self.latent_dim = latent_dim
+        self.rnn_dim = rnn_dim
+        self.hidden = tuple(hidden)
         self.rnn = nn.GRU(obs_dim + action_space.feature_dim, rnn_dim, batch_first=True)
         self.combiner = Combiner(latent_dim, rnn_dim + obs_dim + action_space.feature_dim, hidden)
         self.z_0 = nn.Parameter(torch.zeros(latent_dim))  # stands in for z_{t-1} at t = 0
