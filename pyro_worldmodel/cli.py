@@ -27,35 +27,34 @@ import pyro
 import torch
 
 from .baselines import CopyLast, LinearLeastSquares
+from .config import Built, Spec, build
 from .data import Episodes, Normalizer, collect
 from .evaluate import elbo_terms, heldout_bounds, open_loop
-from .guides import FilterGuide
 from .imagine import imagine
-from .inference import atomic_write, default_optim, fit, load_checkpoint
-from .model import WorldModel
+from .inference import atomic_write, fit, load_checkpoint
 from .spaces import ActionSpace
-from .warm_start import linear_warm_start
+from .warm_start import linear_warm_start, why_no_linear_warm_start
 
 DEFAULT_ENV = "Pendulum-v1"
 RUN_FORMAT = "pyro_worldmodel.run/1"
 
 
+# The default job's model: the default spec with an 8-dimensional latent.
+DEFAULT_SPEC = Spec(latent_dim=8, optim={"name": "ClippedAdam", "lr": 1e-3, "clip_norm": 10.0})
+DEFAULT_STEPS, DEFAULT_BATCH_SIZE, DEFAULT_LR_DECAY = 1500, 32, 0.01
+
+
 @dataclass
 class Architecture:
-    """What rebuilds a trained model and guide; stored in the checkpoint."""
+    """What rebuilds a trained model and guide: the data's sizes and the spec; stored in the checkpoint."""
 
     obs_dim: int
     action_space: dict
-    latent_dim: int = 8
-    hidden: list[int] = field(default_factory=lambda: [64, 64])
-    rnn_dim: int = 64
     env_id: str = ""
+    spec: dict = field(default_factory=lambda: DEFAULT_SPEC.to_dict())
 
-    def build(self) -> tuple[WorldModel, FilterGuide]:
-        space = ActionSpace(**self.action_space)
-        model = WorldModel.default(self.obs_dim, space, self.latent_dim, tuple(self.hidden))
-        guide = FilterGuide.for_model(model, rnn_dim=self.rnn_dim)
-        return model, guide
+    def build(self) -> Built:
+        return build(self.spec, self.obs_dim, ActionSpace(**self.action_space))
 
     def describe(self) -> str:
         space = ActionSpace(**self.action_space)
@@ -87,7 +86,8 @@ def _load_run(run: Path, device: str):
         )
     info = _read_run_info(ckpt)
     arch = Architecture(**info["architecture"])
-    model, guide = arch.build()
+    built = arch.build()
+    model, guide = built.model, built.guide
     model.to(device)
     guide.to(device)
     load_checkpoint(ckpt, model, guide)
@@ -169,14 +169,13 @@ def cmd_train(args) -> dict:
     if out is None:  # named after the data's environment, not --env's default
         out = args.out = Path("runs") / (episodes.env_id or Path(args.data).stem)
     train, val = episodes.split(args.val_fraction, seed=args.seed)
-    arch = Architecture(
-        train.obs_dim,
-        _space_dict(train.action_space),
-        latent_dim=args.latent_dim,
-        hidden=list(args.hidden),
-        rnn_dim=args.rnn_dim,
-        env_id=episodes.env_id,
-    )
+    spec = _train_spec(args)
+    steps = spec.train.get("num_steps", DEFAULT_STEPS)
+    batch_size = spec.train.get("batch_size", DEFAULT_BATCH_SIZE)
+    arch = Architecture(train.obs_dim, _space_dict(train.action_space), episodes.env_id, spec.to_dict())
+    built = arch.build()  # a bad spec fails here, before any file is written
+    if args.init == "linear" and why_no_linear_warm_start(built.model, built.guide):
+        raise ValueError(f"init: {why_no_linear_warm_start(built.model, built.guide)}")
     # Everything that can fail is checked before anything is written.
     if not args.no_evaluate:
         _check_evaluable(train, val, args.context, args.horizon)
@@ -185,12 +184,17 @@ def cmd_train(args) -> dict:
     normalizer = train.fit_normalizer().normalizer
     episodes = replace(episodes, normalizer=normalizer)
     train = replace(train, normalizer=normalizer)
-    obs, actions, mask = _training_windows(train, args.window, args.steps * args.batch_size, args.seed)
+    obs, actions, mask = _training_windows(train, args.window, steps * batch_size, args.seed)
     episodes.save(out / "episodes.npz")
     _set_seed(args.seed)
-    model, guide = arch.build()
-    if args.init == "linear":
-        linear_warm_start(model, guide, obs, actions, mask)
+    built = arch.build()
+    model, guide = built.model, built.guide
+    if args.init != "random":
+        reason = why_no_linear_warm_start(model, guide)
+        if reason is None:
+            linear_warm_start(model, guide, obs, actions, mask)
+        else:
+            print(f"starting at random: no linear warm start for this spec ({reason})")
     info = {
         "format": RUN_FORMAT,
         "architecture": asdict(arch),
@@ -200,7 +204,13 @@ def cmd_train(args) -> dict:
         "context": args.context,
         "horizon": args.horizon,
     }
-    optim = default_optim(args.lr, lrd=args.lr_decay ** (1.0 / args.steps))
+    settings = {
+        "num_steps": steps,
+        "batch_size": batch_size,
+        "terms_every": max(steps // 50, 1),
+        "checkpoint_every": max(steps // 10, 1),
+        **spec.train,
+    }
     start = time.perf_counter()
     with pyro.validation_enabled(False):  # inputs are checked once, up front, by fit
         history = fit(
@@ -209,16 +219,14 @@ def cmd_train(args) -> dict:
             obs,
             actions,
             mask,
-            num_steps=args.steps,
-            batch_size=args.batch_size,
-            optim=optim,
-            terms_every=max(args.steps // 50, 1),
+            elbo=built.elbo,
+            optim=built.optim,
             device=args.device,
             seed=args.seed,
             checkpoint=out / "model.ckpt",
-            checkpoint_every=max(args.steps // 10, 1),
             resume=args.resume,
             extra={"run": info},
+            **settings,
         )
     seconds = time.perf_counter() - start
     from .plots import plot_training
@@ -241,6 +249,46 @@ def cmd_train(args) -> dict:
     )
     metrics = cmd_evaluate(eval_args)
     return metrics
+
+
+def _train_spec(args) -> Spec:
+    """The spec of a train run: --config, then --set, then the explicit flags, over the default."""
+    spec = Spec.from_yaml(args.config) if args.config is not None else DEFAULT_SPEC
+    overrides = dict(args.set or [])
+    flags = {
+        "latent_dim": args.latent_dim,
+        "transition.hidden": args.hidden,
+        "emission.hidden": args.hidden,
+        "guide.rnn_dim": args.rnn_dim,
+        "train.num_steps": args.steps,
+        "train.batch_size": args.batch_size,
+        "optim.lr": args.lr,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    spec = spec.with_overrides(overrides)
+    if spec.optim["name"] == "ClippedAdam" and ("lrd" not in spec.optim or args.lr_decay is not None):
+        decay = DEFAULT_LR_DECAY if args.lr_decay is None else args.lr_decay
+        steps = spec.train.get("num_steps", DEFAULT_STEPS)
+        spec = spec.with_overrides({"optim.lrd": decay ** (1.0 / steps)})
+    for key in ("model", "guide", "elbo", "optim", "checkpoint", "resume", "device", "seed", "extra"):
+        if key in spec.train:
+            raise ValueError(f"train.{key}: set by the command line, not by the spec")
+    return spec
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """``key.path=value`` with the value read as YAML: ``[128, 128]``, ``0.5``, ``filter``."""
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE such as transition.hidden=[128,128], got {text!r}"
+        )
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"expected a YAML value after '=', got {value!r} ({e})") from None
 
 
 def _check_evaluable(train: Episodes, val: Episodes, context: int, horizon: int) -> None:
@@ -514,25 +562,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=positive_int, default=60, help="episodes to collect (default: 60)")
     p.add_argument("--num-envs", type=positive_int, default=8, help="vector environments (default: 8)")
     p.add_argument("--val-fraction", type=fraction, default=0.2, help="episodes held out (default: 0.2)")
-    p.add_argument("--steps", type=positive_int, default=1500, help="SVI steps (default: 1500)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per step (default: 32)")
+    p.add_argument(
+        "--config", type=Path, default=None, help="a YAML spec of the model, guide, ELBO and training"
+    )
+    p.add_argument(
+        "--set",
+        type=_key_value,
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a spec entry, e.g. --set transition.hidden=[128,128] (repeatable)",
+    )
+    p.add_argument("--steps", type=positive_int, default=None, help=f"SVI steps (default: {DEFAULT_STEPS})")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help=f"windows per step (default: {DEFAULT_BATCH_SIZE})",
+    )
     p.add_argument(
         "--window", type=non_negative_int, default=30, help="training window length; 0 for whole episodes"
     )
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="initial learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=positive_float, default=None, help="initial learning rate (default: 1e-3)")
     p.add_argument(
-        "--lr-decay", type=decay, default=0.01, help="final lr as a fraction of --lr (default: 0.01)"
+        "--lr-decay", type=decay, default=None, help="final lr as a fraction of --lr (default: 0.01)"
     )
-    p.add_argument("--latent-dim", type=positive_int, default=8, help="size of z_t (default: 8)")
+    p.add_argument("--latent-dim", type=positive_int, default=None, help="size of z_t (default: 8)")
     p.add_argument(
-        "--hidden", type=positive_int, nargs="+", default=[64, 64], help="MLP widths (default: 64 64)"
+        "--hidden",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        help="transition and emission MLP widths (default: 64 64)",
     )
-    p.add_argument("--rnn-dim", type=positive_int, default=64, help="guide GRU size (default: 64)")
+    p.add_argument("--rnn-dim", type=positive_int, default=None, help="guide GRU size (default: 64)")
     p.add_argument(
         "--init",
-        choices=["linear", "random"],
-        default="linear",
-        help="start at the least-squares linear system of the data (see warm_start.py), or at random",
+        choices=["auto", "linear", "random"],
+        default="auto",
+        help="start at the least-squares linear system of the data (see warm_start.py), or at random;"
+        " auto (default) is linear wherever the spec's components allow it",
     )
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     p.add_argument("--no-evaluate", action="store_true", help="skip evaluation and its figures")

@@ -45,16 +45,10 @@ def linear_warm_start(
     :param min_scale: floor of every scale set here, in model units.
     :returns: the fitted :class:`~pyro_worldmodel.baselines.LinearLeastSquares`.
     """
+    reason = why_no_linear_warm_start(model, guide)
+    if reason is not None:
+        raise ValueError(reason)
     Z, X, A = model.latent_dim, model.obs_dim, model.action_space.feature_dim
-    if Z < X:
-        raise ValueError(f"model: expected latent_dim >= obs_dim = {X} for a linear warm start, got {Z}")
-    for owner, part, method in (
-        ("model.transition", model.transition, "init_linear"),
-        ("model.emission", model.emission, "init_linear"),
-        ("guide", guide, "init_reading"),
-    ):
-        if not hasattr(part, method):
-            raise ValueError(f"{owner}: expected a component with {method}(), got {type(part).__name__}")
     if not 0 < obs_noise:
         raise ValueError(f"obs_noise: expected a positive float, got {obs_noise!r}")
     ls = LinearLeastSquares(model.action_space).fit(obs, actions, mask, horizon=1)
@@ -79,3 +73,18 @@ def linear_warm_start(
     model.emission.init_linear(read_out, torch.zeros(X), noise)
     guide.init_reading(read_out.T, torch.cat([noise, torch.full((Z - X,), latent_noise)]))
     return ls
+
+
+def why_no_linear_warm_start(model, guide) -> str | None:
+    """Why :func:`linear_warm_start` cannot set this model and guide, or None if it can."""
+    Z, X = model.latent_dim, model.obs_dim
+    if Z < X:
+        return f"model: expected latent_dim >= obs_dim = {X} for a linear warm start, got {Z}"
+    for owner, part, method in (
+        ("model.transition", model.transition, "init_linear"),
+        ("model.emission", model.emission, "init_linear"),
+        ("guide", guide, "init_reading"),
+    ):
+        if not hasattr(part, method):
+            return f"{owner}: expected a component with {method}(), got {type(part).__name__}"
+    return None

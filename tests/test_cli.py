@@ -111,8 +111,8 @@ def test_train_writes_checkpoint_metrics_and_figures(pendulum_data, pendulum_run
         **torch.load(pendulum_run / "model.ckpt", weights_only=True)["extra"]["run"]["architecture"]
     )
     assert (arch.env_id, arch.obs_dim) == ("Pendulum-v1", 3)
-    model, guide = arch.build()
-    assert load_checkpoint(pendulum_run / "model.ckpt", model, guide)["step"] == 10
+    built = arch.build()
+    assert load_checkpoint(pendulum_run / "model.ckpt", built.model, built.guide)["step"] == 10
 
     data, saved = Episodes.load(pendulum_data), Episodes.load(pendulum_run / "episodes.npz")
     assert torch.equal(saved.obs, data.obs) and torch.equal(saved.actions, data.actions)
@@ -504,3 +504,30 @@ def test_a_damaged_checkpoint_is_rejected(command, pendulum_run, tmp_path, capsy
     rc, _, err = cli(capsys, command, "--run", run, "--context", 3)
     assert rc == 2
     assert err.startswith(f"pyro-worldmodel {command}: error:") and str(ckpt) in err
+
+
+def test_train_takes_a_yaml_config_and_dotted_overrides(pendulum_data, tmp_path, capsys):
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs"
+    out = tmp_path / "run"
+    rc, stdout, err = cli(
+        capsys, "train", "--data", pendulum_data, "--config", config / "linear_gaussian_transition__gaussian_mlp_emission.yaml",
+        "--set", "emission.hidden=[16, 16]", "--set", "latent_dim=4", *TRAIN, "--out", out,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "starting at random: no linear warm start" in stdout  # linear_gaussian has no init_linear
+    spec = torch.load(out / "model.ckpt", weights_only=True)["extra"]["run"]["architecture"]["spec"]
+    assert spec["transition"] == {"name": "linear_gaussian"} and spec["emission"]["hidden"] == [16, 16]
+    assert spec["latent_dim"] == 4 and spec["train"]["num_steps"] == 10  # --steps over the file's 1500
+
+
+def test_a_bad_config_is_refused_before_anything_is_written(pendulum_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = cli(
+        capsys, "train", "--data", pendulum_data, "--set", "transition.hiden=[8]", *TRAIN, "--out", out
+    )
+    assert rc == 2 and "transition.hiden: GaussianMLPTransition takes no keyword 'hiden'" in err
+    rc, _, err = cli(
+        capsys, "train", "--data", pendulum_data, "--set", "transition.name=lstm", *TRAIN, "--out", out
+    )
+    assert rc == 2 and "registered: ['gaussian_mlp', 'linear_gaussian']" in err
+    assert not out.exists()
