@@ -44,7 +44,7 @@ from .components import (
     NormalPolicy,
     StandardNormalInit,
 )
-from .guides import FilterGuide
+from .guides import FilterGuide, MeanFieldGuide, SmoothingGuide
 from .inference import MAX_PLATE_NESTING, fit
 from .model import WorldModel
 from .spaces import ActionSpace
@@ -98,6 +98,8 @@ for _slot, _name, _cls in (
     ("policy", "categorical", CategoricalPolicy),
     ("policy", "linear_gaussian", LinearGaussianPolicy),
     ("guide", "filter", FilterGuide),
+    ("guide", "smoothing", SmoothingGuide),
+    ("guide", "mean_field", MeanFieldGuide),
 ):
     register(_slot, _name)(_cls)
 for _name in (

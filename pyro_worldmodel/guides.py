@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pyro
+import pyro.distributions as dist
 import torch
 from torch import nn
 
 from ._naming import register, unique_name
 from .components import Combiner
+from .components._nets import mlp, positive
 from .spaces import ActionSpace, ChecksInputs
 
 
@@ -63,7 +65,7 @@ class FilterGuide(ChecksInputs, nn.Module):
         :param obs_map: ``(Z, X)``; :param scale: ``(Z,)``.
         """
         Z, R = self.latent_dim, self.rnn.hidden_size
-        weight = torch.zeros(Z, Z + R + self.obs_dim + self.action_space.feature_dim)
+        weight = torch.zeros(Z, self.combiner.linear.in_features)  # [z_{t-1}, h_t, x_t, ...]
         weight[:, Z + R : Z + R + self.obs_dim] = obs_map
         self.combiner.init_linear(weight, torch.zeros(Z), scale)
 
@@ -77,13 +79,102 @@ class FilterGuide(ChecksInputs, nn.Module):
         B, T = mask.shape
         register(self.name, self)
         a_feat = self.action_space.features(actions, obs.dtype)  # (B, T, A)
-        a_prev = torch.cat([torch.zeros_like(a_feat[:, :1]), a_feat[:, :-1]], dim=1)  # a_{t-1}
-        inputs = torch.cat([obs, a_prev], dim=-1)  # (B, T, X + A)
-        h, _ = self.rnn(inputs)  # (B, T, H)
-        h = torch.cat([h, inputs], dim=-1)  # (B, T, H + X + A)
+        h = self._summaries(obs, a_feat, mask)  # (B, T, S)
         z = [self.z_0.expand(B, 1, self.latent_dim)]
         with pyro.plate("episodes", B, dim=-2):
             for t in pyro.markov(range(T)):
                 q_t = self.combiner(z[-1], h[:, t : t + 1])  # (..., B, 1, Z)
                 z.append(pyro.sample(f"z_{t}", q_t.mask(mask[:, t : t + 1])))
         return torch.cat(z[1:], dim=-2)  # (..., B, T, Z)
+
+    def _summaries(self, obs, a_feat, mask):
+        """h_t = [GRU(x_{≤t}, a_{<t}), x_t, a_{t-1}]."""
+        a_prev = torch.cat([torch.zeros_like(a_feat[:, :1]), a_feat[:, :-1]], dim=1)  # a_{t-1}
+        inputs = torch.cat([obs, a_prev], dim=-1)  # (B, T, X + A)
+        h, _ = self.rnn(inputs)  # (B, T, H)
+        return torch.cat([h, inputs], dim=-1)  # (B, T, H + X + A)
+
+
+class SmoothingGuide(FilterGuide):
+    """q(z_t | z_{t-1}, a_{t-1}, x_{t:T}, a_{t:T}): the structured inference of the Deep Markov Model.
+
+    A GRU runs backwards from each episode's last observed step, so h_t sums up
+    the present and the future, x_{t:T} and a_{t:T}; the combiner joins it with
+    z_{t-1}, which carries the past. Unlike the filter it sees a_t, which π
+    emits from z_t, and everything after. Same arguments as
+    :class:`FilterGuide`.
+    """
+
+    def __init__(self, obs_dim, action_space, latent_dim, rnn_dim=64, hidden=(64,), *, name=None):
+        super().__init__(obs_dim, action_space, latent_dim, rnn_dim, hidden, name=name)
+        A = action_space.feature_dim
+        self.combiner = Combiner(latent_dim, rnn_dim + obs_dim + 2 * A, hidden)  # also a_{t-1}
+        self.name = unique_name("smoothing_guide", name)
+
+    def _summaries(self, obs, a_feat, mask):
+        """h_t = [GRU backwards over (x_s, a_s) for s = T_b … t, x_t, a_t, a_{t-1}].
+
+        With z_{t-1}, these are the Markov blanket of z_t: a_{t-1} moves z_t's
+        prior mean, so the exact posterior depends on it.
+        """
+        inputs = torch.cat([obs, a_feat], dim=-1)  # (B, T, X + A)
+        reverse = _reverse_within(mask)  # (B, T) index of t's mirror inside its episode
+        rows = torch.arange(inputs.shape[0], device=inputs.device)[:, None]
+        h, _ = self.rnn(inputs[rows, reverse])  # the GRU reads each episode from its end
+        a_prev = torch.cat([torch.zeros_like(a_feat[:, :1]), a_feat[:, :-1]], dim=1)
+        return torch.cat([h[rows, reverse], inputs, a_prev], dim=-1)  # (B, T, H + X + 2A)
+
+
+def _reverse_within(mask):
+    """For each row, t ↦ L - 1 - t inside the episode (length L) and t ↦ t in the padding."""
+    T = mask.shape[1]
+    t = torch.arange(T, device=mask.device)
+    L = mask.sum(1, keepdim=True)
+    return torch.where(t < L, L - 1 - t, t)
+
+
+class MeanFieldGuide(ChecksInputs, nn.Module):
+    """q(z_t | x_t), independent across time: an encoder of each observation alone.
+
+    The weakest guide here: it ignores the dynamics, actions and every other
+    step. Useful as a baseline for the filter and the smoother.
+
+    :param hidden: widths of the encoder MLP.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_space: ActionSpace,
+        latent_dim: int,
+        hidden: Sequence[int] = (64,),
+        *,
+        name: str | None = None,
+    ):
+        super().__init__()
+        self.obs_dim = obs_dim
+        self.action_space = action_space
+        self.latent_dim = latent_dim
+        self.hidden = tuple(hidden)
+        self.net = mlp(obs_dim, self.hidden, 2 * latent_dim)
+        self.min_scale = 1e-3
+        self.name = unique_name("mean_field_guide", name)
+
+    @classmethod
+    def for_model(cls, model, **kwargs) -> MeanFieldGuide:
+        return cls(model.obs_dim, model.action_space, model.latent_dim, **kwargs)
+
+    def forward(self, obs, actions, mask=None, **_):
+        """The Pyro guide; takes the model's arguments. :returns: ``(B, T, Z)``."""
+        obs, actions, mask = self.check_inputs(obs, actions, mask)
+        B, T = mask.shape
+        register(self.name, self)
+        loc, raw_scale = self.net(obs).chunk(2, dim=-1)  # (B, T, Z) each, for every t at once
+        scale = positive(raw_scale, self.min_scale)
+        z = []
+        with pyro.plate("episodes", B, dim=-2):
+            for t in pyro.markov(range(T)):
+                q_t = dist.Normal(loc[:, t : t + 1], scale[:, t : t + 1]).to_event(1)
+                z.append(pyro.sample(f"z_{t}", q_t.mask(mask[:, t : t + 1])))
+        shape = torch.broadcast_shapes(*(zt.shape for zt in z))
+        return torch.cat([zt.expand(shape) for zt in z], dim=-2)

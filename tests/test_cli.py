@@ -510,7 +510,7 @@ def test_train_takes_a_yaml_config_and_dotted_overrides(pendulum_data, tmp_path,
     config = Path(__file__).resolve().parents[1] / "examples" / "configs"
     out = tmp_path / "run"
     rc, stdout, err = cli(
-        capsys, "train", "--data", pendulum_data, "--config", config / "linear_gaussian_transition__gaussian_mlp_emission.yaml",
+        capsys, "train", "--data", pendulum_data, "--config", config / "linear_gaussian_transition__gaussian_mlp_emission__filter_guide.yaml",
         "--set", "emission.hidden=[16, 16]", "--set", "latent_dim=4", *TRAIN, "--out", out,
     )  # fmt: skip
     assert rc == 0, err

@@ -31,11 +31,12 @@ def parameters(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-TRANSITIONS, EMISSIONS, GUIDES = (
-    ["gaussian_mlp", "linear_gaussian"],
-    ["gaussian_mlp", "linear_gaussian"],
-    ["filter"],
-)
+TRANSITIONS, EMISSIONS = ["gaussian_mlp", "linear_gaussian"], ["gaussian_mlp", "linear_gaussian"]
+GUIDES = {
+    "filter": {"rnn_dim": 8, "hidden": [8]},
+    "smoothing": {"rnn_dim": 8, "hidden": [8]},
+    "mean_field": {"hidden": [8]},
+}
 
 
 def small(name):
@@ -52,7 +53,7 @@ def test_every_combination_trains(transition, emission, guide, elbo, space):
         "latent_dim": 3,
         "transition": small(transition),
         "emission": small(emission),
-        "guide": {"name": guide, "rnn_dim": 8, "hidden": [8]},
+        "guide": {"name": guide, **GUIDES[guide]},
         "elbo": {"name": elbo},
         "optim": {"name": "ClippedAdam", "lr": 1e-2},
     }
@@ -147,7 +148,7 @@ def test_two_specs_in_one_process_keep_their_own_parameters():
             BOX,
             "transition.name: unknown 'gausian_mlp' (did you mean 'gaussian_mlp'?); registered: ['gaussian_mlp', 'linear_gaussian'",
         ),
-        ({"guide": {"name": "smoother"}}, BOX, "guide.name: unknown 'smoother'"),
+        ({"guide": {"name": "smoother"}}, BOX, "guide.name: unknown 'smoother' (did you mean 'smoothing'?)"),
         (
             {"transition": {"name": "gaussian_mlp", "hiden": [8]}},
             BOX,
@@ -200,7 +201,7 @@ def test_example_configs_build(path):
 def test_there_is_an_example_config_for_each_built_in_combination():
     names = {p.stem for p in (ROOT / "examples" / "configs").glob("*.yaml")}
     expected = {
-        f"{t}_transition__{e}_emission"
-        for t, e in itertools.product(REGISTRY["transition"], REGISTRY["emission"])
+        f"{t}_transition__{e}_emission__{g}_guide"
+        for t, e, g in itertools.product(REGISTRY["transition"], REGISTRY["emission"], REGISTRY["guide"])
     }
     assert names == expected
