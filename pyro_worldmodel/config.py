@@ -34,6 +34,7 @@ import pyro.optim
 from torch import nn
 
 from .components import (
+    BernoulliEmission,
     CategoricalPolicy,
     GaussianMLPEmission,
     GaussianMLPTransition,
@@ -43,6 +44,7 @@ from .components import (
     LinearGaussianTransition,
     NormalPolicy,
     StandardNormalInit,
+    StudentTEmission,
 )
 from .guides import FilterGuide, MeanFieldGuide, SmoothingGuide
 from .inference import MAX_PLATE_NESTING, fit
@@ -93,6 +95,8 @@ for _slot, _name, _cls in (
     ("transition", "linear_gaussian", LinearGaussianTransition),
     ("emission", "gaussian_mlp", GaussianMLPEmission),
     ("emission", "linear_gaussian", LinearGaussianEmission),
+    ("emission", "student_t", StudentTEmission),
+    ("emission", "bernoulli", BernoulliEmission),
     ("policy", "auto", _auto_policy),
     ("policy", "normal", NormalPolicy),
     ("policy", "categorical", CategoricalPolicy),

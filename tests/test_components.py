@@ -1,10 +1,13 @@
 """Each component returns one factor's distribution, with its event dims set."""
 
+import math
+
 import pytest
 import torch
 
 from pyro_worldmodel import ActionSpace
 from pyro_worldmodel.components import (
+    BernoulliEmission,
     CategoricalPolicy,
     Combiner,
     GaussianMLPEmission,
@@ -15,6 +18,7 @@ from pyro_worldmodel.components import (
     LinearGaussianTransition,
     NormalPolicy,
     StandardNormalInit,
+    StudentTEmission,
     auto_policy,
 )
 
@@ -107,3 +111,35 @@ def test_combiner():
 def test_sizes_must_be_positive_ints(bad):
     with pytest.raises(ValueError, match=r"latent_dim: expected a positive int"):
         StandardNormalInit(bad)
+
+
+def test_student_t_emission_is_the_student_t_density():
+    torch.manual_seed(0)
+    em = StudentTEmission(2, 3, hidden=(8,))
+    z, x = torch.randn(5, 2), torch.randn(5, 3)
+    p = em(z)
+    loc, scale, df = p.base_dist.loc, p.base_dist.scale, em.degrees_of_freedom()
+    u = (x - loc) / scale
+    by_hand = (
+        torch.lgamma((df + 1) / 2)
+        - torch.lgamma(df / 2)
+        - 0.5 * torch.log(df * math.pi)
+        - scale.log()
+        - (df + 1) / 2 * torch.log1p(u**2 / df)
+    ).sum(-1)
+    torch.testing.assert_close(p.log_prob(x), by_hand)
+    assert (df > 2).all()  # the mean and the variance exist
+    assert torch.equal(StudentTEmission(2, 3, df=4.0).degrees_of_freedom(), torch.full((3,), 4.0))
+    with pytest.raises(ValueError, match="df: expected 'learned' or a positive float, got -1"):
+        StudentTEmission(2, 3, df=-1)
+
+
+def test_bernoulli_emission_is_the_product_of_bernoullis():
+    torch.manual_seed(0)
+    em = BernoulliEmission(2, 4, hidden=(8,))
+    z, x = torch.randn(6, 2), (torch.rand(6, 4) > 0.5).float()
+    p = em(z)
+    probs = p.mean
+    by_hand = (x * probs.log() + (1 - x) * (1 - probs).log()).sum(-1)
+    torch.testing.assert_close(p.log_prob(x), by_hand)
+    assert ((probs > 0) & (probs < 1)).all()

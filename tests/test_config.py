@@ -31,7 +31,8 @@ def parameters(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-TRANSITIONS, EMISSIONS = ["gaussian_mlp", "linear_gaussian"], ["gaussian_mlp", "linear_gaussian"]
+TRANSITIONS = ["gaussian_mlp", "linear_gaussian"]
+EMISSIONS = ["gaussian_mlp", "linear_gaussian", "student_t", "bernoulli"]
 GUIDES = {
     "filter": {"rnn_dim": 8, "hidden": [8]},
     "smoothing": {"rnn_dim": 8, "hidden": [8]},
@@ -40,7 +41,7 @@ GUIDES = {
 
 
 def small(name):
-    return {"name": name, "hidden": [8]} if name == "gaussian_mlp" else {"name": name}
+    return {"name": name} if name == "linear_gaussian" else {"name": name, "hidden": [8]}
 
 
 @pytest.mark.parametrize("elbo", ["TraceMeanField_ELBO", "Trace_ELBO"])
@@ -59,6 +60,8 @@ def test_every_combination_trains(transition, emission, guide, elbo, space):
     }
     b = build(spec, 3, space)
     obs, actions = data(space)
+    if emission == "bernoulli":
+        obs = (obs > 0).float()
     before = {**parameters(b.model), **{f"g.{k}": v for k, v in parameters(b.guide).items()}}
     history = fit(
         b.model, b.guide, obs, actions, num_steps=3, batch_size=3, elbo=b.elbo, optim=b.optim, progress=False

@@ -69,3 +69,56 @@ class LinearGaussianEmission(nn.Module):
         """:param z: ``(..., Z)``. :returns: a Normal with event shape ``(X,)``."""
         loc = z @ self.H.T + self.bias  # (..., X)
         return dist.Normal(loc, self.log_scale.exp().expand(loc.shape)).to_event(1)
+
+
+class StudentTEmission(nn.Module):
+    """p(x_t | z_t) = StudentT(ν, W z_t + f(z_t), diag σ), heavy-tailed per dimension.
+
+    :param df: ``"learned"`` for a learned ν > 2 per dimension (so the mean and
+        variance exist), or a fixed float > 0.
+    """
+
+    def __init__(
+        self, latent_dim: int, obs_dim: int, hidden: Sequence[int] = (64, 64), df: float | str = "learned"
+    ):
+        super().__init__()
+        self.latent_dim = check_dim("latent_dim", latent_dim)
+        self.obs_dim = check_dim("obs_dim", obs_dim)
+        self.hidden = check_hidden(hidden)
+        self.linear = nn.Linear(latent_dim, obs_dim)
+        self.net = mlp(latent_dim, self.hidden, obs_dim)
+        self.log_scale = nn.Parameter(torch.zeros(obs_dim))
+        if df == "learned":
+            self.raw_df = nn.Parameter(torch.full((obs_dim,), 1.0))  # ν = 2 + softplus: 3.3 at start
+        elif isinstance(df, (int, float)) and not isinstance(df, bool) and df > 0:
+            self.register_buffer("raw_df", None)
+        else:
+            raise ValueError(f"df: expected 'learned' or a positive float, got {df!r}")
+        self.df = df
+
+    def degrees_of_freedom(self) -> torch.Tensor:
+        if self.df == "learned":
+            return 2.0 + nn.functional.softplus(self.raw_df)
+        return torch.full((self.obs_dim,), float(self.df), device=self.log_scale.device)
+
+    def forward(self, z: torch.Tensor) -> dist.Distribution:
+        """:param z: ``(..., Z)``. :returns: a StudentT with event shape ``(X,)``."""
+        loc = self.linear(z) + self.net(z)  # (..., X)
+        df = self.degrees_of_freedom().to(loc.dtype).expand(loc.shape)
+        return dist.StudentT(df, loc, self.log_scale.exp().expand(loc.shape)).to_event(1)
+
+
+class BernoulliEmission(nn.Module):
+    """p(x_t | z_t) = Π_i Bernoulli(x_ti; sigmoid(W z_t + f(z_t))_i), for binary observations."""
+
+    def __init__(self, latent_dim: int, obs_dim: int, hidden: Sequence[int] = (64, 64)):
+        super().__init__()
+        self.latent_dim = check_dim("latent_dim", latent_dim)
+        self.obs_dim = check_dim("obs_dim", obs_dim)
+        self.hidden = check_hidden(hidden)
+        self.linear = nn.Linear(latent_dim, obs_dim)
+        self.net = mlp(latent_dim, self.hidden, obs_dim)
+
+    def forward(self, z: torch.Tensor) -> dist.Distribution:
+        """:param z: ``(..., Z)``. :returns: Bernoullis with event shape ``(X,)``; the mean is p."""
+        return dist.Bernoulli(logits=self.linear(z) + self.net(z)).to_event(1)
