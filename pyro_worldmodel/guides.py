@@ -33,6 +33,9 @@ class FilterGuide(ChecksInputs, nn.Module):
     :param name: prefix in Pyro's param store; unique by default.
     """
 
+    _prefix = "filter_guide"
+    _action_blocks = 1  # a_{t-1}
+
     def __init__(
         self,
         obs_dim: int,
@@ -50,9 +53,11 @@ class FilterGuide(ChecksInputs, nn.Module):
         self.rnn_dim = rnn_dim
         self.hidden = tuple(hidden)
         self.rnn = nn.GRU(obs_dim + action_space.feature_dim, rnn_dim, batch_first=True)
-        self.combiner = Combiner(latent_dim, rnn_dim + obs_dim + action_space.feature_dim, hidden)
+        # The combiner reads [h_t, x_t] and this many action features.
+        summary = rnn_dim + obs_dim + self._action_blocks * action_space.feature_dim
+        self.combiner = Combiner(latent_dim, summary, hidden)
         self.z_0 = nn.Parameter(torch.zeros(latent_dim))  # stands in for z_{t-1} at t = 0
-        self.name = unique_name("filter_guide", name)
+        self.name = unique_name(self._prefix, name)
 
     @classmethod
     def for_model(cls, model, **kwargs) -> FilterGuide:
@@ -105,11 +110,8 @@ class SmoothingGuide(FilterGuide):
     :class:`FilterGuide`.
     """
 
-    def __init__(self, obs_dim, action_space, latent_dim, rnn_dim=64, hidden=(64,), *, name=None):
-        super().__init__(obs_dim, action_space, latent_dim, rnn_dim, hidden, name=name)
-        A = action_space.feature_dim
-        self.combiner = Combiner(latent_dim, rnn_dim + obs_dim + 2 * A, hidden)  # also a_{t-1}
-        self.name = unique_name("smoothing_guide", name)
+    _prefix = "smoothing_guide"
+    _action_blocks = 2  # a_t and a_{t-1}
 
     def _summaries(self, obs, a_feat, mask):
         """h_t = [GRU backwards over (x_s, a_s) for s = T_b … t, x_t, a_t, a_{t-1}].
