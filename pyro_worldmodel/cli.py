@@ -173,6 +173,7 @@ def cmd_train(args) -> dict:
     steps = spec.train.get("num_steps", DEFAULT_STEPS)
     batch_size = spec.train.get("batch_size", DEFAULT_BATCH_SIZE)
     arch = Architecture(train.obs_dim, _space_dict(train.action_space), episodes.env_id, spec.to_dict())
+    _set_seed(args.seed)
     built = arch.build()  # a bad spec fails here, before any file is written
     if args.init == "linear" and why_no_linear_warm_start(built.model, built.guide):
         raise ValueError(f"init: {why_no_linear_warm_start(built.model, built.guide)}")
@@ -186,8 +187,6 @@ def cmd_train(args) -> dict:
     train = replace(train, normalizer=normalizer)
     obs, actions, mask = _training_windows(train, args.window, steps * batch_size, args.seed)
     episodes.save(out / "episodes.npz")
-    _set_seed(args.seed)
-    built = arch.build()
     model, guide = built.model, built.guide
     if args.init != "random":
         reason = why_no_linear_warm_start(model, guide)

@@ -145,12 +145,12 @@ class Spec:
         for key in spec:
             if key not in known:
                 raise ValueError(f"spec: unknown key {key!r}{_closest(key, known)}; expected some of {known}")
-        out = cls(**{k: _copy(v) for k, v in spec.items()})
+        out = cls(**{k: _plain(v) for k, v in spec.items()})
         out.check()
         return out
 
     def to_dict(self) -> dict:
-        return {f.name: _copy(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_yaml(cls, text_or_path) -> Spec:
@@ -263,7 +263,7 @@ def spec_of(model: WorldModel, guide: nn.Module, elbo=None, optim=None, train: d
         name = optim.pt_optim_constructor.__name__
         if name not in REGISTRY["optim"]:
             raise ValueError(f"optim: {name} is not registered; use @register('optim', name)")
-        out.optim = {"name": name, **_copy(optim.pt_optim_args)}
+        out.optim = {"name": name, **_plain(optim.pt_optim_args)}
     return out
 
 
@@ -334,7 +334,7 @@ def _check_kwargs(slot, cls, kwargs, skip=()):
 
 
 def _kwargs(part: dict) -> dict:
-    return {k: _copy(v) for k, v in part.items() if k != "name"}
+    return {k: _plain(v) for k, v in part.items() if k != "name"}
 
 
 def _closest(word, choices) -> str:
@@ -349,7 +349,3 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def _copy(value):
-    return _plain(value)

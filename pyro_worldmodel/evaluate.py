@@ -11,6 +11,8 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
+from .imagine import imagine
+
 # Our programs nest two plates (episodes at -2, time at -1); particles go left of both.
 _PARTICLE_DIM = -3
 
@@ -233,8 +235,6 @@ def open_loop(
         actions, horizon)`` returning a Normal over ``(B, H, X)`` in model
         units, e.g. :class:`~pyro_worldmodel.baselines.LinearLeastSquares`.
     """
-    from .imagine import imagine
-
     for arg, value, low in (
         ("context", context, 1),
         ("horizon", horizon, 1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pyro.infer import Predictive
 
 
 @dataclass
@@ -71,8 +72,6 @@ def imagine(
         real units and so is the result. None: everything in model units.
     :param parallel: draw the S samples in one vectorised pass.
     """
-    from pyro.infer import Predictive
-
     for arg, value in (("horizon", horizon), ("num_samples", num_samples)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{arg}: expected a positive int, got {value!r}")

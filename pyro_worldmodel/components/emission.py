@@ -11,7 +11,23 @@ from torch import nn
 from ._nets import check_dim, check_hidden, mlp, set_linear_gaussian
 
 
-class GaussianMLPEmission(nn.Module):
+class _MLPMean(nn.Module):
+    """The mean path of the MLP emissions: W z_t + f(z_t), with W linear and f an MLP."""
+
+    def __init__(self, latent_dim: int, obs_dim: int, hidden: Sequence[int]):
+        super().__init__()
+        self.latent_dim = check_dim("latent_dim", latent_dim)
+        self.obs_dim = check_dim("obs_dim", obs_dim)
+        self.hidden = check_hidden(hidden)
+        self.linear = nn.Linear(latent_dim, obs_dim)
+        self.net = mlp(latent_dim, self.hidden, obs_dim)
+
+    def mean_path(self, z: torch.Tensor) -> torch.Tensor:
+        """``(..., Z)`` → ``(..., X)``."""
+        return self.linear(z) + self.net(z)
+
+
+class GaussianMLPEmission(_MLPMean):
     """p(x_t | z_t) = N(W z_t + f(z_t), diag(σ²)).
 
     :param scale: ``"learned"`` for a learned σ per observation dimension, or
@@ -25,12 +41,7 @@ class GaussianMLPEmission(nn.Module):
         hidden: Sequence[int] = (64, 64),
         scale: float | str = "learned",
     ):
-        super().__init__()
-        self.latent_dim = check_dim("latent_dim", latent_dim)
-        self.obs_dim = check_dim("obs_dim", obs_dim)
-        self.hidden = check_hidden(hidden)
-        self.linear = nn.Linear(latent_dim, obs_dim)
-        self.net = mlp(latent_dim, self.hidden, obs_dim)
+        super().__init__(latent_dim, obs_dim, hidden)
         if scale == "learned":
             self.log_scale = nn.Parameter(torch.zeros(obs_dim))
         elif isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
@@ -41,7 +52,7 @@ class GaussianMLPEmission(nn.Module):
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: a Normal with event shape ``(X,)``."""
-        loc = self.linear(z) + self.net(z)  # (..., X)
+        loc = self.mean_path(z)  # (..., X)
         return dist.Normal(loc, self.log_scale.exp().expand(loc.shape)).to_event(1)
 
     def init_linear(self, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> None:
@@ -71,7 +82,7 @@ class LinearGaussianEmission(nn.Module):
         return dist.Normal(loc, self.log_scale.exp().expand(loc.shape)).to_event(1)
 
 
-class StudentTEmission(nn.Module):
+class StudentTEmission(_MLPMean):
     """p(x_t | z_t) = StudentT(ν, W z_t + f(z_t), diag σ), heavy-tailed per dimension.
 
     :param df: ``"learned"`` for a learned ν > 2 per dimension (so the mean and
@@ -81,12 +92,7 @@ class StudentTEmission(nn.Module):
     def __init__(
         self, latent_dim: int, obs_dim: int, hidden: Sequence[int] = (64, 64), df: float | str = "learned"
     ):
-        super().__init__()
-        self.latent_dim = check_dim("latent_dim", latent_dim)
-        self.obs_dim = check_dim("obs_dim", obs_dim)
-        self.hidden = check_hidden(hidden)
-        self.linear = nn.Linear(latent_dim, obs_dim)
-        self.net = mlp(latent_dim, self.hidden, obs_dim)
+        super().__init__(latent_dim, obs_dim, hidden)
         self.log_scale = nn.Parameter(torch.zeros(obs_dim))
         if df == "learned":
             self.raw_df = nn.Parameter(torch.full((obs_dim,), 1.0))  # ν = 2 + softplus: 3.3 at start
@@ -103,22 +109,17 @@ class StudentTEmission(nn.Module):
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: a StudentT with event shape ``(X,)``."""
-        loc = self.linear(z) + self.net(z)  # (..., X)
+        loc = self.mean_path(z)  # (..., X)
         df = self.degrees_of_freedom().to(loc.dtype).expand(loc.shape)
         return dist.StudentT(df, loc, self.log_scale.exp().expand(loc.shape)).to_event(1)
 
 
-class BernoulliEmission(nn.Module):
+class BernoulliEmission(_MLPMean):
     """p(x_t | z_t) = Π_i Bernoulli(x_ti; sigmoid(W z_t + f(z_t))_i), for binary observations."""
 
     def __init__(self, latent_dim: int, obs_dim: int, hidden: Sequence[int] = (64, 64)):
-        super().__init__()
-        self.latent_dim = check_dim("latent_dim", latent_dim)
-        self.obs_dim = check_dim("obs_dim", obs_dim)
-        self.hidden = check_hidden(hidden)
-        self.linear = nn.Linear(latent_dim, obs_dim)
-        self.net = mlp(latent_dim, self.hidden, obs_dim)
+        super().__init__(latent_dim, obs_dim, hidden)
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: Bernoullis with event shape ``(X,)``; the mean is p."""
-        return dist.Bernoulli(logits=self.linear(z) + self.net(z)).to_event(1)
+        return dist.Bernoulli(logits=self.mean_path(z)).to_event(1)
