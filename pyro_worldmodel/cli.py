@@ -53,8 +53,13 @@ class Architecture:
     env_id: str = ""
     spec: dict = field(default_factory=lambda: DEFAULT_SPEC.to_dict())
 
-    def build(self) -> Built:
-        return build(self.spec, self.obs_dim, ActionSpace(**self.action_space))
+    def build(self, normalizer: Normalizer | None = None) -> Built:
+        """The model, guide, ELBO and optimiser; with a ``normalizer``, for actions in
+        its units: a box's bounds mapped as the actions are (``action_space`` stays in real units)."""
+        space = ActionSpace(**self.action_space)
+        if normalizer is not None:
+            space = normalizer.action_space(space)
+        return build(self.spec, self.obs_dim, space)
 
     def describe(self) -> str:
         space = ActionSpace(**self.action_space)
@@ -86,12 +91,12 @@ def _load_run(run: Path, device: str):
         )
     info = _read_run_info(ckpt)
     arch = Architecture(**info["architecture"])
-    built = arch.build()
+    normalizer = Normalizer(**info["normalizer"])
+    built = arch.build(normalizer)
     model, guide = built.model, built.guide
     model.to(device)
     guide.to(device)
     load_checkpoint(ckpt, model, guide)
-    normalizer = Normalizer(**info["normalizer"])
     return model, guide, arch, normalizer, info
 
 
@@ -173,8 +178,9 @@ def cmd_train(args) -> dict:
     steps = spec.train.get("num_steps", DEFAULT_STEPS)
     batch_size = spec.train.get("batch_size", DEFAULT_BATCH_SIZE)
     arch = Architecture(train.obs_dim, _space_dict(train.action_space), episodes.env_id, spec.to_dict())
+    normalizer = train.fit_normalizer().normalizer  # the model's action bounds are in its units
     _set_seed(args.seed)
-    built = arch.build()  # a bad spec fails here, before any file is written
+    built = arch.build(normalizer)  # a bad spec fails here, before any file is written
     if args.init == "linear" and why_no_linear_warm_start(built.model, built.guide):
         raise ValueError(f"init: {why_no_linear_warm_start(built.model, built.guide)}")
     # Everything that can fail is checked before anything is written.
@@ -182,7 +188,6 @@ def cmd_train(args) -> dict:
         _check_evaluable(train, val, args.context, args.horizon)
     if args.resume:
         _check_resumable(out / "model.ckpt", arch, args)
-    normalizer = train.fit_normalizer().normalizer
     episodes = replace(episodes, normalizer=normalizer)
     train = replace(train, normalizer=normalizer)
     obs, actions, mask = _training_windows(train, args.window, steps * batch_size, args.seed)

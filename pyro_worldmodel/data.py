@@ -57,6 +57,29 @@ class Normalizer:
             return a
         return a * self.action_scale.to(a) + self.action_loc.to(a)
 
+    def action_space(self, space: ActionSpace) -> ActionSpace:
+        """``space`` in model units: a box's bounds mapped as :meth:`actions` maps
+        actions (an infinite bound stays infinite). Discrete spaces, unbounded
+        boxes and a normaliser without action statistics return ``space``.
+
+        A bounded policy such as :class:`~pyro_worldmodel.components.TanhNormalPolicy`
+        needs its bounds in the units it is trained in.
+        """
+        if space.kind != "box" or self.action_loc is None or (space.low is None and space.high is None):
+            return space
+        if tuple(self.action_loc.shape) != (space.dim,):
+            raise ValueError(
+                f"space: expected {tuple(self.action_loc.shape)[0]} action dimensions as this"
+                f" normaliser has, got {space}"
+            )
+
+        def mapped(bound):  # in float64, as the bounds are Python floats
+            if bound is None:
+                return None
+            return tuple(self.actions(torch.tensor(bound, dtype=torch.float64)).tolist())
+
+        return ActionSpace.box(space.dim, mapped(space.low), mapped(space.high))
+
 
 @dataclass
 class Episodes:

@@ -7,6 +7,9 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.transforms import AffineAutoregressive
+from pyro.distributions.transforms.utils import clamp_preserve_gradients
+from pyro.nn import AutoRegressiveNN
 from torch import nn
 
 from ._naming import register, unique_name
@@ -88,9 +91,13 @@ class FilterGuide(ChecksInputs, nn.Module):
         z = [self.z_0.expand(B, 1, self.latent_dim)]
         with pyro.plate("episodes", B, dim=-2):
             for t in pyro.markov(range(T)):
-                q_t = self.combiner(z[-1], h[:, t : t + 1])  # (..., B, 1, Z)
+                q_t = self._q(z[-1], h[:, t : t + 1])  # batch (..., B, 1), event (Z,)
                 z.append(pyro.sample(f"z_{t}", q_t.mask(mask[:, t : t + 1])))
         return torch.cat(z[1:], dim=-2)  # (..., B, T, Z)
+
+    def _q(self, z_prev, h_t) -> dist.TorchDistribution:
+        """q(z_t | z_{t-1}, h_t): the combiner's diagonal Normal; subclasses may reshape it."""
+        return self.combiner(z_prev, h_t)
 
     def _summaries(self, obs, a_feat, mask):
         """h_t = [GRU(x_{≤t}, a_{<t}), x_t, a_{t-1}]."""
@@ -125,6 +132,112 @@ class SmoothingGuide(FilterGuide):
         h, _ = self.rnn(inputs[rows, reverse])  # the GRU reads each episode from its end
         a_prev = torch.cat([torch.zeros_like(a_feat[:, :1]), a_feat[:, :-1]], dim=1)
         return torch.cat([h[rows, reverse], inputs, a_prev], dim=-1)  # (B, T, H + X + 2A)
+
+
+class IAFFilterGuide(FilterGuide):
+    """q(z_t | z_{t-1}, x_{≤t}, a_{<t}): the filter with normalising-flow (IAF) layers on top.
+
+    z_t = f_K ∘ … ∘ f_1(ε), ε ~ N(loc_t, diag scale_t²): the
+    :class:`FilterGuide`'s combiner gives the diagonal Normal base, and K
+    affine autoregressive transforms f_k(x) = μ_k(x) + σ_k(x) ⊙ x (inverse
+    autoregressive flow, Kingma et al. 2016), shared across time, map its
+    samples, so q(z_t | ·) can correlate the dimensions of z_t; as in Pyro's
+    Deep Markov Model example. Sampling is reparameterised, and log q of a
+    sampled z_t is read from the transforms' caches: each step gets
+    transforms of its own that share the networks, and so the parameters.
+    Successive IAFs read the dimensions in reversed orders.
+
+    Each IAF starts as the identity: the last layer of its
+    :class:`~pyro.nn.AutoRegressiveNN` is zero, so μ = 0 and log σ = 0.
+    Untrained, this guide is then exactly the filter with the same GRU and
+    combiner, whose parameter names it keeps, adding ``iafs.k.*``.
+
+    There is no analytic KL(q ‖ p) for a flow: ``TraceMeanField_ELBO``
+    estimates every KL term by Monte Carlo and warns
+    (:class:`~pyro_worldmodel.elbos.MonteCarloKLWarning`; pass
+    ``monte_carlo_kl="allow"`` to declare it), which is then ``Trace_ELBO``'s bound.
+
+    Arguments as in :class:`FilterGuide`, with ``latent_dim`` at least 2 (on
+    one dimension an IAF is an affine map, which the combiner already is), and:
+
+    :param num_iafs: K, the number of IAF layers.
+    :param iaf_hidden: hidden widths of each IAF's autoregressive network,
+        each at least ``latent_dim``.
+    """
+
+    _prefix = "iaf_filter_guide"
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_space: ActionSpace,
+        latent_dim: int,
+        rnn_dim: int = 64,
+        hidden: Sequence[int] = (64,),
+        num_iafs: int = 2,
+        iaf_hidden: Sequence[int] = (64,),
+        *,
+        name: str | None = None,
+    ):
+        if not isinstance(num_iafs, int) or isinstance(num_iafs, bool) or num_iafs < 1:
+            raise ValueError(f"num_iafs: expected an int >= 1, got {num_iafs!r}")
+        if not isinstance(latent_dim, int) or isinstance(latent_dim, bool) or latent_dim < 2:
+            raise ValueError(f"latent_dim: expected an int >= 2 for an IAF guide, got {latent_dim!r}")
+        iaf_hidden = tuple(iaf_hidden)
+        if not iaf_hidden or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h >= latent_dim for h in iaf_hidden
+        ):
+            raise ValueError(
+                f"iaf_hidden: expected a non-empty sequence of ints >= latent_dim={latent_dim}, got {iaf_hidden!r}"
+            )
+        super().__init__(obs_dim, action_space, latent_dim, rnn_dim, hidden, name=name)
+        self.num_iafs = num_iafs
+        self.iaf_hidden = iaf_hidden
+        order = torch.arange(latent_dim)
+        self.iafs = nn.ModuleList(
+            _IAF(
+                AutoRegressiveNN(
+                    latent_dim, list(iaf_hidden), permutation=order if k % 2 == 0 else order.flip(0)
+                )
+            )
+            for k in range(num_iafs)
+        )
+        with torch.no_grad():
+            for iaf in self.iafs:
+                iaf.arn.layers[-1].weight.zero_()  # mean = 0, log-scale = 0: y = x
+                iaf.arn.layers[-1].bias.zero_()
+
+    def _q(self, z_prev, h_t) -> dist.TorchDistribution:
+        """The combiner's Normal pushed through the IAFs; event ``(Z,)`` already, so no ``to_event``."""
+        return dist.TransformedDistribution(self.combiner(z_prev, h_t), [iaf.fresh() for iaf in self.iafs])
+
+
+class _IAF(AffineAutoregressive):
+    """Pyro's affine autoregressive transform y = μ(x) + σ(x) ⊙ x, for a guide that reuses it at every step."""
+
+    def fresh(self) -> _IAF:
+        """This transform's network, so its parameters, with a cache of its own.
+
+        Shared across time, one transform would cache only the last step's
+        sample, and log q of every earlier z_t would need an inversion of
+        Z sequential network calls.
+        """
+        return _IAF(self.arn, self.log_scale_min_clip, self.log_scale_max_clip)
+
+    def _inverse(self, y):
+        """x from y, one dimension at a time in the network's order.
+
+        As Pyro's, but started from zeros of y's dtype: Pyro 1.9.2 starts from
+        float32 zeros, which a float64 network refuses.
+        """
+        x = [y.new_zeros(y.shape[:-1])] * y.shape[-1]
+        for idx in self.arn.permutation.tolist():
+            mean, log_scale = self.arn(torch.stack(x, dim=-1))  # (..., Z) each
+            log_scale = clamp_preserve_gradients(log_scale, self.log_scale_min_clip, self.log_scale_max_clip)
+            x[idx] = (y[..., idx] - mean[..., idx]) * torch.exp(-log_scale[..., idx])
+        # The last dimension in order feeds no output, so this log-scale is final.
+        self._cached_log_scale = log_scale
+        return torch.stack(x, dim=-1)
 
 
 def _reverse_within(mask):

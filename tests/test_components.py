@@ -10,6 +10,7 @@ from pyro_worldmodel.components import (
     BernoulliEmission,
     CategoricalPolicy,
     Combiner,
+    GatedTransition,
     GaussianMLPEmission,
     GaussianMLPTransition,
     LearnedGaussianInit,
@@ -17,8 +18,10 @@ from pyro_worldmodel.components import (
     LinearGaussianPolicy,
     LinearGaussianTransition,
     NormalPolicy,
+    RSSMTransition,
     StandardNormalInit,
     StudentTEmission,
+    StudentTMLPTransition,
     auto_policy,
 )
 
@@ -52,9 +55,79 @@ def test_untrained_mlp_transition_is_a_random_walk():
 
 
 def test_transitions_broadcast_particles():
-    for trans in (GaussianMLPTransition(Z, A, hidden=(16,)), LinearGaussianTransition(Z, A)):
+    for trans in (
+        GaussianMLPTransition(Z, A, hidden=(16,)),
+        LinearGaussianTransition(Z, A),
+        GatedTransition(Z, A, hidden=(16,)),
+        StudentTMLPTransition(Z, A, hidden=(16,)),
+    ):
         d = trans(torch.randn(7, 4, 1, Z), torch.randn(4, 1, A))  # particles on z only
-        assert d.batch_shape == (7, 4, 1)
+        assert d.batch_shape == (7, 4, 1) and d.event_shape == (Z,)
+    d, h = RSSMTransition(Z, A, deter_dim=5, hidden=(16,))(
+        torch.randn(7, 4, 1, Z), torch.randn(4, 1, A), torch.zeros(4, 1, 5)
+    )
+    assert d.batch_shape == (7, 4, 1) and d.event_shape == (Z,) and h.shape == (7, 4, 1, 5)
+
+
+def _set_gate(trans, bias):
+    with torch.no_grad():
+        trans.gate[-1].weight.zero_()
+        trans.gate[-1].bias.fill_(bias)
+
+
+def test_gated_transition_interpolates_between_its_linear_path_and_its_proposal():
+    trans = GatedTransition(Z, A, hidden=(16,))
+    z, a = torch.randn(4, 1, Z), torch.randn(4, 1, A)
+    _set_gate(trans, -40.0)  # gate shut: the linear path, which starts as the identity on z
+    torch.testing.assert_close(trans(z, a).mean, z)
+    _set_gate(trans, 40.0)  # gate open: the proposal m(u)
+    u = torch.cat([z, a], -1)
+    m = trans.proposed_mean(u)
+    d = trans(z, a)
+    torch.testing.assert_close(d.mean, m)
+    scale = torch.nn.functional.softplus(trans.scale(torch.relu(m))) + trans.min_scale
+    torch.testing.assert_close(d.stddev, scale)
+    _set_gate(trans, 0.0)  # half open: the average
+    torch.testing.assert_close(trans(z, a).mean, 0.5 * z + 0.5 * m)
+
+
+def test_student_t_transition_has_the_gaussian_mean_and_scale_and_heavy_tails():
+    gauss = GaussianMLPTransition(Z, A, hidden=(16,))
+    torch.nn.init.normal_(gauss.net[-1].weight)  # away from the random walk
+    for df in (5.0, "learned"):
+        student = StudentTMLPTransition(Z, A, hidden=(16,), df=df)
+        student.load_state_dict(gauss.state_dict(), strict=False)
+        z, a, z_next = torch.randn(4, 1, Z), torch.randn(4, 1, A), torch.randn(4, 1, Z)
+        normal = gauss(z, a).base_dist
+        nu = 5.0 if df == 5.0 else 2.0 + torch.nn.functional.softplus(torch.tensor(1.0))
+        expected = torch.distributions.StudentT(nu, normal.loc, normal.scale).log_prob(z_next).sum(-1)
+        torch.testing.assert_close(student(z, a).log_prob(z_next), expected)
+        far = normal.loc + 10 * normal.scale  # ten scales out, the t is far more likely
+        assert (student(z, a).log_prob(far) > gauss(z, a).log_prob(far) + 10).all()
+    learned = StudentTMLPTransition(Z, A, df="learned")
+    assert "raw_df" in dict(learned.named_parameters())
+    with torch.no_grad():
+        learned.raw_df.fill_(-10.0)
+    assert (learned.degrees_of_freedom() > 2).all()  # so the mean and variance exist
+    with pytest.raises(ValueError, match=r"df: expected 'learned' or a positive float, got 0"):
+        StudentTMLPTransition(Z, A, df=0)
+
+
+def test_rssm_transition_is_a_gru_then_a_gaussian():
+    trans = RSSMTransition(Z, A, deter_dim=5, hidden=(16,))
+    z, a, h_prev = torch.randn(4, 1, Z), torch.randn(4, 1, A), torch.randn(4, 1, 5)
+    d, h = trans(z, a, h_prev)
+    e = torch.nn.functional.elu(trans.embed[0](torch.cat([z, a], -1)))
+    expected_h = trans.cell(e.reshape(4, -1), h_prev.reshape(4, 5)).reshape(4, 1, 5)
+    torch.testing.assert_close(h, expected_h)
+    loc, raw = trans.prior(expected_h).chunk(2, -1)
+    torch.testing.assert_close(d.mean, loc)
+    torch.testing.assert_close(d.stddev, torch.nn.functional.softplus(raw) + trans.min_scale)
+    torch.testing.assert_close(trans.initial_deter((4, 1), z), torch.zeros(4, 1, 5))
+    with pytest.raises(ValueError, match=r"deter_dim: expected a positive int, got 0"):
+        RSSMTransition(Z, A, deter_dim=0)
+    with pytest.raises(ValueError, match=r"hidden: expected at least one width"):
+        RSSMTransition(Z, A, hidden=())
 
 
 def test_linear_gaussian_transition_density():

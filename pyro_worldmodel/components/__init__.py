@@ -3,8 +3,14 @@
 from .emission import BernoulliEmission, GaussianMLPEmission, LinearGaussianEmission, StudentTEmission
 from .encoders import Combiner
 from .init import LearnedGaussianInit, StandardNormalInit
-from .policy import CategoricalPolicy, LinearGaussianPolicy, NormalPolicy, auto_policy
-from .transition import GaussianMLPTransition, LinearGaussianTransition
+from .policy import CategoricalPolicy, LinearGaussianPolicy, NormalPolicy, TanhNormalPolicy, auto_policy
+from .transition import (
+    GatedTransition,
+    GaussianMLPTransition,
+    LinearGaussianTransition,
+    RSSMTransition,
+    StudentTMLPTransition,
+)
 
 __all__ = [
     "BernoulliEmission",
@@ -12,12 +18,16 @@ __all__ = [
     "CategoricalPolicy",
     "Combiner",
     "GaussianMLPEmission",
+    "GatedTransition",
     "GaussianMLPTransition",
     "LearnedGaussianInit",
     "LinearGaussianEmission",
     "LinearGaussianPolicy",
     "LinearGaussianTransition",
     "NormalPolicy",
+    "RSSMTransition",
     "StandardNormalInit",
+    "TanhNormalPolicy",
+    "StudentTMLPTransition",
     "auto_policy",
 ]

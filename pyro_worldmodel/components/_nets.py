@@ -61,3 +61,24 @@ def set_linear_gaussian(linear: nn.Linear, head: nn.Linear, weight, bias, scale,
         head.bias.zero_()
         if head.out_features == 2 * Z:
             head.bias[Z:] = softplus_inverse((torch.as_tensor(scale) - min_scale).clamp(min=1e-12))
+
+
+class LearnedDF(nn.Module):
+    """Degrees of freedom ν of a Student-t: learned, ν = 2 + softplus(raw) > 2 so the
+    mean and variance exist, or fixed. The parameter is ``raw_df``."""
+
+    def _init_df(self, df, dim: int) -> None:
+        if df == "learned":
+            self.raw_df = nn.Parameter(torch.full((dim,), 1.0))  # ν = 2 + softplus(1) = 3.3 at start
+        elif isinstance(df, (int, float)) and not isinstance(df, bool) and df > 0:
+            self.register_buffer("raw_df", None)
+        else:
+            raise ValueError(f"df: expected 'learned' or a positive float, got {df!r}")
+        self.df = df
+        self._df_dim = dim
+
+    def degrees_of_freedom(self) -> torch.Tensor:
+        """ν, ``(dim,)``."""
+        if self.df == "learned":
+            return 2.0 + nn.functional.softplus(self.raw_df)
+        return torch.full((self._df_dim,), float(self.df), device=next(self.parameters()).device)

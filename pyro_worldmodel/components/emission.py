@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._nets import check_dim, check_hidden, mlp, set_linear_gaussian
+from ._nets import LearnedDF, check_dim, check_hidden, mlp, set_linear_gaussian
 
 
 class _MLPMean(nn.Module):
@@ -82,7 +82,7 @@ class LinearGaussianEmission(nn.Module):
         return dist.Normal(loc, self.log_scale.exp().expand(loc.shape)).to_event(1)
 
 
-class StudentTEmission(_MLPMean):
+class StudentTEmission(LearnedDF, _MLPMean):
     """p(x_t | z_t) = StudentT(ν, W z_t + f(z_t), diag σ), heavy-tailed per dimension.
 
     :param df: ``"learned"`` for a learned ν > 2 per dimension (so the mean and
@@ -94,18 +94,7 @@ class StudentTEmission(_MLPMean):
     ):
         super().__init__(latent_dim, obs_dim, hidden)
         self.log_scale = nn.Parameter(torch.zeros(obs_dim))
-        if df == "learned":
-            self.raw_df = nn.Parameter(torch.full((obs_dim,), 1.0))  # ν = 2 + softplus: 3.3 at start
-        elif isinstance(df, (int, float)) and not isinstance(df, bool) and df > 0:
-            self.register_buffer("raw_df", None)
-        else:
-            raise ValueError(f"df: expected 'learned' or a positive float, got {df!r}")
-        self.df = df
-
-    def degrees_of_freedom(self) -> torch.Tensor:
-        if self.df == "learned":
-            return 2.0 + nn.functional.softplus(self.raw_df)
-        return torch.full((self.obs_dim,), float(self.df), device=self.log_scale.device)
+        self._init_df(df, obs_dim)
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: a StudentT with event shape ``(X,)``."""

@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._nets import cat_batched, check_dim, check_hidden, mlp, positive, set_linear_gaussian
+from ._nets import LearnedDF, cat_batched, check_dim, check_hidden, mlp, positive, set_linear_gaussian
 
 
 class GaussianMLPTransition(nn.Module):
@@ -70,3 +70,134 @@ class LinearGaussianTransition(nn.Module):
         """:param z_prev: ``(..., Z)``; :param a_prev: ``(..., A)`` action features."""
         loc = z_prev @ self.F.T + a_prev @ self.G.T + self.bias  # (..., Z)
         return dist.Normal(loc, self.log_scale.exp().expand(loc.shape)).to_event(1)
+
+
+class StudentTMLPTransition(LearnedDF, GaussianMLPTransition):
+    """p(z_{t+1} | z_t, a_t) = StudentT(ν, z_t + W[z_t, a_t] + f(z_t, a_t), diag σ(z_t, a_t)), per dimension.
+
+    The Gaussian MLP transition with heavy tails, for dynamics with rare
+    large jumps (contacts, resets). Same mean and scale networks.
+
+    No distribution pair with a Normal guide has an analytic KL here, so
+    ``TraceMeanField_ELBO`` estimates these KL terms by Monte Carlo, and says so
+    (:class:`~pyro_worldmodel.elbos.MonteCarloKLWarning`).
+
+    :param df: ``"learned"`` for a learned ν > 2 per dimension, or a fixed float > 0.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        action_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        min_scale: float = 1e-3,
+        df: float | str = "learned",
+    ):
+        super().__init__(latent_dim, action_dim, hidden, min_scale)
+        self._init_df(df, latent_dim)
+
+    def forward(self, z_prev: torch.Tensor, a_prev: torch.Tensor) -> dist.Distribution:
+        """:param z_prev: ``(..., Z)``; :param a_prev: ``(..., A)`` action features."""
+        normal = super().forward(z_prev, a_prev).base_dist
+        df = self.degrees_of_freedom().to(normal.loc.dtype).expand(normal.loc.shape)
+        return dist.StudentT(df, normal.loc, normal.scale).to_event(1)
+
+
+class GatedTransition(nn.Module):
+    """p(z_{t+1} | z_t, a_t): the gated transition of the Deep Markov Model (Krishnan et al., 2017).
+
+    With u = [z_t, a_t], a gate g(u) ∈ (0, 1)^Z mixes a linear map of u, which
+    starts as the identity on z_t, with a nonlinear proposal m(u):
+
+        loc = (1 − g(u)) ⊙ W u + g(u) ⊙ m(u),   scale = softplus(V relu(m(u))) + min_scale.
+
+    As in Pyro's DMM example, the scale is read off the proposal. Actions
+    enter both the gate and the proposal, and the linear path.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        action_dim: int,
+        hidden: Sequence[int] = (64,),
+        min_scale: float = 1e-3,
+    ):
+        super().__init__()
+        self.latent_dim = check_dim("latent_dim", latent_dim)
+        self.action_dim = check_dim("action_dim", action_dim)
+        self.hidden = check_hidden(hidden)
+        self.min_scale = min_scale
+        U = latent_dim + action_dim
+        self.gate = mlp(U, self.hidden, latent_dim)
+        self.proposed_mean = mlp(U, self.hidden, latent_dim)
+        self.linear = nn.Linear(U, latent_dim)
+        self.scale = nn.Linear(latent_dim, latent_dim)
+        with torch.no_grad():  # the linear path starts as z_t, as in the DMM
+            self.linear.weight.copy_(torch.eye(latent_dim, U))
+            self.linear.bias.zero_()
+
+    def forward(self, z_prev: torch.Tensor, a_prev: torch.Tensor) -> dist.Distribution:
+        """:param z_prev: ``(..., Z)``; :param a_prev: ``(..., A)`` action features."""
+        u = cat_batched(z_prev, a_prev)  # (..., Z + A)
+        gate = torch.sigmoid(self.gate(u))  # (..., Z)
+        proposed_mean = self.proposed_mean(u)  # (..., Z)
+        loc = (1 - gate) * self.linear(u) + gate * proposed_mean
+        scale = positive(self.scale(torch.relu(proposed_mean)), self.min_scale)
+        return dist.Normal(loc, scale).to_event(1)
+
+
+class RSSMTransition(nn.Module):
+    """The recurrent state-space transition of PlaNet (Hafner et al., 2019).
+
+    The state has a deterministic part h_t and a stochastic part z_t:
+
+        h_t = GRU(h_{t-1}, e([z_{t-1}, a_{t-1}])),   p(z_t | h_t) = N(μ(h_t), diag σ(h_t)²),
+
+    with h_1 = 0. The deterministic path carries information over many steps
+    without sampling noise, so z_t's prior depends on the whole past, not on
+    z_{t-1} alone. The emission and the policy read the features [h_t, z_t]
+    (size ``deter_dim + latent_dim``); :class:`~pyro_worldmodel.model.WorldModel`
+    runs the recurrence. The guide infers z_t only: h_t is a function of the
+    z's and a's before it.
+
+    :param deter_dim: D, the size of h_t.
+    :param hidden: widths of the input embedding e (its last width is the
+        GRU's input) and of the prior's MLP.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        action_dim: int,
+        deter_dim: int = 64,
+        hidden: Sequence[int] = (64,),
+        min_scale: float = 1e-3,
+    ):
+        super().__init__()
+        self.latent_dim = check_dim("latent_dim", latent_dim)
+        self.action_dim = check_dim("action_dim", action_dim)
+        self.deter_dim = check_dim("deter_dim", deter_dim)
+        self.hidden = check_hidden(hidden)
+        if not self.hidden:
+            raise ValueError(f"hidden: expected at least one width for the GRU's input, got {hidden!r}")
+        self.min_scale = min_scale
+        self.embed = nn.Sequential(mlp(latent_dim + action_dim, self.hidden[:-1], self.hidden[-1]), nn.ELU())
+        self.cell = nn.GRUCell(self.hidden[-1], deter_dim)
+        self.prior = mlp(deter_dim, self.hidden, 2 * latent_dim)
+
+    def initial_deter(self, batch_shape, like: torch.Tensor) -> torch.Tensor:
+        """h_1 = 0, ``(*batch_shape, D)``."""
+        return like.new_zeros(*batch_shape, self.deter_dim)
+
+    def forward(self, z_prev: torch.Tensor, a_prev: torch.Tensor, h_prev: torch.Tensor):
+        """One step: ``(p(z_t | h_t), h_t)``.
+
+        :param z_prev: ``(..., Z)``; :param a_prev: ``(..., A)``; :param h_prev: ``(..., D)``.
+        """
+        e = self.embed(cat_batched(z_prev, a_prev))  # (..., E)
+        shape = torch.broadcast_shapes(e.shape[:-1], h_prev.shape[:-1])
+        e = e.expand(*shape, e.shape[-1]).reshape(-1, e.shape[-1])  # GRUCell takes (N, ·)
+        h_prev = h_prev.expand(*shape, self.deter_dim).reshape(-1, self.deter_dim)
+        h = self.cell(e, h_prev).reshape(*shape, self.deter_dim)  # (..., D)
+        loc, raw_scale = self.prior(h).chunk(2, dim=-1)  # (..., Z) each
+        return dist.Normal(loc, positive(raw_scale, self.min_scale)).to_event(1), h
