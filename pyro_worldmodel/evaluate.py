@@ -9,8 +9,8 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import kl_divergence
 
+from .elbos import analytic_kl
 from .imagine import imagine
 
 # Our programs nest two plates (episodes at -2, time at -1); particles go left of both.
@@ -22,7 +22,9 @@ class ELBOTerms:
     """The ELBO's terms in nats per observed timestep, as the DMM reports them.
 
     ``kl_per_t`` is the KL at each time index, averaged over the episodes
-    observed there.
+    observed there. ``monte_carlo_kl`` names the latent sites whose pair of
+    distributions has no analytic KL, where the KL is the Monte Carlo estimate
+    log q(z) − log p(z) at the guide's sample; it is empty when every KL is exact.
     """
 
     log_px: float
@@ -30,6 +32,7 @@ class ELBOTerms:
     kl: float
     kl_per_t: torch.Tensor
     num_timesteps: int
+    monte_carlo_kl: tuple[str, ...] = ()
 
     @property
     def elbo(self) -> float:
@@ -86,8 +89,10 @@ class OpenLoop:
 def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1) -> ELBOTerms:
     """Σ log p(x|z), Σ log π(a|z) and the analytic KL, per observed timestep.
 
-    Uses the analytic KL for every latent site and raises ``ValueError`` if a
-    pair of distributions has none, rather than falling back to Monte Carlo.
+    Uses the analytic KL wherever the pair of distributions has one, and
+    log q(z) − log p(z) at the guide's sample where it has none (a Student-t
+    transition, a flow in the guide); those sites are listed in
+    ``ELBOTerms.monte_carlo_kl``.
 
     :param model: a :class:`~pyro_worldmodel.model.WorldModel`.
     :param guide: a guide over the same ``z_{t}`` sites.
@@ -99,6 +104,7 @@ def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1)
     B, T = mask.shape
     n = mask.sum()
     log_lik = {"x": 0.0, "a": 0.0}
+    monte_carlo = {}  # an ordered set of site names
     kl_t = torch.zeros(T, dtype=obs.dtype, device=obs.device)
     with torch.no_grad():
         for _ in range(num_particles):
@@ -110,7 +116,13 @@ def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1)
                     log_lik[name] = log_lik.get(name, 0.0) + site["fn"].log_prob(site["value"]).sum()
                 else:
                     t = int(name.split("_")[1])
-                    kl_t[t] += _analytic_kl(name, guide_tr.nodes[name]["fn"], site["fn"]).sum()
+                    q, p = guide_tr.nodes[name]["fn"], site["fn"]
+                    kl = analytic_kl(q, p)
+                    if kl is None:
+                        value = site["value"]
+                        kl = q.log_prob(value) - p.log_prob(value)
+                        monte_carlo.setdefault(name, None)
+                    kl_t[t] += kl.sum()
     per_step = num_particles * n
     return ELBOTerms(
         log_px=float(log_lik["x"] / per_step),
@@ -118,6 +130,7 @@ def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1)
         kl=float(kl_t.sum() / per_step),
         kl_per_t=(kl_t / (num_particles * mask.sum(0).clamp(min=1))).cpu(),
         num_timesteps=int(n),
+        monte_carlo_kl=tuple(monte_carlo),
     )
 
 
@@ -125,16 +138,6 @@ def _traces(model, guide, *args):
     """A guide trace, and the model's trace with its latents replayed from it."""
     guide_tr = poutine.trace(guide).get_trace(*args)
     return guide_tr, poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
-
-
-def _analytic_kl(name, q, p):
-    try:
-        return kl_divergence(q, p)
-    except NotImplementedError:
-        raise ValueError(
-            f"guide: no analytic KL({type(q).__name__} ‖ {type(p).__name__}) at site {name};"
-            " TraceMeanField_ELBO would silently fall back to Monte Carlo here"
-        ) from None
 
 
 def log_weights(model, guide, obs, actions, mask=None, *, num_particles: int) -> torch.Tensor:

@@ -12,10 +12,11 @@ import pyro
 import pyro.optim
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, SVI, TraceMeanField_ELBO
+from pyro.infer import ELBO, SVI
 from pyro.optim.optim import _get_state_dict  # handles optimisers and LR schedulers
 from tqdm.auto import tqdm
 
+from .elbos import TraceMeanField_ELBO
 from .evaluate import elbo_terms
 
 MAX_PLATE_NESTING = 2  # episodes (dim -2) and time (dim -1)
@@ -36,7 +37,11 @@ class History:
 
 
 def default_elbo() -> ELBO:
-    """``TraceMeanField_ELBO``: the KL terms of the bound computed analytically."""
+    """``TraceMeanField_ELBO``: the KL terms of the bound computed analytically.
+
+    It is :class:`pyro_worldmodel.elbos.TraceMeanField_ELBO`, Pyro's estimator
+    with a warning where a pair of distributions has no analytic KL.
+    """
     return TraceMeanField_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
 
 

@@ -47,7 +47,7 @@ def test_elbo_is_below_exact_and_training_the_guide_closes_most_of_the_gap(ancho
     before, se_before = elbo_per_sequence(model, untrained, obs, actions, 10)
     after, se_after = elbo_per_sequence(model, trained_guide, obs, actions, 20)
     print(f"exact {exact:.2f}, ELBO untrained {before:.2f}, trained {after:.2f} nats/sequence")
-    # measured: exact -119.3, untrained -2435.4, trained -132.0
+    # measured: exact -119.3, untrained -2435.4, trained -132.7 (-132.0 on another CPU)
     assert before + 3 * se_before < exact
     assert after + 3 * se_after < exact
     gap_before, gap_after = exact - before, exact - after
@@ -65,7 +65,7 @@ def test_iwae_increases_with_K_and_reaches_exact_at_1000(anchor, trained_guide):
         for K in (1, 10, 100, 1000)
     }
     print(f"exact {exact:.2f}, IWAE {iwae}")
-    # measured: K=1 -133.5, 10 -126.5, 100 -124.1, 1000 -122.6 against exact -119.3
+    # measured: K=1 -133.9, 10 -127.5, 100 -124.4, 1000 -122.6 against exact -119.3
     assert iwae[1] < iwae[10] < iwae[100] < iwae[1000]
     assert iwae[1000] < exact + 0.5
     assert exact - iwae[1000] < 5.0
@@ -108,8 +108,9 @@ def test_estimators_agree_in_expectation(anchor, trained_guide):
     assert diffs.mean().abs() < 1e-2 * torch.tensor(tmf_losses).mean().abs()
 
 
-def test_elbo_terms_refuse_a_pair_without_analytic_kl(anchor):
+def test_elbo_terms_estimate_a_pair_without_analytic_kl_by_monte_carlo_and_say_so(anchor):
     model, obs, actions, _ = anchor
+    obs, actions = obs[:2, :3], actions[:2, :3]
 
     def student_guide(obs, actions, mask=None):
         with pyro.plate("episodes", obs.shape[0], dim=-2):
@@ -117,8 +118,13 @@ def test_elbo_terms_refuse_a_pair_without_analytic_kl(anchor):
                 q = dist.StudentT(3.0, torch.zeros(obs.shape[0], 1, 4, dtype=obs.dtype), 1.0)
                 pyro.sample(f"z_{t}", q.to_event(1))
 
-    with pytest.raises(ValueError, match=r"guide: no analytic KL\(Independent ‖ .*\) at site z_0"):
-        elbo_terms(model, student_guide, obs[:2, :3], actions[:2, :3])
+    pyro.set_rng_seed(4)
+    terms = elbo_terms(model, student_guide, obs, actions)
+    assert terms.monte_carlo_kl == ("z_0", "z_1", "z_2")
+    # On the same draw, Trace_ELBO's log p(x, a, z) − log q(z) is the same bound.
+    pyro.set_rng_seed(4)
+    mc = Trace_ELBO(max_plate_nesting=2).loss(model.model, student_guide, obs, actions)
+    assert terms.elbo * terms.num_timesteps == pytest.approx(-mc, rel=1e-9)
 
 
 def test_iwae_at_one_particle_is_an_elbo_draw(anchor):
@@ -143,6 +149,7 @@ def test_the_smoothing_guide_is_at_least_as_tight_as_the_filter(anchor, trained_
     filt, se_f = elbo_per_sequence(model, trained_guide, obs, actions, 20)
     smooth, se_s = elbo_per_sequence(model, smoother, obs, actions, 20)
     print(f"exact {exact:.2f}; gap: filter {exact - filt:.2f}, smoothing {exact - smooth:.2f} nats/sequence")
-    # measured: gap filter 13.01, smoothing 8.56 nats/sequence (without a_{t-1} the smoother had 19.1)
+    # measured: gap filter 13.62, smoothing 9.26 nats/sequence (13.01 and 8.56 on another CPU;
+    # without a_{t-1} the smoother had 19.1)
     assert smooth < exact and filt < exact
     assert smooth >= filt - 3 * (se_f**2 + se_s**2) ** 0.5

@@ -1,0 +1,113 @@
+"""TraceMeanField_ELBO: analytic KL wherever the pair has one, and never a silent fallback."""
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_worldmodel import ActionSpace, FilterGuide, WorldModel, elbo_terms, fit
+from pyro_worldmodel.components import (
+    GaussianMLPEmission,
+    GaussianMLPTransition,
+    NormalPolicy,
+    StandardNormalInit,
+    StudentTMLPTransition,
+)
+from pyro_worldmodel.elbos import MonteCarloKLWarning, TraceMeanField_ELBO
+
+BOX = ActionSpace.box(2)
+Z, X = 2, 3
+
+
+def world(transition_cls=GaussianMLPTransition):
+    model = WorldModel(
+        StandardNormalInit(Z),
+        transition_cls(Z, 2, hidden=(8,)),
+        GaussianMLPEmission(Z, X, hidden=(8,)),
+        NormalPolicy(Z, BOX, hidden=(8,)),
+    )
+    return model, FilterGuide.for_model(model, rnn_dim=8, hidden=(8,))
+
+
+def data(B=4, T=6):
+    g = torch.Generator().manual_seed(3)
+    mask = torch.arange(T) < torch.tensor([T, T, 4, 2])[:B, None]
+    return torch.randn(B, T, X, generator=g), torch.randn(B, T, 2, generator=g), mask
+
+
+def loss(elbo, model, guide, *args, seed=5):
+    pyro.set_rng_seed(seed)
+    return elbo.loss(model.model, guide, *args)
+
+
+def test_with_analytic_pairs_it_is_the_analytic_decomposition():
+    """A fallback at any z_t would replace its exact KL by log q − log p at one draw,
+    and the loss would no longer equal −(log p(x|z) + log π(a|z) − KL) on that draw."""
+    model, guide = world()
+    obs, actions, mask = data()
+    elbo = TraceMeanField_ELBO(max_plate_nesting=2, monte_carlo_kl="error")
+    got = loss(elbo, model, guide, obs, actions, mask)
+    pyro.set_rng_seed(5)
+    terms = elbo_terms(model, guide, obs, actions, mask)
+    assert terms.monte_carlo_kl == ()
+    assert got == pytest.approx(-terms.elbo * terms.num_timesteps, rel=1e-5)
+    assert set(elbo.kl_estimators.values()) == {"analytic"} and len(elbo.kl_estimators) == 6
+    # and it is Pyro's estimator, value for value
+    stock = pyro.infer.TraceMeanField_ELBO(max_plate_nesting=2)
+    assert got == pytest.approx(loss(stock, model, guide, obs, actions, mask), rel=1e-6)
+
+
+def test_a_pair_without_analytic_kl_warns_once_and_is_recorded():
+    model, guide = world(StudentTMLPTransition)
+    obs, actions, mask = data()
+    elbo = TraceMeanField_ELBO(max_plate_nesting=2)
+    with pytest.warns(
+        MonteCarloKLWarning, match=r"no analytic KL\(Normal ‖ StudentT\) at 5 sites \(z_1 … z_5\)"
+    ):
+        got = loss(elbo, model, guide, obs, actions, mask)
+    assert elbo.kl_estimators == {"z_0": "analytic", **{f"z_{t}": "monte_carlo" for t in range(1, 6)}}
+    # the bound is Pyro's own, Monte Carlo where it must be
+    stock = pyro.infer.TraceMeanField_ELBO(max_plate_nesting=2)
+    assert got == pytest.approx(loss(stock, model, guide, obs, actions, mask), rel=1e-6)
+    # elbo_terms computes the same bound on the same draw, and names the sites
+    pyro.set_rng_seed(5)
+    terms = elbo_terms(model, guide, obs, actions, mask)
+    assert terms.monte_carlo_kl == tuple(f"z_{t}" for t in range(1, 6))
+    assert got == pytest.approx(-terms.elbo * terms.num_timesteps, rel=1e-5)
+    with warnings.catch_warnings(record=True) as record:  # once per pair: training is not flooded
+        warnings.simplefilter("always")
+        fit(model, guide, obs, actions, mask, num_steps=3, elbo=elbo, progress=False)
+    assert not [w for w in record if w.category is MonteCarloKLWarning]
+
+
+def test_the_fallback_can_be_refused_or_allowed():
+    model, guide = world(StudentTMLPTransition)
+    obs, actions, mask = data()
+    with pytest.raises(ValueError, match=r"monte_carlo_kl='error'\): no analytic KL\(Normal ‖ StudentT\)"):
+        loss(
+            TraceMeanField_ELBO(max_plate_nesting=2, monte_carlo_kl="error"), model, guide, obs, actions, mask
+        )
+    quiet = TraceMeanField_ELBO(max_plate_nesting=2, monte_carlo_kl="allow")
+    loss(quiet, model, guide, obs, actions, mask)  # warnings are errors in this suite
+    assert quiet.kl_estimators["z_3"] == "monte_carlo"
+    with pytest.raises(ValueError, match=r"monte_carlo_kl: expected 'warn', 'error' or 'allow', got 'no'"):
+        TraceMeanField_ELBO(monte_carlo_kl="no")
+
+
+def test_an_accidental_fallback_is_caught_too():
+    """A guide that forgets to mask its sites has no analytic KL against the masked
+    prior, and stock Pyro would silently use Monte Carlo there."""
+    model, _ = world()
+    obs, actions, mask = data()
+    loc = torch.nn.Parameter(torch.zeros(Z))
+
+    def unmasked_guide(obs, actions, mask=None, **_):
+        B, T = obs.shape[:2]
+        with pyro.plate("episodes", B, dim=-2):
+            for t in pyro.markov(range(T)):
+                pyro.sample(f"z_{t}", dist.Normal(pyro.param("loc", loc).expand(B, 1, Z), 1.0).to_event(1))
+
+    with pytest.warns(MonteCarloKLWarning, match=r"KL\(Normal ‖ Normal\) at 6 sites"):
+        loss(TraceMeanField_ELBO(max_plate_nesting=2), model, unmasked_guide, obs, actions, mask)
