@@ -280,7 +280,7 @@ def open_loop(
         )  # fmt: skip
         target = to_model(future_obs).to(device)  # (b, H, X)
         with torch.no_grad():
-            log_p = model.emission(im.latents).log_prob(target)  # (S, b, H)
+            log_p = model.emission(im.emission_input).log_prob(target)  # (S, b, H)
         sq_err["model"].append((im.obs_mean.mean(0).cpu() - future_obs) ** 2)
         log_lik["model"].append((torch.logsumexp(log_p, 0) - math.log(num_samples)).cpu() - log_jac)
         for name, predictor in (baselines or {}).items():

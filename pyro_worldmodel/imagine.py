@@ -20,6 +20,9 @@ class Imagination:
     :ivar obs_mean: ``(S, B, H, X)`` the emission's mean E[x_t | z_t] per sample.
     :ivar obs: ``(S, B, H, X)`` observations sampled from the emission.
     :ivar context_obs: ``(B, C, X)`` the context the futures follow.
+    :ivar features: ``(S, B, H, D + Z)`` [h_t, z_t], what the emission and the
+        policy read, with a recurrent transition (D the size of h_t); None
+        otherwise, where they read the latents.
     """
 
     latents: torch.Tensor
@@ -27,6 +30,12 @@ class Imagination:
     obs_mean: torch.Tensor
     obs: torch.Tensor
     context_obs: torch.Tensor
+    features: torch.Tensor | None = None
+
+    @property
+    def emission_input(self) -> torch.Tensor:
+        """What the model's emission reads at each imagined step: the features, or the latents."""
+        return self.latents if self.features is None else self.features
 
     @property
     def num_samples(self) -> int:
@@ -66,7 +75,8 @@ def imagine(
     :param horizon: H, steps to imagine.
     :param future_actions: None to sample from the learned π; a ``(B, H, A)``
         (or ``(B, H)``) tensor; or a callable ``f(z) -> a`` on latents
-        ``(..., B, 1, Z)``. In real units when ``normalizer`` is given.
+        ``(..., B, 1, Z)`` (features [h_t, z_t] with a recurrent transition,
+        as the policy reads). In real units when ``normalizer`` is given.
     :param num_samples: S, futures drawn per episode.
     :param normalizer: a :class:`~pyro_worldmodel.data.Normalizer`: inputs are in
         real units and so is the result. None: everything in model units.
@@ -100,7 +110,8 @@ def imagine(
         guide=guide,
         num_samples=num_samples,
         parallel=parallel,
-        return_sites=["z_future", "a_future", "x_future_mean", "x_future"],
+        return_sites=["z_future", "a_future", "x_future_mean", "x_future"]
+        + (["features_future"] if model.deter_dim else []),
     )
     with torch.no_grad():
         out = predictive(obs, actions, horizon=horizon, future_actions=future_actions)
@@ -113,7 +124,10 @@ def imagine(
     if normalizer is not None:
         x_mean, x = normalizer.obs_inverse(x_mean), normalizer.obs_inverse(x)
         a = normalizer.actions_inverse(a) if box else a
-    return Imagination(latents=z, actions=a, obs_mean=x_mean, obs=x, context_obs=context_obs)
+    features = out["features_future"].reshape(num_samples, B, horizon, -1) if model.deter_dim else None
+    return Imagination(
+        latents=z, actions=a, obs_mean=x_mean, obs=x, context_obs=context_obs, features=features
+    )
 
 
 def _in_model_units(fn, normalizer):

@@ -10,6 +10,7 @@ from torch import nn
 
 from ._naming import register, unique_name
 from .components import GaussianMLPEmission, GaussianMLPTransition, StandardNormalInit, auto_policy
+from .components._nets import cat_batched
 from .spaces import ActionSpace, ChecksInputs
 
 
@@ -38,11 +39,16 @@ class WorldModel(ChecksInputs, nn.Module):
     ):
         super().__init__()
         latent_dim = init.latent_dim
-        for part in (transition, emission, policy):
-            if part.latent_dim != latent_dim:
+        # A recurrent transition (RSSM) adds a deterministic state h_t, which the
+        # emission and the policy read beside z_t.
+        feature_dim = latent_dim + getattr(transition, "deter_dim", 0)
+        for part, expected in ((transition, latent_dim), (emission, feature_dim), (policy, feature_dim)):
+            if part.latent_dim != expected:
+                why = f"as in {type(init).__name__}"
+                if expected != latent_dim:
+                    why = f"= latent_dim + {type(transition).__name__}.deter_dim, the features [h_t, z_t] it reads"
                 raise ValueError(
-                    f"{type(part).__name__}: expected latent_dim={latent_dim} as in"
-                    f" {type(init).__name__}, got {part.latent_dim}"
+                    f"{type(part).__name__}: expected latent_dim={expected} {why}, got {part.latent_dim}"
                 )
         if transition.action_dim != policy.action_space.feature_dim:
             raise ValueError(
@@ -79,6 +85,11 @@ class WorldModel(ChecksInputs, nn.Module):
         return self.init.latent_dim
 
     @property
+    def deter_dim(self) -> int:
+        """D, the size of a recurrent transition's deterministic state h_t; 0 for a Markov one."""
+        return getattr(self.transition, "deter_dim", 0)
+
+    @property
     def obs_dim(self) -> int:
         return self.emission.obs_dim
 
@@ -99,22 +110,26 @@ class WorldModel(ChecksInputs, nn.Module):
             Needs every step of the context observed.
         :param future_actions: the actions of those steps: None samples them
             from π(a_t | z_t); a ``(B, H, A)`` (or ``(B, H)``) tensor sets them;
-            a callable ``f(z_t) -> a_t`` maps each ``(..., B, 1, Z)`` latent to
-            an action of shape ``(..., B, 1, A)`` (or ``(..., B, 1)``). Set
-            actions are interventions: they are not scored by π.
+            a callable ``f(z_t) -> a_t`` maps what the policy reads, each
+            ``(..., B, 1, Z)`` latent (``(..., B, 1, D + Z)`` features [h_t, z_t]
+            with a recurrent transition), to an action of shape
+            ``(..., B, 1, A)`` (or ``(..., B, 1)``). Set actions are
+            interventions: they are not scored by π.
         :returns: the latents ``(B, T, Z)``.
 
         Sites: ``z_{t}`` for each t, then ``x`` and ``a`` over a time plate.
         With a horizon, also ``z_{t}`` (and ``a_{t}`` when sampled from π)
         for t = T … T+H-1, then over a ``future`` plate the deterministic
-        ``z_future``, ``a_future``, ``x_future_mean`` and the sampled ``x_future``.
+        ``z_future``, ``a_future``, ``x_future_mean`` and the sampled ``x_future``
+        (and ``features_future``, [h_t, z_t], with a recurrent transition).
         """
         obs, actions, mask = self.check_inputs(obs, actions, mask)
         B, T = mask.shape
         _check_horizon(horizon, mask)
         register(self.name, self)
         a_feat = self.action_space.features(actions, obs.dtype)  # (B, T, A)
-        z = []
+        z, feats = [], []
+        h = self.transition.initial_deter((B, 1), obs) if self.deter_dim else None  # h_1: (B, 1, D)
         # Inside the loop the rightmost batch dim is one time slice, so the
         # latent sites share the episodes plate with the likelihood sites.
         with pyro.plate("episodes", B, dim=-2):
@@ -122,43 +137,60 @@ class WorldModel(ChecksInputs, nn.Module):
                 if t == 0:
                     prior = self.init((B, 1))
                 else:
-                    prior = self.transition(z[-1], a_feat[:, t - 1 : t])  # a_{t-1}: (B, 1, A)
+                    prior, h = self._prior(z[-1], a_feat[:, t - 1 : t], h)  # a_{t-1}: (B, 1, A)
                 z.append(pyro.sample(f"z_{t}", prior.mask(mask[:, t : t + 1])))  # (..., B, 1, Z)
-            z = torch.cat(z, dim=-2)  # (..., B, T, Z)
+                feats.append(self._features(z[-1], h))
+            z = _cat_time(z)  # (..., B, T, Z)
+            features = _cat_time(feats)  # (..., B, T, D + Z)
             with pyro.plate("time", T, dim=-1):
-                pyro.sample("x", self.emission(z).mask(mask), obs=obs)
-                pyro.sample("a", self.policy(z).mask(mask), obs=actions)
+                pyro.sample("x", self.emission(features).mask(mask), obs=obs)
+                pyro.sample("a", self.policy(features).mask(mask), obs=actions)
             if horizon:
-                self._dream(z[..., -1:, :], a_feat[:, -1:], T, horizon, future_actions)
+                self._dream(z[..., -1:, :], h, a_feat[:, -1:], T, horizon, future_actions)
         return z
 
-    def _dream(self, z_last, a_feat_last, T, horizon, future_actions):
+    def _prior(self, z_prev, a_prev, h_prev):
+        """p(z_t | ·) and the new deterministic state (None for a Markov transition)."""
+        if h_prev is None:
+            return self.transition(z_prev, a_prev), None
+        return self.transition(z_prev, a_prev, h_prev)
+
+    @staticmethod
+    def _features(z_t, h_t):
+        """What the emission and the policy read: z_t, or [h_t, z_t] with a recurrent transition."""
+        return z_t if h_t is None else cat_batched(h_t, z_t)
+
+    def _dream(self, z_last, h_last, a_feat_last, T, horizon, future_actions):
         """Sample ``horizon`` steps after ``z_last``, inside the episodes plate."""
         B = a_feat_last.shape[0]
         if torch.is_tensor(future_actions):
             future_actions = self._check_future_actions(future_actions, B, horizon)
-        z_prev, a_prev = z_last, a_feat_last
-        zs, acts = [], []
-        for h in pyro.markov(range(horizon)):
-            t = T + h
-            z_t = pyro.sample(f"z_{t}", self.transition(z_prev, a_prev))  # (..., B, 1, Z)
+        z_prev, h, a_prev = z_last, h_last, a_feat_last
+        zs, feats, acts = [], [], []
+        for step in pyro.markov(range(horizon)):
+            t = T + step
+            prior, h = self._prior(z_prev, a_prev, h)
+            z_t = pyro.sample(f"z_{t}", prior)  # (..., B, 1, Z)
+            f_t = self._features(z_t, h)
             if future_actions is None:
-                a_t = pyro.sample(f"a_{t}", self.policy(z_t))
+                a_t = pyro.sample(f"a_{t}", self.policy(f_t))
             elif callable(future_actions):
-                a_t = future_actions(z_t)
+                a_t = future_actions(f_t)
             else:
-                a_t = future_actions[:, h : h + 1]
+                a_t = future_actions[:, step : step + 1]
             zs.append(z_t)
+            feats.append(f_t)
             acts.append(a_t)
             z_prev, a_prev = z_t, self.action_space.features(a_t, z_t.dtype)
-        shape = torch.broadcast_shapes(*(z.shape[:-1] for z in zs))  # (..., B, 1)
-        z_future = torch.cat([z.expand(*shape, z.shape[-1]) for z in zs], dim=-2)  # (..., B, H, Z)
+        shape = torch.broadcast_shapes(*(f.shape[:-1] for f in feats))  # (..., B, 1)
         event = () if self.action_space.kind == "discrete" else (self.action_space.dim,)
         a_future = torch.cat([a.expand(*shape, *event) for a in acts], dim=len(shape) - 1)
         with pyro.plate("future", horizon, dim=-1):
-            pyro.deterministic("z_future", z_future, event_dim=1)
+            pyro.deterministic("z_future", _cat_time(zs), event_dim=1)
+            if self.deter_dim:
+                pyro.deterministic("features_future", _cat_time(feats), event_dim=1)
             pyro.deterministic("a_future", a_future, event_dim=len(event))
-            emission = self.emission(z_future)
+            emission = self.emission(_cat_time(feats))
             pyro.deterministic("x_future_mean", emission.mean, event_dim=1)
             pyro.sample("x_future", emission)
 
@@ -181,6 +213,12 @@ class WorldModel(ChecksInputs, nn.Module):
     def forward(self, obs, actions, mask=None, **kwargs):
         """Same as :meth:`model`."""
         return self.model(obs, actions, mask, **kwargs)
+
+
+def _cat_time(steps):
+    """``[(..., B, 1, n)] * T`` → ``(..., B, T, n)``, broadcasting particle dims."""
+    shape = torch.broadcast_shapes(*(s.shape[:-1] for s in steps))
+    return torch.cat([s.expand(*shape, s.shape[-1]) for s in steps], dim=-2)
 
 
 def _check_horizon(horizon, mask):

@@ -201,3 +201,102 @@ def test_a_component_swapped_in_after_training_began_is_refused():
     model.emission = GaussianMLPEmission(2, 3, hidden=(8,))
     with pytest.raises(ValueError, match=r"name: the Pyro param store holds another tensor under .*emission"):
         fit(model, guide, obs, actions, num_steps=2, progress=False)
+
+
+def rssm_model(D=5, space=BOX):
+    from pyro_worldmodel.components import (
+        GaussianMLPEmission,
+        RSSMTransition,
+        StandardNormalInit,
+        auto_policy,
+    )
+
+    Z = 2
+    return WorldModel(
+        StandardNormalInit(Z),
+        RSSMTransition(Z, space.feature_dim, deter_dim=D, hidden=(8,)),
+        GaussianMLPEmission(Z + D, 3, hidden=(8,)),
+        auto_policy(Z + D, space, hidden=(8,)),
+    )
+
+
+def test_a_recurrent_transition_gives_the_rssm_joint_density():
+    """log p(x, a, z) of the RSSM written out by hand: h_1 = 0, h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]),
+    and the emission and the policy read [h_t, z_t]."""
+    model = rssm_model()
+    B, T, Z, D = 3, 5, 2, 5
+    obs, actions, z = torch.randn(B, T, 3), torch.randn(B, T, 2), torch.randn(B, T, Z)
+    conditioned = poutine.condition(model.model, data={f"z_{t}": z[:, t : t + 1] for t in range(T)})
+    trace = poutine.trace(conditioned).get_trace(obs, actions)
+    got = trace.log_prob_sum()
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z[:, 0]).sum()
+    h = torch.zeros(B, 1, D)
+    feats = [torch.cat([h, z[:, :1]], -1)]
+    for t in range(1, T):
+        prior, h = model.transition(z[:, t - 1 : t], actions[:, t - 1 : t], h)
+        expected = expected + prior.log_prob(z[:, t : t + 1]).sum()
+        feats.append(torch.cat([h, z[:, t : t + 1]], -1))
+    feats = torch.cat(feats, 1)  # (B, T, D + Z)
+    expected = (
+        expected + model.emission(feats).log_prob(obs).sum() + model.policy(feats).log_prob(actions).sum()
+    )
+    torch.testing.assert_close(got, expected)
+
+
+def test_the_rssm_prior_remembers_more_than_the_last_latent():
+    """With a Markov transition, z_3's prior depends on the past through z_2 only;
+    through the deterministic path, the RSSM's depends on z_1 as well."""
+    model = rssm_model()
+    obs, actions = torch.randn(1, 3, 3), torch.randn(1, 3, 2)
+
+    def prior_of_z2(z0):
+        data = {"z_0": z0, "z_1": torch.zeros(1, 1, 2), "z_2": torch.zeros(1, 1, 2)}
+        trace = poutine.trace(poutine.condition(model.model, data=data)).get_trace(obs, actions)
+        return trace.nodes["z_2"]["fn"].mean
+
+    assert not torch.allclose(prior_of_z2(torch.zeros(1, 1, 2)), prior_of_z2(torch.ones(1, 1, 2)))
+
+
+def test_an_rssm_world_model_trains_and_dreams():
+    from pyro_worldmodel import imagine
+
+    model = rssm_model(space=ActionSpace.discrete(3))
+    guide = FilterGuide.for_model(model, rnn_dim=8, hidden=(8,))
+    obs, actions = torch.randn(4, 6, 3), torch.randint(3, (4, 6))
+    before = {k: v.clone() for k, v in model.transition.state_dict().items()}
+    history = fit(model, guide, obs, actions, num_steps=3, progress=False)
+    assert all(torch.isfinite(torch.tensor(history.loss)))
+    assert any(not torch.equal(before[k], v) for k, v in model.transition.state_dict().items())
+    dream = imagine(model, guide, obs[:2], actions[:2], 4, num_samples=5)
+    assert dream.obs.shape == (5, 2, 4, 3) and dream.latents.shape == (5, 2, 4, 2)
+    seen = []
+    imagine(
+        model,
+        guide,
+        obs[:2],
+        actions[:2],
+        2,
+        num_samples=3,
+        future_actions=lambda f: seen.append(f.shape) or torch.zeros(f.shape[:-1], dtype=torch.long),
+    )
+    assert seen and all(s[-1] == 2 + 5 for s in seen)  # the callable sees [h_t, z_t], as the policy does
+
+
+def test_readers_of_a_recurrent_transition_must_take_its_features():
+    from pyro_worldmodel.components import (
+        GaussianMLPEmission,
+        NormalPolicy,
+        RSSMTransition,
+        StandardNormalInit,
+    )
+
+    with pytest.raises(
+        ValueError,
+        match=r"GaussianMLPEmission: expected latent_dim=7 = latent_dim \+ RSSMTransition.deter_dim",
+    ):
+        WorldModel(
+            StandardNormalInit(2),
+            RSSMTransition(2, 2, deter_dim=5),
+            GaussianMLPEmission(2, 3),
+            NormalPolicy(7, BOX),
+        )
