@@ -36,6 +36,7 @@ from torch import nn
 from .components import (
     BernoulliEmission,
     CategoricalPolicy,
+    GatedTransition,
     GaussianMLPEmission,
     GaussianMLPTransition,
     LearnedGaussianInit,
@@ -43,10 +44,14 @@ from .components import (
     LinearGaussianPolicy,
     LinearGaussianTransition,
     NormalPolicy,
+    RSSMTransition,
     StandardNormalInit,
     StudentTEmission,
+    StudentTMLPTransition,
+    TanhNormalPolicy,
 )
-from .guides import FilterGuide, MeanFieldGuide, SmoothingGuide
+from .elbos import TraceMeanField_ELBO
+from .guides import FilterGuide, IAFFilterGuide, MeanFieldGuide, SmoothingGuide
 from .inference import MAX_PLATE_NESTING, fit
 from .model import WorldModel
 from .spaces import ActionSpace
@@ -93,6 +98,9 @@ for _slot, _name, _cls in (
     ("init", "learned_gaussian", LearnedGaussianInit),
     ("transition", "gaussian_mlp", GaussianMLPTransition),
     ("transition", "linear_gaussian", LinearGaussianTransition),
+    ("transition", "gated", GatedTransition),
+    ("transition", "rssm", RSSMTransition),
+    ("transition", "student_t", StudentTMLPTransition),
     ("emission", "gaussian_mlp", GaussianMLPEmission),
     ("emission", "linear_gaussian", LinearGaussianEmission),
     ("emission", "student_t", StudentTEmission),
@@ -101,14 +109,17 @@ for _slot, _name, _cls in (
     ("policy", "normal", NormalPolicy),
     ("policy", "categorical", CategoricalPolicy),
     ("policy", "linear_gaussian", LinearGaussianPolicy),
+    ("policy", "tanh_normal", TanhNormalPolicy),
     ("guide", "filter", FilterGuide),
     ("guide", "smoothing", SmoothingGuide),
     ("guide", "mean_field", MeanFieldGuide),
+    ("guide", "iaf_filter", IAFFilterGuide),
 ):
     register(_slot, _name)(_cls)
+# TraceMeanField_ELBO is Pyro's with its Monte Carlo fallback made loud (elbos.py).
+register("elbo", "TraceMeanField_ELBO")(TraceMeanField_ELBO)
 for _name in (
     "Trace_ELBO",
-    "TraceMeanField_ELBO",
     "TraceGraph_ELBO",
     "RenyiELBO",
     "TraceTailAdaptive_ELBO",
@@ -240,7 +251,10 @@ def build(spec, obs_dim: int, action_space: ActionSpace) -> Built:
         "action_space": action_space,
         "action_dim": action_space.feature_dim,
     }
-    parts = {slot: _make(slot, spec, supplied) for slot in ("init", "transition", "emission", "policy")}
+    parts = {slot: _make(slot, spec, supplied) for slot in ("init", "transition")}
+    # The emission and the policy read [h_t, z_t] when the transition is recurrent.
+    readers = {**supplied, "latent_dim": Z + getattr(parts["transition"], "deter_dim", 0)}
+    parts.update({slot: _make(slot, spec, readers) for slot in ("emission", "policy")})
     model = WorldModel(**parts)  # each part, model and guide gets a unique param-store name
     guide = _make("guide", spec, supplied)
     elbo_kwargs = {"max_plate_nesting": MAX_PLATE_NESTING, **_kwargs(spec.elbo)}
@@ -282,7 +296,12 @@ def _make(slot, spec, supplied):
 
 
 def _check_policy(cls, name, action_space):
-    kinds = {NormalPolicy: "box", LinearGaussianPolicy: "box", CategoricalPolicy: "discrete"}
+    kinds = {
+        NormalPolicy: "box",
+        LinearGaussianPolicy: "box",
+        TanhNormalPolicy: "box",
+        CategoricalPolicy: "discrete",
+    }
     kind = kinds.get(cls)
     if kind is not None and kind != action_space.kind:
         raise ValueError(

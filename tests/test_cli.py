@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_worldmodel import load_checkpoint
-from pyro_worldmodel.cli import Architecture, main
+from pyro_worldmodel import ActionSpace, load_checkpoint
+from pyro_worldmodel.cli import Architecture, _load_run, main
 from pyro_worldmodel.data import EPISODES_FORMAT, Episodes
 
 # Tiny settings: 10 SVI steps on windows of 10; 20 open-loop windows of 3 context + 5 predicted steps.
@@ -133,6 +133,18 @@ def test_train_writes_checkpoint_metrics_and_figures(pendulum_data, pendulum_run
 
     for name in ("training.png", *EVALUATE_FIGURES):
         assert (pendulum_run / "figures" / name).read_bytes()[:8] == PNG_MAGIC, name
+
+
+def test_the_model_is_built_in_normalised_action_units(pendulum_run):
+    """The model's box bounds are in the units it trains in; the architecture keeps real units."""
+    model, _, arch, normalizer, _ = _load_run(pendulum_run, "cpu")
+    real = ActionSpace.box(1, -2.0, 2.0)  # Pendulum's torque
+    assert ActionSpace(**arch.action_space) == real
+    loc, scale = normalizer.action_loc.item(), normalizer.action_scale.item()
+    assert scale != 1.0
+    assert model.action_space.low == pytest.approx(((-2.0 - loc) / scale,))
+    assert model.action_space.high == pytest.approx(((2.0 - loc) / scale,))
+    assert arch.build().model.action_space == real
 
 
 def test_evaluate_rewrites_the_metrics_train_wrote(pendulum_run, tmp_path, capsys):
@@ -529,5 +541,22 @@ def test_a_bad_config_is_refused_before_anything_is_written(pendulum_data, tmp_p
     rc, _, err = cli(
         capsys, "train", "--data", pendulum_data, "--set", "transition.name=lstm", *TRAIN, "--out", out
     )
-    assert rc == 2 and "registered: ['gaussian_mlp', 'linear_gaussian']" in err
+    assert rc == 2 and "registered: ['gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t']" in err
     assert not out.exists()
+
+
+def test_an_rssm_with_a_tanh_policy_trains_and_dreams_actions_inside_the_box(pendulum_data, tmp_path, capsys):
+    """The tanh policy's bounds follow the normalised actions, so what it dreams,
+    back in real units, stays in Pendulum's [-2, 2]."""
+    out = tmp_path / "run"
+    rc, _, err = cli(
+        capsys, "train", "--data", pendulum_data, "--set", "transition={name: rssm, deter_dim: 8, hidden: [16]}",
+        "--set", "policy.name=tanh_normal", *TRAIN, "--out", out,
+    )  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "imagine", "--run", out, "--policy", "model", "--context", 3, "--horizon", 20)
+    assert rc == 0, err
+    with np.load(out / "imagination.npz") as f:
+        actions = f["actions"]
+    assert actions.shape[-2:] == (20, 1) and np.abs(actions).max() <= 2.0 + 1e-5
+    assert np.abs(actions).max() > 0.1  # sampled, not stuck at the centre

@@ -1,6 +1,8 @@
 """Specs and the registry: every part swappable by name, from Python or YAML."""
 
+import contextlib
 import itertools
+import math
 from pathlib import Path
 
 import pyro
@@ -11,6 +13,7 @@ from torch import nn
 
 from pyro_worldmodel import ActionSpace, elbo_terms, fit
 from pyro_worldmodel.config import REGISTRY, Spec, build, register, spec_of
+from pyro_worldmodel.elbos import MonteCarloKLWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 BOX, DISCRETE = ActionSpace.box(2), ActionSpace.discrete(3)
@@ -31,17 +34,27 @@ def parameters(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-TRANSITIONS = ["gaussian_mlp", "linear_gaussian"]
+TRANSITIONS = ["gaussian_mlp", "linear_gaussian", "gated", "rssm", "student_t"]
 EMISSIONS = ["gaussian_mlp", "linear_gaussian", "student_t", "bernoulli"]
 GUIDES = {
     "filter": {"rnn_dim": 8, "hidden": [8]},
     "smoothing": {"rnn_dim": 8, "hidden": [8]},
     "mean_field": {"hidden": [8]},
+    "iaf_filter": {"rnn_dim": 8, "hidden": [8], "iaf_hidden": [8]},
 }
+SIZES = {"linear_gaussian": {}, "rssm": {"hidden": [8], "deter_dim": 4}}
 
 
 def small(name):
-    return {"name": name} if name == "linear_gaussian" else {"name": name, "hidden": [8]}
+    return {"name": name, **SIZES.get(name, {"hidden": [8]})}
+
+
+def expected_kl(transition, guide, T):
+    """Which estimator each z_t's KL must get: analytic wherever the pair has one."""
+    if guide == "iaf_filter":  # a flow: no pair has an analytic KL
+        return {f"z_{t}": "monte_carlo" for t in range(T)}
+    later = "monte_carlo" if transition == "student_t" else "analytic"  # KL(Normal ‖ StudentT)
+    return {"z_0": "analytic", **{f"z_{t}": later for t in range(1, T)}}
 
 
 @pytest.mark.parametrize("elbo", ["TraceMeanField_ELBO", "Trace_ELBO"])
@@ -62,16 +75,33 @@ def test_every_combination_trains(transition, emission, guide, elbo, space):
     obs, actions = data(space)
     if emission == "bernoulli":
         obs = (obs > 0).float()
+    expected = expected_kl(transition, guide, obs.shape[1])
     before = {**parameters(b.model), **{f"g.{k}": v for k, v in parameters(b.guide).items()}}
-    history = fit(
-        b.model, b.guide, obs, actions, num_steps=3, batch_size=3, elbo=b.elbo, optim=b.optim, progress=False
-    )
+    # No silent fallback: warnings are errors in this suite, so a Monte Carlo KL
+    # that is not expected fails here, and one that is expected must be announced.
+    with contextlib.ExitStack() as stack:
+        if elbo == "TraceMeanField_ELBO" and "monte_carlo" in expected.values():
+            stack.enter_context(pytest.warns(MonteCarloKLWarning))
+        history = fit(
+            b.model,
+            b.guide,
+            obs,
+            actions,
+            num_steps=3,
+            batch_size=3,
+            elbo=b.elbo,
+            optim=b.optim,
+            progress=False,
+        )
     assert all(torch.isfinite(torch.tensor(history.loss)))
     after = {**parameters(b.model), **{f"g.{k}": v for k, v in parameters(b.guide).items()}}
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any(k.startswith("transition") for k in changed) and any(k.startswith("g.") for k in changed)
-    # No silent fallback: every latent site of this pair has an analytic KL (elbo_terms raises if not).
-    assert elbo_terms(b.model, b.guide, obs, actions).kl > 0
+    if elbo == "TraceMeanField_ELBO":
+        assert b.elbo.kl_estimators == expected
+    terms = elbo_terms(b.model, b.guide, obs, actions)
+    assert terms.monte_carlo_kl == tuple(k for k, v in expected.items() if v == "monte_carlo")
+    assert math.isfinite(terms.elbo)
 
 
 def test_round_trip_object_spec_yaml_spec_object():
@@ -99,6 +129,19 @@ def test_round_trip_object_spec_yaml_spec_object():
         assert (
             type(second.elbo) is type(first.elbo) and second.optim.pt_optim_args == first.optim.pt_optim_args
         )
+
+
+def test_round_trip_of_a_tanh_policy_on_a_bounded_box():
+    space = ActionSpace.box(2, low=[-1.0, 0.0], high=[2.0, 0.5])
+    pyro.set_rng_seed(2)
+    first = build({"latent_dim": 3, "policy": {"name": "tanh_normal", "hidden": [8]}}, 3, space)
+    text = spec_of(first.model, first.guide).to_yaml()
+    assert Spec.from_yaml(text).policy == {"name": "tanh_normal", "hidden": [8]}
+    pyro.set_rng_seed(2)
+    second = build(Spec.from_yaml(text), 3, space)
+    pa, pb = parameters(first.model), parameters(second.model)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert torch.equal(second.model.policy.low, torch.tensor([-1.0, 0.0]))
 
 
 def test_a_user_registered_class_is_used_by_name():
@@ -149,7 +192,7 @@ def test_two_specs_in_one_process_keep_their_own_parameters():
         (
             {"transition": {"name": "gausian_mlp"}},
             BOX,
-            "transition.name: unknown 'gausian_mlp' (did you mean 'gaussian_mlp'?); registered: ['gaussian_mlp', 'linear_gaussian'",
+            "transition.name: unknown 'gausian_mlp' (did you mean 'gaussian_mlp'?); registered: ['gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t'",
         ),
         ({"guide": {"name": "smoother"}}, BOX, "guide.name: unknown 'smoother' (did you mean 'smoothing'?)"),
         (
@@ -173,6 +216,17 @@ def test_two_specs_in_one_process_keep_their_own_parameters():
             "policy.name: 'categorical' is for discrete actions, but the data's actions are",
         ),
         ({"policy": {"name": "normal"}}, DISCRETE, "policy.name: 'normal' is for box actions"),
+        ({"policy": {"name": "tanh_normal"}}, DISCRETE, "policy.name: 'tanh_normal' is for box actions"),
+        (
+            {"policy": {"name": "tanh_normal"}},
+            BOX,
+            "policy (tanh_normal): action_space: expected a box with finite low < high for a tanh-squashed policy",
+        ),
+        (
+            {"transition": {"name": "rssm", "deter_dim": 0}},
+            BOX,
+            "transition (rssm): deter_dim: expected a positive int, got 0",
+        ),
         ({"latent": 3}, BOX, "spec: unknown key 'latent' (did you mean 'latent_dim'?)"),
         ({"latent_dim": 0}, BOX, "latent_dim: expected a positive int, got 0"),
         ({"emission": {"hidden": [8]}}, BOX, "emission: expected a dict with a 'name'"),
