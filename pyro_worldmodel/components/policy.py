@@ -71,7 +71,7 @@ class LinearGaussianPolicy(nn.Module):
         return dist.Normal(loc, self.log_scale.exp().expand(loc.shape)).to_event(1)
 
 
-class TanhNormalPolicy(nn.Module):
+class TanhNormalPolicy(NormalPolicy):
     """π(a_t | z_t) for a bounded box: a_t = mid + half · tanh(u_t), with
     u_t ~ N(W z_t + f(z_t), diag(σ²)), mid = (high + low) / 2 and half = (high − low) / 2.
 
@@ -92,14 +92,8 @@ class TanhNormalPolicy(nn.Module):
     """
 
     def __init__(self, latent_dim: int, action_space: ActionSpace, hidden: Sequence[int] = (64,)):
-        super().__init__()
         low, high = _finite_box("action_space", action_space)
-        self.latent_dim = check_dim("latent_dim", latent_dim)
-        self.action_space = action_space
-        self.hidden = check_hidden(hidden)
-        self.linear = nn.Linear(latent_dim, action_space.dim)
-        self.net = mlp(latent_dim, self.hidden, action_space.dim)
-        self.log_scale = nn.Parameter(torch.zeros(action_space.dim))
+        super().__init__(latent_dim, action_space, hidden)  # u's mean and scale, as NormalPolicy
         self.register_buffer("mid", (high + low) / 2)  # (A,)
         self.register_buffer("half_range", (high - low) / 2)  # (A,); nn.Module.half is taken
         # Rounding can put mid + half one ulp outside the box; samples are clamped onto it.
@@ -108,8 +102,7 @@ class TanhNormalPolicy(nn.Module):
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: a tanh-squashed Normal with event shape ``(A,)``."""
-        loc = self.linear(z) + self.net(z)  # (..., A)
-        base = dist.Normal(loc, self.log_scale.exp().expand(loc.shape))
+        base = super().forward(z).base_dist  # N(W z + f(z), diag σ²), batch (..., A)
         squash = _TanhToBox(self.mid, self.half_range, self.low, self.high, cache_size=1)
         return dist.TransformedDistribution(base, [squash]).to_event(1)
 
