@@ -131,6 +131,20 @@ def test_round_trip_object_spec_yaml_spec_object():
         )
 
 
+@pytest.mark.parametrize("guide", sorted(GUIDES))
+def test_round_trip_of_each_guide(guide):
+    spec = {"latent_dim": 3, "guide": {"name": guide, **GUIDES[guide]}}
+    pyro.set_rng_seed(3)
+    first = build(spec, 3, DISCRETE)
+    read_back = spec_of(first.model, first.guide)
+    assert read_back.guide == {"name": guide, **GUIDES[guide]}
+    pyro.set_rng_seed(3)
+    second = build(Spec.from_yaml(read_back.to_yaml()), 3, DISCRETE)
+    assert type(second.guide) is type(first.guide)
+    pa, pb = parameters(first.guide), parameters(second.guide)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
 def test_round_trip_of_a_tanh_policy_on_a_bounded_box():
     space = ActionSpace.box(2, low=[-1.0, 0.0], high=[2.0, 0.5])
     pyro.set_rng_seed(2)
