@@ -357,7 +357,8 @@ def cmd_evaluate(args) -> dict:
     figures = run / "figures"
     obs, actions, mask = val.normalized()
     bounds = heldout_bounds(model, guide, obs, actions, mask, iwae_particles=args.iwae_particles)
-    kl_per_t = elbo_terms(model, guide, obs, actions, mask, num_particles=8).kl_per_t
+    kl_terms = elbo_terms(model, guide, obs, actions, mask, num_particles=8)
+    kl_per_t = kl_terms.kl_per_t
 
     t_obs, t_actions, t_mask = train.normalized()
     baselines = {
@@ -383,7 +384,7 @@ def cmd_evaluate(args) -> dict:
         model, guide, val, normalizer, args.episode, 0, args.context, drawn, args.num_samples
     )
     drawn_figures = {
-        "kl_per_t.png": plot_kl_per_t(kl_per_t),
+        "kl_per_t.png": plot_kl_per_t(kl_per_t, monte_carlo=bool(kl_terms.monte_carlo_kl)),
         "open_loop.png": plot_open_loop(ol),
         "imagination.png": plot_imagination(im, future),
     }

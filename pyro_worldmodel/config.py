@@ -170,14 +170,14 @@ class Spec:
 
         text = str(text_or_path)
         if "\n" not in text and Path(text).suffix in (".yaml", ".yml"):
-            text = Path(text).read_text()
+            text = Path(text).read_text(encoding="utf-8")
         data = yaml.safe_load(text)
         return cls.from_dict(data or {})
 
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, allow_unicode=True)
 
     def check(self) -> None:
         """Every name is registered and every keyword is accepted; raises ``ValueError``."""
@@ -330,10 +330,16 @@ def _part_spec(slot, obj) -> dict:
     return out
 
 
+# Classes read back under the name of the registered class that computes the same thing.
+_ALIASES = {pyro.infer.TraceMeanField_ELBO: "TraceMeanField_ELBO"}
+
+
 def _registered_name(slot, cls) -> str:
     for name, registered in REGISTRY[slot].items():
         if registered is cls:
             return name
+    if cls in _ALIASES:
+        return _ALIASES[cls]
     raise ValueError(f"{slot}: {cls.__name__} is not registered; use @register({slot!r}, name)")
 
 

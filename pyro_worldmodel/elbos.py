@@ -54,9 +54,10 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
 
     :param monte_carlo_kl: what to do at a site with no analytic KL:
         ``"warn"`` (default) issues a :class:`MonteCarloKLWarning` naming the
-        pair and the sites, once per pair per ELBO; ``"error"`` raises
-        ``ValueError``; ``"allow"`` uses Monte Carlo quietly, for pairs that
-        are known to have none.
+        pair and the sites, once per pair per ELBO object; ``"error"`` raises
+        ``ValueError``; ``"allow"`` uses Monte Carlo quietly at every such
+        site. A list of pairs, e.g. ``["KL(Normal ‖ StudentT)"]``, allows
+        exactly those (as :func:`describe_pair` writes them) and warns for any other.
     :ivar kl_estimators: site name → ``"analytic"`` or ``"monte_carlo"``, as
         used by the last particle of the last step.
 
@@ -72,10 +73,9 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         ignore_jit_warnings: bool = False,
         retain_graph: bool | None = None,
         *,
-        monte_carlo_kl: str = "warn",
+        monte_carlo_kl: str | list[str] = "warn",
     ):
-        if monte_carlo_kl not in ("warn", "error", "allow"):
-            raise ValueError(f"monte_carlo_kl: expected 'warn', 'error' or 'allow', got {monte_carlo_kl!r}")
+        _check_monte_carlo_kl(monte_carlo_kl)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -84,13 +84,17 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
             ignore_jit_warnings=ignore_jit_warnings,
             retain_graph=retain_graph,
         )
-        self.monte_carlo_kl = monte_carlo_kl
+        self.monte_carlo_kl = (
+            list(monte_carlo_kl) if isinstance(monte_carlo_kl, (list, tuple)) else monte_carlo_kl
+        )
         self.kl_estimators: dict[str, str] = {}
-        self._warned: set[str] = set()
+        self._warned: set[str] = set()  # once per pair per ELBO object
+        self._warnings_registry: dict = {}  # so that Python's "default" filter does not hide the next ELBO's
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         elbo_particle = 0.0
         fallbacks: dict[str, list[str]] = {}
+        self.kl_estimators = {}
         for name, model_site in model_trace.nodes.items():
             if model_site["type"] != "sample":
                 continue
@@ -101,9 +105,14 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
             if is_validation_enabled():
                 check_fully_reparametrized(guide_site)
             kl_qp = analytic_kl(guide_site["fn"], model_site["fn"])
-            if kl_qp is not None:
+            if kl_qp is not None:  # as Pyro's TraceMeanField_ELBO
                 kl_qp = scale_and_mask(kl_qp, scale=guide_site["scale"], mask=guide_site["mask"])
-                elbo_particle = elbo_particle - kl_qp.sum()
+                if torch.is_tensor(kl_qp):
+                    assert torch._C._get_tracing_state() or kl_qp.shape == guide_site["fn"].batch_shape
+                    kl_qp_sum = kl_qp.sum()
+                else:  # a number, e.g. 0.0 for a site masked out entirely
+                    kl_qp_sum = kl_qp * torch.Size(guide_site["fn"].batch_shape).numel()
+                elbo_particle = elbo_particle - kl_qp_sum
                 self.kl_estimators[name] = ANALYTIC
             else:
                 entropy_term = guide_site["score_parts"].entropy_term
@@ -122,18 +131,56 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         return loss, -elbo_particle
 
     def _report(self, pair, sites):
+        policy = self.monte_carlo_kl
+        if policy == "allow" or (isinstance(policy, list) and pair in policy):
+            return
         where = sites[0] if len(sites) == 1 else f"{len(sites)} sites ({sites[0]} … {sites[-1]})"
-        if self.monte_carlo_kl == "error":
+        if policy == "error":
             raise ValueError(
                 f"TraceMeanField_ELBO(monte_carlo_kl='error'): no analytic {pair} at {where};"
                 " pass monte_carlo_kl='warn' or 'allow' to estimate it by Monte Carlo, or use Trace_ELBO"
             )
-        if self.monte_carlo_kl == "warn" and pair not in self._warned:
-            self._warned.add(pair)
-            warnings.warn(
-                f"TraceMeanField_ELBO: no analytic {pair} at {where}; estimating it by Monte Carlo,"
-                " log q(z) − log p(z) at the guide's sample. Pass monte_carlo_kl='allow' if that is"
-                " intended, or use Trace_ELBO.",
-                MonteCarloKLWarning,
-                stacklevel=2,
-            )
+        if pair in self._warned:
+            return
+        self._warned.add(pair)
+        frame = _user_frame()
+        warnings.warn_explicit(
+            f"TraceMeanField_ELBO: no analytic {pair} at {where}; estimating it by Monte Carlo,"
+            f" log q(z) − log p(z) at the guide's sample. Pass monte_carlo_kl=['{pair}'] if that is"
+            " intended, or use Trace_ELBO.",
+            MonteCarloKLWarning,
+            frame.f_code.co_filename,
+            frame.f_lineno,
+            module=frame.f_globals.get("__name__"),
+            registry=self._warnings_registry,
+        )
+
+
+def _check_monte_carlo_kl(value):
+    if isinstance(value, (list, tuple)):
+        for pair in value:
+            if not (
+                isinstance(pair, str) and pair.startswith("KL(") and " ‖ " in pair and pair.endswith(")")
+            ):
+                raise ValueError(
+                    f"monte_carlo_kl: expected pairs written as 'KL(Normal ‖ StudentT)', got {pair!r}"
+                )
+    elif value not in ("warn", "error", "allow"):
+        raise ValueError(
+            f"monte_carlo_kl: expected 'warn', 'error', 'allow' or a list of pairs, got {value!r}"
+        )
+
+
+def _user_frame():
+    """The innermost frame outside Pyro, torch and this package: where the user's call is."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
+        "pyro",
+        "torch",
+        "pyro_worldmodel",
+        "contextlib",
+    ):
+        frame = frame.f_back
+    return frame

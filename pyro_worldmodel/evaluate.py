@@ -40,7 +40,14 @@ class ELBOTerms:
         return self.log_px + self.log_pa - self.kl
 
     def as_dict(self) -> dict[str, float]:
-        return {"elbo": self.elbo, "log_px": self.log_px, "log_pa": self.log_pa, "kl": self.kl}
+        """The four figures, and ``kl_monte_carlo_sites``: how many latent sites' KL is a Monte Carlo estimate."""
+        return {
+            "elbo": self.elbo,
+            "log_px": self.log_px,
+            "log_pa": self.log_pa,
+            "kl": self.kl,
+            "kl_monte_carlo_sites": len(self.monte_carlo_kl),
+        }
 
 
 @dataclass
@@ -87,7 +94,7 @@ class OpenLoop:
 
 
 def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1) -> ELBOTerms:
-    """Σ log p(x|z), Σ log π(a|z) and the analytic KL, per observed timestep.
+    """Σ log p(x|z), Σ log π(a|z) and the KL, per observed timestep.
 
     Uses the analytic KL wherever the pair of distributions has one, and
     log q(z) − log p(z) at the guide's sample where it has none (a Student-t
@@ -197,7 +204,8 @@ def heldout_bounds(
 
     :param num_particles: guide draws averaged in the ELBO terms.
     :param iwae_particles: K of the IWAE-K estimate.
-    :returns: ``elbo``, ``log_px``, ``log_pa``, ``kl`` and ``iwae``.
+    :returns: ``elbo``, ``log_px``, ``log_pa``, ``kl``, ``kl_monte_carlo_sites`` (0 when
+        every KL is exact) and ``iwae``.
     """
     obs, actions, mask = model.check_inputs(obs, actions, mask)
     terms = elbo_terms(model, guide, obs, actions, mask, num_particles=num_particles)

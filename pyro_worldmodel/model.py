@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pyro
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from ._naming import register, unique_name
@@ -20,10 +21,16 @@ class WorldModel(ChecksInputs, nn.Module):
     Composes four components, each a module returning one factor's
     distribution. The Pyro program is :meth:`model`; it holds no layers.
 
+    A recurrent transition (``deter_dim`` > 0, e.g. the RSSM) also carries a
+    deterministic state: p(z_{t+1} | h_{t+1}) with h_{t+1} = f(h_t, z_t, a_t),
+    so z_{t+1}'s prior depends on the whole past, and the emission and the
+    policy read the features [h_t, z_t] instead of z_t.
+
     :param init: p(z_1), called with a batch shape.
-    :param transition: p(z_{t+1} | z_t, a_t), called with ``(z_t, a_t)``.
-    :param emission: p(x_t | z_t), called with ``z_t``.
-    :param policy: π(a_t | z_t), called with ``z_t``; carries the action space.
+    :param transition: p(z_{t+1} | z_t, a_t), called with ``(z_t, a_t)``; a
+        recurrent one with ``(z_t, a_t, h_t)``, returning ``(p(z_{t+1} | ·), h_{t+1})``.
+    :param emission: p(x_t | z_t), called with ``z_t`` (or [h_t, z_t]).
+    :param policy: π(a_t | z_t), called with ``z_t`` (or [h_t, z_t]); carries the action space.
     :param name: prefix of the parameters in Pyro's param store; unique by
         default, so two models in one process never share parameters.
     """
@@ -80,6 +87,16 @@ class WorldModel(ChecksInputs, nn.Module):
             name=name,
         )
 
+    def check_inputs(self, obs, actions, mask=None, *, check_values: bool | None = None):
+        """As :meth:`ChecksInputs.check_inputs`; when values are checked, a policy
+        with ``check_actions`` (the bounded tanh policy) also checks the observed actions."""
+        obs, actions, mask = super().check_inputs(obs, actions, mask, check_values=check_values)
+        if (is_validation_enabled() if check_values is None else check_values) and hasattr(
+            self.policy, "check_actions"
+        ):
+            self.policy.check_actions(actions, mask)
+        return obs, actions, mask
+
     @property
     def latent_dim(self) -> int:
         return self.init.latent_dim
@@ -133,6 +150,9 @@ class WorldModel(ChecksInputs, nn.Module):
         # Inside the loop the rightmost batch dim is one time slice, so the
         # latent sites share the episodes plate with the likelihood sites.
         with pyro.plate("episodes", B, dim=-2):
+            # pyro.markov declares a first-order chain; with a recurrent transition
+            # z_t also depends on z_{<t-1} through h_t, which only matters to enumeration,
+            # and no latent here is enumerated.
             for t in pyro.markov(range(T)):
                 if t == 0:
                     prior = self.init((B, 1))

@@ -88,11 +88,18 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (csum[end] - csum[start]) / (end - start)
 
 
-def plot_kl_per_t(kl_per_t: torch.Tensor | Sequence[float], path: str | os.PathLike | None = None) -> Figure:
+def plot_kl_per_t(
+    kl_per_t: torch.Tensor | Sequence[float],
+    path: str | os.PathLike | None = None,
+    *,
+    monte_carlo: bool = False,
+) -> Figure:
     """KL(q(z_t | ·) ‖ p(z_t | z_{t-1}, a_{t-1})) at each time index t.
 
     :param kl_per_t: ``(T,)``, e.g. :attr:`~pyro_worldmodel.evaluate.ELBOTerms.kl_per_t`.
     :param path: if given, save the figure here as a PNG.
+    :param monte_carlo: the KL is (partly) a Monte Carlo estimate, as
+        :attr:`~pyro_worldmodel.evaluate.ELBOTerms.monte_carlo_kl` says; the title says so.
     """
     kl = _numpy(kl_per_t)
     if kl.ndim != 1 or kl.size == 0:
@@ -100,7 +107,10 @@ def plot_kl_per_t(kl_per_t: torch.Tensor | Sequence[float], path: str | os.PathL
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
     ax.bar(np.arange(kl.size), kl, width=0.8, color="C0", gid="kl")
-    ax.set(xlabel="t", ylabel="KL(q ‖ p) nats", title=f"KL per time index (sum over t {kl.sum():.3g} nats)")
+    title = f"KL per time index (sum over t {kl.sum():.3g} nats)"
+    if monte_carlo:
+        title += "\nMonte Carlo estimate: no analytic KL for this pair"
+    ax.set(xlabel="t", ylabel="KL(q ‖ p) nats", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return save_figure(fig, path)
 

@@ -109,8 +109,19 @@ def test_student_t_transition_has_the_gaussian_mean_and_scale_and_heavy_tails():
     with torch.no_grad():
         learned.raw_df.fill_(-10.0)
     assert (learned.degrees_of_freedom() > 2).all()  # so the mean and variance exist
-    with pytest.raises(ValueError, match=r"df: expected 'learned' or a positive float, got 0"):
-        StudentTMLPTransition(Z, A, df=0)
+    for bad in (0, float("inf")):
+        with pytest.raises(
+            ValueError, match=rf"df: expected 'learned' or a finite positive float, got {bad}"
+        ):
+            StudentTMLPTransition(Z, A, df=bad)
+
+
+@pytest.mark.parametrize(
+    "cls", [GaussianMLPTransition, StudentTMLPTransition, GatedTransition, RSSMTransition]
+)
+def test_a_negative_scale_floor_is_refused(cls):
+    with pytest.raises(ValueError, match=r"min_scale: expected a finite float >= 0, got -0.1"):
+        cls(Z, A, min_scale=-0.1)
 
 
 def test_rssm_transition_is_a_gru_then_a_gaussian():
@@ -203,7 +214,7 @@ def test_student_t_emission_is_the_student_t_density():
     torch.testing.assert_close(p.log_prob(x), by_hand)
     assert (df > 2).all()  # the mean and the variance exist
     assert torch.equal(StudentTEmission(2, 3, df=4.0).degrees_of_freedom(), torch.full((3,), 4.0))
-    with pytest.raises(ValueError, match="df: expected 'learned' or a positive float, got -1"):
+    with pytest.raises(ValueError, match="df: expected 'learned' or a finite positive float, got -1"):
         StudentTEmission(2, 3, df=-1)
 
 

@@ -158,6 +158,15 @@ def test_round_trip_of_a_tanh_policy_on_a_bounded_box():
     assert torch.equal(second.model.policy.low, torch.tensor([-1.0, 0.0]))
 
 
+def test_pyros_own_mean_field_elbo_reads_back_as_ours():
+    """Pyro's class is read back under the name that builds this package's, which computes the same bound."""
+    b = build({"latent_dim": 3}, 3, BOX)
+    stock = pyro.infer.TraceMeanField_ELBO(max_plate_nesting=2, num_particles=3)
+    spec = spec_of(b.model, b.guide, stock)
+    assert spec.elbo == {"name": "TraceMeanField_ELBO", "num_particles": 3}
+    assert isinstance(build(spec, 3, BOX).elbo, pyro.infer.TraceMeanField_ELBO)
+
+
 def test_a_user_registered_class_is_used_by_name():
     @register("transition", "test_random_walk")
     class RandomWalk(nn.Module):
@@ -267,6 +276,33 @@ def test_example_configs_build(path):
     spec = Spec.from_yaml(path)
     b = build(spec, 3, BOX)
     assert spec_of(b.model, b.guide).transition["name"] == spec.transition["name"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "student_t_transition__gaussian_mlp_emission__filter_guide",
+        "student_t_transition__gaussian_mlp_emission__iaf_filter_guide",
+        "rssm_transition__gaussian_mlp_emission__iaf_filter_guide",
+    ],
+)
+def test_example_configs_declare_exactly_their_monte_carlo_pairs(name):
+    """Warnings are errors here: an undeclared fallback would fail, and a declared one trains quietly."""
+    spec = Spec.from_yaml(ROOT / "examples" / "configs" / f"{name}.yaml").with_overrides(
+        {
+            "latent_dim": 3,
+            "transition.hidden": [8],
+            "guide.rnn_dim": 8,
+            "guide.hidden": [8],
+            "guide.iaf_hidden": [8],
+        }
+        if "iaf" in name
+        else {"latent_dim": 3, "transition.hidden": [8], "guide.rnn_dim": 8}
+    )
+    b = build(spec, 3, BOX)
+    obs, actions = data(BOX)
+    fit(b.model, b.guide, obs, actions, num_steps=2, elbo=b.elbo, optim=b.optim, progress=False)
+    assert "monte_carlo" in b.elbo.kl_estimators.values()
 
 
 def test_there_is_an_example_config_for_each_built_in_combination():

@@ -195,7 +195,7 @@ STEPS = 300  # as the filter and the smoother get in test_evaluate.py
 
 
 @pytest.mark.slow
-def test_on_the_anchor_the_iaf_filter_is_as_tight_as_the_filter():
+def test_on_the_anchor_the_iaf_filter_is_within_the_filters_spread_over_seeds():
     """Both trained by Trace_ELBO with the model held at the true parameters; their ELBO gaps to exact log p(x, a)."""
     ssm = LinearGaussianSSM.random(4, 6, 2, seed=0)
     obs, actions, _ = ssm.sample(64, T, seed=1)

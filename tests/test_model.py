@@ -300,3 +300,23 @@ def test_readers_of_a_recurrent_transition_must_take_its_features():
             GaussianMLPEmission(2, 3),
             NormalPolicy(7, BOX),
         )
+
+
+def test_the_dream_carries_h_on_from_the_context():
+    """Past the data, the RSSM steps h on from h_T, not from zero, and decodes [h_t, z_t]."""
+    model, D = rssm_model(), 5
+    B, T, H = 2, 4, 3
+    obs, actions, future = torch.randn(B, T, 3), torch.randn(B, T, 2), torch.randn(B, H, 2)
+    trace = poutine.trace(model.model).get_trace(obs, actions, horizon=H, future_actions=future)
+    z = [trace.nodes[f"z_{t}"]["value"] for t in range(T + H)]  # (B, 1, Z) each
+    a = torch.cat([actions, future], 1)
+    h, features = torch.zeros(B, 1, D), []
+    for t in range(1, T + H):
+        prior, h = model.transition(z[t - 1], a[:, t - 1 : t], h)
+        torch.testing.assert_close(trace.nodes[f"z_{t}"]["fn"].mean, prior.mean)
+        if t >= T:
+            features.append(torch.cat([h, z[t]], -1))
+    torch.testing.assert_close(trace.nodes["features_future"]["value"], torch.cat(features, 1))
+    torch.testing.assert_close(
+        trace.nodes["x_future_mean"]["value"], model.emission(torch.cat(features, 1)).mean
+    )

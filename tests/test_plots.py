@@ -100,6 +100,11 @@ def test_kl_per_t_draws_one_bar_per_time_index_at_its_height(as_type):
     assert ax.get_ylabel() == "KL(q ‖ p) nats"
 
 
+def test_kl_per_t_says_when_it_is_a_monte_carlo_estimate():
+    assert "Monte Carlo" not in plot_kl_per_t([1.0, 2.0]).axes[0].get_title()
+    assert "Monte Carlo estimate" in plot_kl_per_t([1.0, 2.0], monte_carlo=True).axes[0].get_title()
+
+
 def test_kl_per_t_rejects_a_matrix():
     with pytest.raises(ValueError, match=r"kl_per_t: expected shape \(T,\) with T >= 1, got \(2, 3\)"):
         plot_kl_per_t(torch.zeros(2, 3))

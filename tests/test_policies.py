@@ -175,3 +175,27 @@ def test_normalizer_maps_the_bounds():
     assert norm.action_space(ActionSpace.discrete(3)) == ActionSpace.discrete(3)
     with pytest.raises(ValueError, match=r"space: expected 2 action dimensions"):
         norm.action_space(ActionSpace.box(3, -1.0, 1.0))
+
+
+def test_a_model_refuses_observed_actions_outside_the_box_before_training():
+    """Clamping would hide actions in the wrong units: here, normalised actions against a box in real units."""
+    space = ActionSpace.box(1, low=0.0, high=1.0)
+    model = WorldModel(
+        StandardNormalInit(2),
+        GaussianMLPTransition(2, 1, (8,)),
+        GaussianMLPEmission(2, 3, (8,)),
+        TanhNormalPolicy(2, space, (8,)),
+    )
+    guide = FilterGuide.for_model(model, rnn_dim=8, hidden=(8,))
+    obs, actions = torch.randn(4, 5, 3), torch.rand(4, 5, 1)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    actions[1, 4] = -3.0  # in the padding: ignored
+    actions[0, 0] = 1.0 + 1e-6  # on the bound, within rounding: accepted
+    fit(model, guide, obs, actions, mask, num_steps=1, progress=False)
+    actions[2, 1] = -0.5
+    with pytest.raises(
+        ValueError,
+        match=r"actions: expected values in the policy's box \[\[0.0\], \[1.0\]\], got \[-0.5\] at episode 2, step 1",
+    ):
+        fit(model, guide, obs, actions, mask, num_steps=1, progress=False)

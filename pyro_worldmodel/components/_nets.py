@@ -45,6 +45,12 @@ def check_hidden(hidden: Sequence[int]) -> tuple[int, ...]:
     return hidden
 
 
+def check_min_scale(value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+        raise ValueError(f"min_scale: expected a finite float >= 0, got {value!r}")
+    return float(value)
+
+
 def softplus_inverse(y: torch.Tensor) -> torch.Tensor:
     """The x with softplus(x) = y, for y > 0."""
     return y + torch.log(-torch.expm1(-y))
@@ -70,10 +76,10 @@ class LearnedDF(nn.Module):
     def _init_df(self, df, dim: int) -> None:
         if df == "learned":
             self.raw_df = nn.Parameter(torch.full((dim,), 1.0))  # ν = 2 + softplus(1) = 3.3 at start
-        elif isinstance(df, (int, float)) and not isinstance(df, bool) and df > 0:
+        elif isinstance(df, (int, float)) and not isinstance(df, bool) and 0 < df < float("inf"):
             self.register_buffer("raw_df", None)
         else:
-            raise ValueError(f"df: expected 'learned' or a positive float, got {df!r}")
+            raise ValueError(f"df: expected 'learned' or a finite positive float, got {df!r}")
         self.df = df
         self._df_dim = dim
 

@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._nets import cat_batched, check_dim, check_hidden, mlp, positive, set_linear_gaussian
+from ._nets import cat_batched, check_dim, check_hidden, check_min_scale, mlp, positive, set_linear_gaussian
 
 
 class Combiner(nn.Module):
@@ -30,7 +30,7 @@ class Combiner(nn.Module):
         super().__init__()
         self.latent_dim = check_dim("latent_dim", latent_dim)
         self.summary_dim = check_dim("summary_dim", summary_dim)
-        self.min_scale = min_scale
+        self.min_scale = check_min_scale(min_scale)
         self.linear = nn.Linear(latent_dim + summary_dim, latent_dim)
         self.net = mlp(latent_dim + summary_dim, check_hidden(hidden), 2 * latent_dim)
 

@@ -100,6 +100,26 @@ class TanhNormalPolicy(NormalPolicy):
         self.register_buffer("low", low)  # (A,)
         self.register_buffer("high", high)  # (A,)
 
+    def check_actions(self, actions: torch.Tensor, mask: torch.Tensor) -> None:
+        """Refuse observed actions outside the box (by more than 1e-5 of its width).
+
+        ``log_prob`` would clamp them silently, which hides actions in the wrong
+        units, e.g. normalised actions against a box in real units (map the
+        box with :meth:`~pyro_worldmodel.data.Normalizer.action_space`).
+
+        :param actions: ``(B, T, A)``; :param mask: ``(B, T)``.
+        """
+        tol = 1e-5 * (self.high - self.low)
+        outside = ((actions < self.low - tol) | (actions > self.high + tol)).any(-1) & mask
+        if outside.any():
+            b, t = outside.nonzero()[0].tolist()
+            raise ValueError(
+                f"actions: expected values in the policy's box [{self.low.tolist()}, {self.high.tolist()}],"
+                f" got {actions[b, t].tolist()} at episode {b}, step {t} ({int(outside.sum())} steps"
+                " outside); are the actions and the box in the same units? Normalizer.action_space"
+                " maps a box into normalised units"
+            )
+
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: a tanh-squashed Normal with event shape ``(A,)``."""
         base = super().forward(z).base_dist  # N(W z + f(z), diag σ²), batch (..., A)

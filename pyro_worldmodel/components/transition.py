@@ -8,7 +8,16 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._nets import LearnedDF, cat_batched, check_dim, check_hidden, mlp, positive, set_linear_gaussian
+from ._nets import (
+    LearnedDF,
+    cat_batched,
+    check_dim,
+    check_hidden,
+    check_min_scale,
+    mlp,
+    positive,
+    set_linear_gaussian,
+)
 
 
 class GaussianMLPTransition(nn.Module):
@@ -31,7 +40,7 @@ class GaussianMLPTransition(nn.Module):
         self.latent_dim = check_dim("latent_dim", latent_dim)
         self.action_dim = check_dim("action_dim", action_dim)
         self.hidden = check_hidden(hidden)
-        self.min_scale = min_scale
+        self.min_scale = check_min_scale(min_scale)
         self.linear = nn.Linear(latent_dim + action_dim, latent_dim)
         self.net = mlp(latent_dim + action_dim, self.hidden, 2 * latent_dim)
         for layer in (self.linear, self.net[-1]):
@@ -126,7 +135,7 @@ class GatedTransition(nn.Module):
         self.latent_dim = check_dim("latent_dim", latent_dim)
         self.action_dim = check_dim("action_dim", action_dim)
         self.hidden = check_hidden(hidden)
-        self.min_scale = min_scale
+        self.min_scale = check_min_scale(min_scale)
         U = latent_dim + action_dim
         self.gate = mlp(U, self.hidden, latent_dim)
         self.proposed_mean = mlp(U, self.hidden, latent_dim)
@@ -180,7 +189,7 @@ class RSSMTransition(nn.Module):
         self.hidden = check_hidden(hidden)
         if not self.hidden:
             raise ValueError(f"hidden: expected at least one width for the GRU's input, got {hidden!r}")
-        self.min_scale = min_scale
+        self.min_scale = check_min_scale(min_scale)
         self.embed = nn.Sequential(mlp(latent_dim + action_dim, self.hidden[:-1], self.hidden[-1]), nn.ELU())
         self.cell = nn.GRUCell(self.hidden[-1], deter_dim)
         self.prior = mlp(deter_dim, self.hidden, 2 * latent_dim)
