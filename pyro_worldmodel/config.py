@@ -50,7 +50,13 @@ from .components import (
     StudentTMLPTransition,
     TanhNormalPolicy,
 )
-from .elbos import TraceMeanField_ELBO
+from .elbos import (
+    FreeNats_ELBO,
+    JitTraceMeanField_ELBO,
+    KLAnnealing_ELBO,
+    KLBalancing_ELBO,
+    TraceMeanField_ELBO,
+)
 from .guides import FilterGuide, IAFFilterGuide, MeanFieldGuide, SmoothingGuide
 from .inference import MAX_PLATE_NESTING, fit
 from .model import WorldModel
@@ -116,8 +122,10 @@ for _slot, _name, _cls in (
     ("guide", "iaf_filter", IAFFilterGuide),
 ):
     register(_slot, _name)(_cls)
-# TraceMeanField_ELBO is Pyro's with its Monte Carlo fallback made loud (elbos.py).
-register("elbo", "TraceMeanField_ELBO")(TraceMeanField_ELBO)
+# TraceMeanField_ELBO is Pyro's with its Monte Carlo fallback made loud; the
+# world-model objectives and a Jit mean-field ELBO that compiles once per shape (elbos.py).
+for _cls in (TraceMeanField_ELBO, JitTraceMeanField_ELBO, KLAnnealing_ELBO, FreeNats_ELBO, KLBalancing_ELBO):
+    register("elbo", _cls.__name__)(_cls)
 for _name in (
     "Trace_ELBO",
     "TraceGraph_ELBO",

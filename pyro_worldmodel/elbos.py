@@ -4,20 +4,39 @@ Pyro's ``TraceMeanField_ELBO`` uses the analytic KL(q ‖ p) of each latent site
 when ``kl_divergence`` knows the pair, and otherwise, silently, the Monte
 Carlo estimate log q(z) − log p(z) (PYRO_NOTES §3). Pairs without an analytic
 KL arise by design here (a Student-t transition, a flow in the guide) and by
-accident (a guide site masked differently from the model's). The class below
-computes the same bound, but records which estimator each site got and
-warns, once per pair of distributions, when it is Monte Carlo.
+accident (a guide site masked differently from the model's).
+:class:`TraceMeanField_ELBO` computes the same bound, but records which
+estimator each site got and warns, once per pair of distributions, when it is
+Monte Carlo.
+
+Every latent site's KL term passes through one hook,
+:meth:`TraceMeanField_ELBO._shape_kl`, which the world-model objectives
+override; each says whether it is still a bound on log p(x, a):
+
+- :class:`KLAnnealing_ELBO`: β·KL, β warmed up over SVI steps;
+- :class:`FreeNats_ELBO`: max(KL_t, c) per observed step;
+- :class:`KLBalancing_ELBO`: DreamerV2's α·KL(sg(q) ‖ p) + (1 − α)·KL(q ‖ sg(p)).
+
+:class:`JitTraceMeanField_ELBO` is the same bound compiled once per input shape.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
+import weakref
 
+import pyro.distributions as dist
 import pyro.infer
+import pyro.ops.jit
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import check_fully_reparametrized, is_validation_enabled, torch_item
+from pyro.util import warn_if_nan
 from torch.distributions import kl_divergence
+
+from . import fast
 
 ANALYTIC, MONTE_CARLO = "analytic", "monte_carlo"
 
@@ -61,6 +80,19 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
     :ivar kl_estimators: site name → ``"analytic"`` or ``"monte_carlo"``, as
         used by the last particle of the last step.
 
+    Subclasses change the objective by overriding :meth:`_shape_kl`, through
+    which each latent site's KL term passes.
+
+    :param fast_path: for a :class:`~pyro_worldmodel.model.WorldModel` with
+        Gaussian init and transition and a filter, smoothing or mean-field
+        guide, compute the same loss without Pyro's traces, the guide step by
+        step and every model term batched over time
+        (:mod:`pyro_worldmodel.fast`): the same value, gradient and random
+        draws, several times faster. Anything else (other components, a
+        horizon, vectorised particles, a Pyro handler around the call) takes
+        Pyro's traces; so does everything with ``fast_path=False``.
+    :ivar path: ``"batched"``, or why the last call took Pyro's traces.
+
     The other arguments are Pyro's ``ELBO``'s.
     """
 
@@ -74,8 +106,11 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         retain_graph: bool | None = None,
         *,
         monte_carlo_kl: str | list[str] = "warn",
+        fast_path: bool = True,
     ):
         _check_monte_carlo_kl(monte_carlo_kl)
+        if not isinstance(fast_path, bool):
+            raise ValueError(f"fast_path: expected True or False, got {fast_path!r}")
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -84,12 +119,52 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
             ignore_jit_warnings=ignore_jit_warnings,
             retain_graph=retain_graph,
         )
+        self.fast_path = fast_path
+        self.path = ""
         self.monte_carlo_kl = (
             list(monte_carlo_kl) if isinstance(monte_carlo_kl, (list, tuple)) else monte_carlo_kl
         )
         self.kl_estimators: dict[str, str] = {}
         self._warned: set[str] = set()  # once per pair per ELBO object
         self._warnings_registry: dict = {}  # so that Python's "default" filter does not hide the next ELBO's
+
+    # -- the batched path (pyro_worldmodel.fast), where it computes exactly what the traces do
+
+    def _batched(self, model, guide, args, kwargs) -> bool:
+        why = (
+            fast.supports(model, guide, args, kwargs, vectorize_particles=self.vectorize_particles)
+            if self.fast_path
+            else "fast_path=False"
+        )
+        self.path = "batched" if why is None else f"pyro traces: {why}"
+        return why is None
+
+    def _batched_loss(self, model, guide, args):
+        loss = 0.0
+        for _ in range(self.num_particles):
+            loss = loss + fast.mean_field_loss(self, model, guide, *args) / self.num_particles
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss(self, model, guide, *args, **kwargs):
+        if self._batched(model, guide, args, kwargs):
+            with torch.no_grad():
+                return torch_item(self._batched_loss(model, guide, args))
+        return super().loss(model, guide, *args, **kwargs)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        if self._batched(model, guide, args, kwargs):
+            return self._batched_loss(model, guide, args)
+        return super().differentiable_loss(model, guide, *args, **kwargs)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        if self._batched(model, guide, args, kwargs):
+            loss = self._batched_loss(model, guide, args)
+            loss.backward(retain_graph=self.retain_graph)
+            return torch_item(loss)
+        return super().loss_and_grads(model, guide, *args, **kwargs)
+
+    # -- Pyro's traces
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         elbo_particle = 0.0
@@ -104,21 +179,26 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
             guide_site = guide_trace.nodes[name]
             if is_validation_enabled():
                 check_fully_reparametrized(guide_site)
-            kl_qp = analytic_kl(guide_site["fn"], model_site["fn"])
-            if kl_qp is not None:  # as Pyro's TraceMeanField_ELBO
+            q, p = guide_site["fn"], model_site["fn"]
+            kl_qp = analytic_kl(q, p)
+            if kl_qp is not None:  # as Pyro's TraceMeanField_ELBO, but for the hook
+                kl_qp = self._shape_kl(name, kl_qp, q, p, _site_mask(q, p, guide_site), ANALYTIC)
                 kl_qp = scale_and_mask(kl_qp, scale=guide_site["scale"], mask=guide_site["mask"])
                 if torch.is_tensor(kl_qp):
                     assert torch._C._get_tracing_state() or kl_qp.shape == guide_site["fn"].batch_shape
                     kl_qp_sum = kl_qp.sum()
                 else:  # a number, e.g. 0.0 for a site masked out entirely
                     kl_qp_sum = kl_qp * torch.Size(guide_site["fn"].batch_shape).numel()
-                elbo_particle = elbo_particle - kl_qp_sum
                 self.kl_estimators[name] = ANALYTIC
             else:
-                entropy_term = guide_site["score_parts"].entropy_term
-                elbo_particle = elbo_particle + model_site["log_prob_sum"] - entropy_term.sum()
+                # log q(z) − log p(z) at the guide's sample, per element; both terms already
+                # carry their site's scale and mask. The entropy term is log q with the
+                # gradient through the reparameterised sample, as Pyro uses it.
+                kl_qp = guide_site["score_parts"].entropy_term - model_site["log_prob"]
+                kl_qp_sum = self._shape_kl(name, kl_qp, q, p, _site_mask(q, p, guide_site), MONTE_CARLO).sum()
                 self.kl_estimators[name] = MONTE_CARLO
-                fallbacks.setdefault(describe_pair(guide_site["fn"], model_site["fn"]), []).append(name)
+                fallbacks.setdefault(describe_pair(q, p), []).append(name)
+            elbo_particle = elbo_particle - kl_qp_sum
         for name, guide_site in guide_trace.nodes.items():  # auxiliary guide sites, as Pyro does
             if guide_site["type"] == "sample" and name not in model_trace.nodes:
                 assert guide_site["infer"].get("is_auxiliary")
@@ -129,6 +209,28 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
             self._report(pair, sites)
         loss = -(elbo_particle.detach() if torch._C._get_tracing_state() else torch_item(elbo_particle))
         return loss, -elbo_particle
+
+    def _shape_kl(self, name: str, kl, q, p, mask, estimator: str):
+        """The KL term of latent site ``name`` as the objective uses it; here, unchanged.
+
+        The one place where subclasses change the objective (annealing, free
+        nats, balancing).
+
+        :param kl: per element of the site's batch shape (summed over its event
+            dims): KL(q ‖ p), or a number such as 0.0 for a site masked out
+            entirely, when ``estimator`` is ``"analytic"``; the one-sample
+            estimate log q(z) − log p(z) when it is ``"monte_carlo"``.
+        :param q: the guide's distribution at the site; :param p: the model's.
+        :param mask: the site's effective mask: the masks of ``q``, ``p`` and
+            ``poutine.mask`` together, broadcastable to ``kl``; None if unmasked.
+        :param estimator: ``"analytic"`` or ``"monte_carlo"``. An analytic KL
+            is returned before the site's scale and ``poutine.mask`` are
+            applied (as Pyro does, from the guide site); a Monte Carlo estimate
+            already carries each side's scale and mask.
+        :returns: a tensor (or number) of the same shape, whose sum is the
+            site's KL term, subtracted from the objective.
+        """
+        return kl
 
     def _report(self, pair, sites):
         policy = self.monte_carlo_kl
@@ -184,3 +286,439 @@ def _user_frame():
     ):
         frame = frame.f_back
     return frame
+
+
+def _site_mask(q, p, guide_site):
+    """The effective mask of a latent site: those of q, p and ``poutine.mask`` together; None if none."""
+    mask = None
+    for m in (*_masks(q), *_masks(p), guide_site["mask"]):
+        if m is None or m is True or m is mask:
+            continue
+        if m is False or mask is False:
+            mask = False
+        else:
+            mask = m if mask is None else mask & m
+    return mask
+
+
+def _masks(d):
+    """The ``_mask`` of every MaskedDistribution in ``d``'s chain of wrappers."""
+    while isinstance(d, (dist.MaskedDistribution, torch.distributions.Independent)):
+        if isinstance(d, dist.MaskedDistribution):
+            yield d._mask
+        d = d.base_dist
+
+
+# ---------------------------------------------------------------- world-model objectives
+
+
+class KLAnnealing_ELBO(TraceMeanField_ELBO):
+    """log p(x | z) + log π(a | z) − β · KL(q ‖ p), with β warmed up over SVI steps.
+
+    The β-weighted ELBO (β-VAE; KL annealing in Bowman et al., 2016): every
+    latent site's KL term is multiplied by β. At step s (counted in
+    ``loss_and_grads`` calls, so in ``SVI.step`` calls)
+
+        β_s = beta_start + (beta − beta_start) · min(1, s / warmup_steps)
+
+    when ``warmup_steps`` > 0, else ``beta``. ``loss`` and
+    ``differentiable_loss`` use the current β and do not advance the count.
+
+    Is it a bound on log p(x, a)? At β = 1 it is the ELBO. With β < 1 it is
+    *not* a lower bound: the objective can exceed log p(x, a), so a reported
+    loss below −log p(x, a) does not contradict anything. With β ≥ 1 it is a
+    lower bound, looser than the ELBO (KL ≥ 0).
+
+    Both sides are annealed alike (PYRO_NOTES §2): an analytic KL is
+    multiplied by β, which scales log p(z) and log q(z) together; at a Monte
+    Carlo site (no analytic KL, allowed by ``monte_carlo_kl``) the estimate
+    log q(z) − log p(z) is multiplied by β, so both log-densities are.
+
+    :param beta: β after the warm-up, a number ≥ 0.
+    :param warmup_steps: steps over which β goes linearly from ``beta_start``
+        to ``beta``; 0 for ``beta`` from the start.
+    :param beta_start: β at step 0 of a warm-up, a number ≥ 0.
+    :ivar step: SVI steps taken so far; set it to resume a schedule.
+
+    The other arguments are :class:`TraceMeanField_ELBO`'s.
+    """
+
+    def __init__(
+        self,
+        beta: float = 1.0,
+        warmup_steps: int = 0,
+        beta_start: float = 0.0,
+        *,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = False,
+        strict_enumeration_warning: bool = True,
+        ignore_jit_warnings: bool = False,
+        retain_graph: bool | None = None,
+        monte_carlo_kl: str | list[str] = "warn",
+        fast_path: bool = True,
+    ):
+        self.beta = _check_real("beta", beta, low=0.0)
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps, low=0)
+        self.beta_start = _check_real("beta_start", beta_start, low=0.0)
+        _check_pyro_args(num_particles, max_plate_nesting)
+        super().__init__(
+            num_particles,
+            max_plate_nesting,
+            vectorize_particles,
+            strict_enumeration_warning,
+            ignore_jit_warnings,
+            retain_graph,
+            monte_carlo_kl=monte_carlo_kl,
+            fast_path=fast_path,
+        )
+        self.step = 0
+
+    @property
+    def current_beta(self) -> float:
+        """β at the current :attr:`step`."""
+        if self.step >= self.warmup_steps:  # also warmup_steps == 0
+            return self.beta
+        return self.beta_start + (self.beta - self.beta_start) * self.step / self.warmup_steps
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        loss = super().loss_and_grads(model, guide, *args, **kwargs)
+        self.step += 1
+        return loss
+
+    def _shape_kl(self, name, kl, q, p, mask, estimator):
+        beta = self.current_beta
+        return kl if beta == 1.0 else kl * beta
+
+
+class FreeNats_ELBO(TraceMeanField_ELBO):
+    """log p(x | z) + log π(a | z) − Σ_t max(KL_t, c): the ELBO with free nats (free bits).
+
+    KL_t is one latent site's KL(q ‖ p) for one episode, summed over the
+    latent dimensions; each observed step's is replaced by max(KL_t, c), so
+    no gradient pushes a step's KL below c nats (Kingma et al., 2016; as in
+    Dreamer). Masked (padded) steps still contribute 0, not c. With a
+    ``poutine.scale`` on the site, the clamped KL is scaled.
+
+    Is it a bound on log p(x, a)? Yes: max(KL_t, c) ≥ KL_t, so the objective
+    is ≤ the ELBO ≤ log p(x, a). But it is not the ELBO's gradient: a step
+    whose KL_t is below c gets zero gradient from its KL term. With c = 0 it
+    is the ELBO.
+
+    Needs the analytic KL at every latent site: max(·, c) of the one-sample
+    estimate log q(z) − log p(z) is not a clamp of the KL (the estimate is
+    often negative), so a site without one raises ``ValueError``.
+
+    :param free_nats: c, in nats per latent site, episode and step; ≥ 0.
+
+    The other arguments are :class:`TraceMeanField_ELBO`'s.
+    """
+
+    def __init__(
+        self,
+        free_nats: float = 1.0,
+        *,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = False,
+        strict_enumeration_warning: bool = True,
+        ignore_jit_warnings: bool = False,
+        retain_graph: bool | None = None,
+        monte_carlo_kl: str | list[str] = "warn",
+        fast_path: bool = True,
+    ):
+        self.free_nats = _check_real("free_nats", free_nats, low=0.0)
+        _check_pyro_args(num_particles, max_plate_nesting)
+        super().__init__(
+            num_particles,
+            max_plate_nesting,
+            vectorize_particles,
+            strict_enumeration_warning,
+            ignore_jit_warnings,
+            retain_graph,
+            monte_carlo_kl=monte_carlo_kl,
+            fast_path=fast_path,
+        )
+
+    def _shape_kl(self, name, kl, q, p, mask, estimator):
+        if estimator == MONTE_CARLO:
+            raise ValueError(
+                f"FreeNats_ELBO: no analytic {describe_pair(q, p)} at {name}; free nats clamp each"
+                " step's KL, which a one-sample estimate log q − log p is not. Use a pair with an"
+                " analytic KL, or TraceMeanField_ELBO / KLAnnealing_ELBO"
+            )
+        if not torch.is_tensor(kl) or mask is False:  # masked out entirely: 0.0
+            return kl
+        clamped = kl.clamp(min=self.free_nats)
+        return clamped if mask is None else torch.where(mask, clamped, kl)  # padded steps keep 0
+
+
+class KLBalancing_ELBO(TraceMeanField_ELBO):
+    """The ELBO with DreamerV2's KL balancing: α·KL(sg(q) ‖ p) + (1 − α)·KL(q ‖ sg(p)).
+
+    sg is stop-gradient (Hafner et al., 2021). The value of each KL term is
+    KL(q ‖ p) for every α; only its gradient changes: the gradient reaching
+    the prior's parameters, and through them whatever the prior depends on
+    (the transition's weights, z_{t-1}, h_t), is scaled by α, and that
+    reaching q's parameters by 1 − α. With α > 0.5 the prior moves towards
+    the posterior faster than the posterior is regularised towards the prior.
+
+    It is implemented by rebuilding q and p with each parameter tensor x
+    replaced by x̃ = sg(x) + w·(x − sg(x)): x̃ equals x, and its gradient
+    is w times x's (w = α for p, 1 − α for q). Supports distributions built
+    from ``MaskedDistribution``, ``Independent`` and ``Normal``; any other
+    pair raises ``ValueError``, as does a site without an analytic KL (a
+    Monte Carlo estimate has no stop-gradient split of this kind).
+
+    Is it a bound on log p(x, a)? Its value is the ELBO's, so the reported
+    number is a lower bound. Its gradient is not the ELBO's: at α = 0.5 it is
+    the gradient of log p(x | z) + log π(a | z) − ½·KL, and for any other α it
+    is in general not the gradient of any single objective.
+
+    :param alpha: α in [0, 1]; DreamerV2 uses 0.8.
+
+    The other arguments are :class:`TraceMeanField_ELBO`'s.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.8,
+        *,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = False,
+        strict_enumeration_warning: bool = True,
+        ignore_jit_warnings: bool = False,
+        retain_graph: bool | None = None,
+        monte_carlo_kl: str | list[str] = "warn",
+        fast_path: bool = True,
+    ):
+        self.alpha = _check_real("alpha", alpha, low=0.0, high=1.0)
+        _check_pyro_args(num_particles, max_plate_nesting)
+        super().__init__(
+            num_particles,
+            max_plate_nesting,
+            vectorize_particles,
+            strict_enumeration_warning,
+            ignore_jit_warnings,
+            retain_graph,
+            monte_carlo_kl=monte_carlo_kl,
+            fast_path=fast_path,
+        )
+
+    def _shape_kl(self, name, kl, q, p, mask, estimator):
+        if estimator == MONTE_CARLO:
+            raise ValueError(
+                f"KLBalancing_ELBO: no analytic {describe_pair(q, p)} at {name}; KL balancing splits"
+                " the gradient of an analytic KL between q and p. Use a pair with an analytic KL,"
+                " or TraceMeanField_ELBO"
+            )
+        if not torch.is_tensor(kl):  # masked out entirely: no gradient to split
+            return kl
+        where = (name, describe_pair(q, p))
+        return kl_divergence(
+            _weigh_gradient(q, 1.0 - self.alpha, where), _weigh_gradient(p, self.alpha, where)
+        )
+
+
+def _weigh_gradient(d, w, where):
+    """``d`` rebuilt so that its value is unchanged and the gradient of each parameter is scaled by ``w``."""
+    if w == 1.0:
+        return d
+    if isinstance(d, dist.MaskedDistribution):
+        return dist.MaskedDistribution(_weigh_gradient(d.base_dist, w, where), d._mask)
+    if isinstance(d, torch.distributions.Independent):
+        return dist.Independent(_weigh_gradient(d.base_dist, w, where), d.reinterpreted_batch_ndims)
+    if type(d) in (dist.Normal, torch.distributions.Normal):
+        return dist.Normal(_scale_grad(d.loc, w), _scale_grad(d.scale, w), validate_args=False)
+    name, pair = where
+    raise ValueError(
+        f"KLBalancing_ELBO: cannot split the gradient of {pair} at {name}: {type(d).__name__} is not"
+        " supported; expected MaskedDistribution and Independent around Normal"
+    )
+
+
+def _scale_grad(x, w):
+    """x in value, w · ∂/∂x in gradient."""
+    if w == 0.0:
+        return x.detach()
+    x_sg = x.detach()
+    return x_sg + (x - x_sg) * w
+
+
+def _check_real(name, value, *, low=None, high=None) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (low is not None and value < low) or (high is not None and value > high):
+        expected = "a finite number"
+        if low is not None and high is not None:
+            expected += f" in [{low:g}, {high:g}]"
+        elif low is not None:
+            expected += f" >= {low:g}"
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return float(value)
+
+
+def _check_int(name, value, *, low) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_pyro_args(num_particles, max_plate_nesting):
+    _check_int("num_particles", num_particles, low=1)
+    if max_plate_nesting != float("inf"):
+        _check_int("max_plate_nesting", max_plate_nesting, low=0)
+
+
+# ---------------------------------------------------------------- compiled
+
+
+class JitTraceMeanField_ELBO(TraceMeanField_ELBO):
+    """:class:`TraceMeanField_ELBO`, compiled once per input shape with :func:`pyro.ops.jit.trace`.
+
+    The same bound and gradient, from a traced graph, so most of the Python
+    cost of building traces is paid once. Pyro's own ``JitTraceMeanField_ELBO``
+    (1.9.2) re-traces at every step, and keys its compiled function by the
+    number of arguments only, so a loss compiled at T = 10 returns T = 10's
+    answer at T = 50 (PYRO_NOTES §1). Here each compiled function is keyed by
+    the model, the guide, the shape, dtype and device of every positional
+    tensor, and the keyword arguments: a new T compiles once more (1–9 s), a
+    T seen before reuses its graph.
+
+    Pyro's restrictions on jit apply: static structure for a given shape, tensor
+    inputs passed positionally, other inputs as hashable keywords (each
+    distinct value compiles again), and every parameter created at the first
+    call. What the loss reads besides its inputs and the param store is
+    frozen into the graph at compile time: :attr:`kl_estimators` and any
+    :class:`MonteCarloKLWarning` come from compilation, and a subclass whose
+    ``_shape_kl`` reads changing state (the β of :class:`KLAnnealing_ELBO`)
+    would keep the value it had then.
+
+    :param ignore_jit_warnings: hide the tracer's warnings; True by default,
+        since masked distributions raise many that are harmless here.
+    :param jit_options: passed to :func:`torch.jit.trace`, e.g. ``{"check_trace": True}``.
+    :ivar compilations: how many graphs have been compiled.
+
+    The other arguments are :class:`TraceMeanField_ELBO`'s.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = False,
+        strict_enumeration_warning: bool = True,
+        ignore_jit_warnings: bool = True,
+        retain_graph: bool | None = None,
+        *,
+        monte_carlo_kl: str | list[str] = "warn",
+        jit_options: dict | None = None,
+    ):
+        super().__init__(
+            num_particles,
+            max_plate_nesting,
+            vectorize_particles,
+            strict_enumeration_warning,
+            ignore_jit_warnings,
+            retain_graph,
+            monte_carlo_kl=monte_carlo_kl,
+        )
+        if jit_options is not None and not isinstance(jit_options, dict):
+            raise ValueError(f"jit_options: expected a dict or None, got {jit_options!r}")
+        self.jit_options = jit_options
+        self._compiled: dict = {}  # (model, guide, shapes, kwargs) -> CompiledFunction
+
+    @property
+    def compilations(self) -> int:
+        """How many graphs have been compiled: one per model, guide, input shape and keywords."""
+        return len(self._compiled)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """−ELBO as a tensor whose gradient is the ELBO's, from the graph compiled for these inputs."""
+        key = _compile_key(model, guide, args, kwargs)
+        compiled = self._compiled.get(key)
+        if compiled is not None:
+            return compiled(*args, **kwargs)
+        compiled = self._compile(model, guide)
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates torch.jit.trace, which pyro.ops.jit calls: a
+            # DeprecationWarning at every compilation, an error wherever warnings
+            # are. This class is built on it knowingly, so exactly that message
+            # is silenced, and only while compiling; every other warning passes.
+            warnings.filterwarnings(
+                "ignore",
+                message=r"`torch\.jit\.trace` is (deprecated|not supported)",
+                category=DeprecationWarning,
+            )
+            loss = compiled(*args, **kwargs)  # the first call captures params, then traces
+        self._compiled[key] = compiled
+        return loss
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """−ELBO as a number, from the compiled graph."""
+        with torch.no_grad():
+            loss = torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """−ELBO as a number; its gradient is accumulated into the parameters' ``.grad``."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if getattr(loss, "requires_grad", False):
+            loss.backward(retain_graph=self.retain_graph)
+        loss = torch_item(loss)
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def _compile(self, model, guide):
+        weakself = weakref.ref(self)  # the graph must not keep the ELBO alive
+
+        def differentiable_loss(*args, **kwargs):
+            self = weakself()
+            loss = 0.0
+            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+                _, loss_particle = self._differentiable_loss_particle(model_trace, guide_trace)
+                loss = loss + loss_particle / self.num_particles
+            return loss
+
+        # CompiledFunction edits its options; each graph gets a copy.
+        return pyro.ops.jit.trace(
+            differentiable_loss,
+            ignore_warnings=self.ignore_jit_warnings,
+            jit_options=dict(self.jit_options or {}),
+        )
+
+
+def _compile_key(model, guide, args, kwargs):
+    """What a traced graph depends on besides the param store: a hashable signature."""
+    shapes = []
+    for i, arg in enumerate(args):
+        if not torch.is_tensor(arg):
+            raise ValueError(
+                f"JitTraceMeanField_ELBO: expected tensors as positional arguments, got"
+                f" {type(arg).__name__} at position {i}; pass other inputs as keywords"
+            )
+        shapes.append((tuple(arg.shape), arg.dtype, arg.device))
+    for name, value in kwargs.items():
+        if torch.is_tensor(value):
+            raise ValueError(
+                f"JitTraceMeanField_ELBO: keyword {name!r} is a tensor, which the graph would keep"
+                " as a constant; pass tensors positionally"
+            )
+    key = (_hashable(model), _hashable(guide), tuple(shapes), tuple(sorted(kwargs.items())))
+    try:
+        hash(key)
+    except TypeError as e:
+        raise ValueError(
+            f"JitTraceMeanField_ELBO: expected hashable keyword arguments, got {sorted(kwargs)}: {e}"
+        ) from None
+    return key
+
+
+def _hashable(fn):
+    """``fn`` itself where hashable (a bound method hashes by its object), else its id."""
+    try:
+        hash(fn)
+    except TypeError:
+        return id(fn)
+    return fn

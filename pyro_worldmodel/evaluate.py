@@ -190,9 +190,10 @@ def iwae_log_likelihood(
             raise ValueError(f"{arg}: expected a positive int, got {value!r}")
     obs, actions, mask = model.check_inputs(obs, actions, mask)
     chunks = []
-    for start in range(0, num_particles, chunk_size):
-        k = min(chunk_size, num_particles - start)
-        chunks.append(log_weights(model, guide, obs, actions, mask, num_particles=k))
+    with torch.no_grad():  # an estimate, not a loss: no graph kept for K particles
+        for start in range(0, num_particles, chunk_size):
+            k = min(chunk_size, num_particles - start)
+            chunks.append(log_weights(model, guide, obs, actions, mask, num_particles=k))
     log_w = torch.cat(chunks)  # (K, B)
     return torch.logsumexp(log_w, dim=0) - math.log(num_particles)
 

@@ -87,17 +87,21 @@ class FilterGuide(ChecksInputs, nn.Module):
         B, T = mask.shape
         register(self.name, self)
         a_feat = self.action_space.features(actions, obs.dtype)  # (B, T, A)
-        h = self._summaries(obs, a_feat, mask)  # (B, T, S)
+        h = self.combiner.project(self._summaries(obs, a_feat, mask))  # (B, T, Z + W): all of h_t's part
+        # unbind, not h[:, t : t + 1]: the backward of each slice would zero a gradient of all of h.
+        h = h.unsqueeze(2).unbind(1)  # T × (B, 1, Z + W)
+        weights = self.combiner.step_weights()
         z = [self.z_0.expand(B, 1, self.latent_dim)]
         with pyro.plate("episodes", B, dim=-2):
             for t in pyro.markov(range(T)):
-                q_t = self._q(z[-1], h[:, t : t + 1])  # batch (..., B, 1), event (Z,)
+                q_t = self._q(z[-1], h[t], weights)  # batch (..., B, 1), event (Z,)
                 z.append(pyro.sample(f"z_{t}", q_t.mask(mask[:, t : t + 1])))
         return torch.cat(z[1:], dim=-2)  # (..., B, T, Z)
 
-    def _q(self, z_prev, h_t) -> dist.TorchDistribution:
-        """q(z_t | z_{t-1}, h_t): the combiner's diagonal Normal; subclasses may reshape it."""
-        return self.combiner(z_prev, h_t)
+    def _q(self, z_prev, projected_t, weights) -> dist.TorchDistribution:
+        """q(z_t | z_{t-1}, h_t) from z_{t-1} and ``combiner.project(h_t)``: the combiner's
+        diagonal Normal; subclasses may reshape it."""
+        return self.combiner.step(z_prev, projected_t, weights)
 
     def _summaries(self, obs, a_feat, mask):
         """h_t = [GRU(x_{≤t}, a_{<t}), x_t, a_{t-1}]."""
@@ -207,9 +211,10 @@ class IAFFilterGuide(FilterGuide):
                 iaf.arn.layers[-1].weight.zero_()  # mean = 0, log-scale = 0: y = x
                 iaf.arn.layers[-1].bias.zero_()
 
-    def _q(self, z_prev, h_t) -> dist.TorchDistribution:
+    def _q(self, z_prev, projected_t, weights) -> dist.TorchDistribution:
         """The combiner's Normal pushed through the IAFs; event ``(Z,)`` already, so no ``to_event``."""
-        return dist.TransformedDistribution(self.combiner(z_prev, h_t), [iaf.fresh() for iaf in self.iafs])
+        base = self.combiner.step(z_prev, projected_t, weights)
+        return dist.TransformedDistribution(base, [iaf.fresh() for iaf in self.iafs])
 
 
 class _IAF(AffineAutoregressive):

@@ -140,6 +140,8 @@ def fit(
         start = len(history.loss)
         order_seed = saved["order_seed"]
         _set_rng_state(saved["rng"])
+        if isinstance(getattr(elbo, "step", None), int):  # a schedule over steps, e.g. KL annealing
+            elbo.step = start
 
     frozen = {"all": None, "guide": model, "model": guide}[train]
     model_fn = model.model

@@ -101,6 +101,51 @@ def test_resuming_from_a_checkpoint_equals_one_uninterrupted_run(data, tmp_path,
     assert load_checkpoint(path, *small())["step"] == 30
 
 
+def test_resuming_continues_a_kl_annealing_schedule(data, tmp_path):
+    """β depends on the step: a resumed run must not restart the warm-up."""
+    from pyro_worldmodel.elbos import KLAnnealing_ELBO
+
+    def annealing():
+        return KLAnnealing_ELBO(beta=1.0, warmup_steps=20, max_plate_nesting=2)
+
+    model, guide = small()
+    elbo = annealing()
+    straight = fit(model, guide, *data, num_steps=12, batch_size=4, seed=3, elbo=elbo, progress=False)
+    assert elbo.step == 12 and elbo.current_beta == pytest.approx(0.6)
+
+    path = tmp_path / "run.ckpt"
+    pyro.clear_param_store()
+    model, guide = small()
+    fit(
+        model,
+        guide,
+        *data,
+        num_steps=5,
+        batch_size=4,
+        seed=3,
+        elbo=annealing(),
+        checkpoint=path,
+        progress=False,
+    )
+    pyro.clear_param_store()
+    model, guide = small(seed=99)
+    elbo = annealing()
+    resumed = fit(
+        model,
+        guide,
+        *data,
+        num_steps=12,
+        batch_size=4,
+        seed=3,
+        elbo=elbo,
+        checkpoint=path,
+        resume=True,
+        progress=False,
+    )
+    assert elbo.step == 12
+    torch.testing.assert_close(torch.tensor(resumed.loss), torch.tensor(straight.loss), rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_round_trip_includes_the_optimiser(data, tmp_path):
     model, guide = small()
     optim = pyro.optim.ClippedAdam({"lr": 1e-2})

@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._nets import cat_batched, check_dim, check_hidden, check_min_scale, mlp, positive, set_linear_gaussian
+from ._nets import check_dim, check_hidden, check_min_scale, mlp, positive, set_linear_gaussian
 
 
 class Combiner(nn.Module):
@@ -33,12 +33,64 @@ class Combiner(nn.Module):
         self.min_scale = check_min_scale(min_scale)
         self.linear = nn.Linear(latent_dim + summary_dim, latent_dim)
         self.net = mlp(latent_dim + summary_dim, check_hidden(hidden), 2 * latent_dim)
+        self._deep = len(self.net) > 1  # at least one hidden layer
+        self._hidden = tuple(self.net)[1:-1]  # between the first layer and the last, as step() applies them
 
     def forward(self, z_prev: torch.Tensor, h_t: torch.Tensor) -> dist.Distribution:
         """:param z_prev: ``(..., Z)``; :param h_t: ``(..., H)``."""
-        u = cat_batched(z_prev, h_t)
-        delta, raw_scale = self.net(u).chunk(2, dim=-1)  # (..., Z) each
-        return dist.Normal(self.linear(u) + delta, positive(raw_scale, self.min_scale)).to_event(1)
+        return self.step(z_prev, self.project(h_t), self.step_weights())
+
+    # A filter calls the combiner once per step, on z_{t-1} and h_t. Only the
+    # z part is sequential: the h part of the linear path and of the MLP's
+    # first layer is one matmul over every t (project), and each step adds
+    # z_{t-1}'s part (step), with one matmul for both. The last layer's two
+    # halves, loc and scale, are two matmuls, the loc's added to the linear
+    # path in the same call; its bias is already in project's.
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """h_t's part of the linear path and of the first layer, with the biases: ``(..., H)`` → ``(..., Z + W)``."""
+        Z = self.latent_dim
+        first = self.net[0]
+        weight = torch.cat([self.linear.weight[:, Z:], first.weight[:, Z:]], 0)  # (Z + W, H)
+        loc_bias = self.linear.bias + self.net[-1].bias[:Z] if self._deep else self.linear.bias
+        return nn.functional.linear(h, weight, torch.cat([loc_bias, first.bias]))
+
+    def step_weights(self) -> tuple[torch.Tensor, ...]:
+        """What :meth:`step` takes besides z_{t-1} and ``project(h_t)``: slices of the weights, cut once per sequence."""
+        Z = self.latent_dim
+        z_weight = torch.cat([self.linear.weight[:, :Z], self.net[0].weight[:, :Z]], 0)  # (Z + W, Z)
+        if not self._deep:
+            return (z_weight,)
+        last = self.net[-1]
+        return z_weight, last.weight[:Z].t(), last.weight[Z:].t(), last.bias[Z:]
+
+    def step(self, z_prev: torch.Tensor, projected: torch.Tensor, weights: tuple) -> dist.Distribution:
+        """q(z_t | z_{t-1}, h_t) from z_{t-1} ``(..., Z)`` and ``project(h_t)`` ``(..., Z + W)``."""
+        return dist.Normal(*self.loc_scale(z_prev, projected, weights)).to_event(1)
+
+    def loc_scale(self, z_prev, projected, weights) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`step`'s loc and scale, without building a distribution."""
+        flat = (
+            z_prev.dim() == projected.dim() == 2
+        )  # (B, ·), as the batched path calls it; else (..., B, 1, ·)
+        z_weight = weights[0]
+        u = (
+            torch.addmm(projected, z_prev, z_weight.t())
+            if flat
+            else nn.functional.linear(z_prev, z_weight) + projected
+        )
+        linear, out = u.split([self.latent_dim, u.shape[-1] - self.latent_dim], dim=-1)
+        if not self._deep:  # the first layer is the last: u holds [linear, delta, raw scale]
+            delta, raw_scale = out.chunk(2, dim=-1)
+            return linear + delta, positive(raw_scale, self.min_scale)
+        for layer in self._hidden:  # without building a Sequential (or running hooks) each step
+            out = layer.forward(out)
+        _, w_loc, w_scale, b_scale = weights
+        if flat:
+            loc, raw_scale = torch.addmm(linear, out, w_loc), torch.addmm(b_scale, out, w_scale)
+        else:
+            loc, raw_scale = linear + out @ w_loc, out @ w_scale + b_scale
+        return loc, positive(raw_scale, self.min_scale)
 
     def init_linear(self, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> None:
         """Start as N(weight [z_{t-1}, h_t] + bias, diag scale²), the MLP at zero.
