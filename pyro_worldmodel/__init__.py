@@ -1,7 +1,16 @@
 """Latent world models as probabilistic programs in Pyro."""
 
 from .anchors import LinearGaussianSSM
+from .compare import EstimatorComparison, compare_estimators
 from .config import Spec, build, register, spec_of
+from .elbos import (
+    FreeNats_ELBO,
+    JitTraceMeanField_ELBO,
+    KLAnnealing_ELBO,
+    KLBalancing_ELBO,
+    MonteCarloKLWarning,
+    TraceMeanField_ELBO,
+)
 from .evaluate import ELBOTerms, OpenLoop, elbo_terms, heldout_bounds, iwae_log_likelihood, open_loop
 from .guides import FilterGuide
 from .imagine import Imagination, imagine
@@ -12,7 +21,14 @@ from .spaces import ActionSpace
 __all__ = [
     "ActionSpace",
     "ELBOTerms",
+    "EstimatorComparison",
     "FilterGuide",
+    "FreeNats_ELBO",
+    "JitTraceMeanField_ELBO",
+    "KLAnnealing_ELBO",
+    "KLBalancing_ELBO",
+    "MonteCarloKLWarning",
+    "TraceMeanField_ELBO",
     "History",
     "Imagination",
     "LinearGaussianSSM",
@@ -20,6 +36,7 @@ __all__ = [
     "Spec",
     "WorldModel",
     "build",
+    "compare_estimators",
     "default_elbo",
     "elbo_terms",
     "fit",

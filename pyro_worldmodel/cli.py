@@ -1,4 +1,4 @@
-"""The ``pyro-worldmodel`` command: collect, train, evaluate and imagine.
+"""The ``pyro-worldmodel`` command: collect, train, evaluate, imagine and compare.
 
 Every subcommand works in a run directory::
 
@@ -10,7 +10,8 @@ Every subcommand works in a run directory::
 
 ``pyro-worldmodel train`` with no arguments is the default job: collect
 Pendulum-v1 with random actions, train the default model, evaluate it and
-draw the figures.
+draw the figures. ``pyro-worldmodel compare`` compares ELBO estimators on one
+model and dataset and writes ``compare/`` (compare.md, compare.json, figures/).
 """
 
 from __future__ import annotations
@@ -490,6 +491,112 @@ def cmd_imagine(args) -> Path:
     return path
 
 
+def cmd_compare(args) -> dict:
+    """Compare ELBO estimators on one model, guide and dataset; write compare.md, compare.json, figures/."""
+    from .compare import DEFAULTS, SMOKE, compare_estimators, default_estimators, make_estimator
+    from .plots import plot_estimator_comparison, plot_learning_curves, save_figure
+
+    preset = SMOKE if args.smoke else DEFAULTS
+    steps = args.steps or preset["num_steps"]
+    batch_size = args.batch_size or preset["batch_size"]
+    if args.estimators is None:
+        estimators = default_estimators(args.particles or preset["num_particles"], steps)
+    else:
+        estimators = _estimators_option(args.estimators)
+    for estimator in estimators:  # a bad name or keyword fails before any data is collected
+        make_estimator(estimator)
+    spec = Spec.from_yaml(args.config) if args.config is not None else DEFAULT_SPEC
+    spec = spec.with_overrides(dict(args.set or []))
+    _set_seed(args.seed)
+    if args.data is not None:
+        episodes = Episodes.load(args.data)
+    else:
+        episodes = collect(
+            args.env,
+            args.episodes or (6 if args.smoke else 60),
+            seed=args.seed,
+            num_envs=args.num_envs,
+            max_episode_steps=50 if args.smoke else None,
+        )
+    out = args.compare_out or Path("runs") / (episodes.env_id or Path(args.data).stem) / "compare"
+    train, val = episodes.split(args.val_fraction, seed=args.seed)
+    normalizer = train.fit_normalizer().normalizer
+    train, val = replace(train, normalizer=normalizer), replace(val, normalizer=normalizer)
+    if args.smoke:
+        val = val[: min(2, len(val))]
+    arch = Architecture(train.obs_dim, _space_dict(train.action_space), episodes.env_id, spec.to_dict())
+    _set_seed(args.seed)
+    built = arch.build(normalizer)
+    reason = why_no_linear_warm_start(built.model, built.guide)
+    if args.init == "linear" and reason:
+        raise ValueError(f"init: {reason}")
+    window = args.window if args.window is not None else (10 if args.smoke else 30)
+    obs, actions, mask = _training_windows(train, window, steps * batch_size, args.seed)
+    if args.init != "random" and reason is None:
+        linear_warm_start(built.model, built.guide, obs, actions, mask)
+    info = {
+        "env_id": episodes.env_id,
+        "data": str(args.data) if args.data is not None else f"collected {len(episodes)} episodes",
+        "window": window,
+        "init": args.init if args.init != "auto" else ("linear" if reason is None else "random"),
+        "spec": spec.to_dict(),
+    }
+    with pyro.validation_enabled(False):  # inputs are checked once, up front, by compare_estimators
+        result = compare_estimators(
+            obs,
+            actions,
+            mask,
+            heldout=val.normalized(),
+            estimators=estimators,
+            model=built.model,
+            guide=built.guide,
+            repeats=args.repeats,
+            num_steps=steps,
+            batch_size=batch_size,
+            iwae_particles=args.iwae_particles,
+            optim=spec.optim,
+            seed=args.seed,
+            device=args.device,
+            smoke=args.smoke,
+            info=info,
+        )
+    figures = {
+        "estimators.png": plot_estimator_comparison(result),
+        "learning_curves.png": plot_learning_curves(result),
+    }
+    # Everything is computed; only now are files written.
+    for name, fig in figures.items():
+        save_figure(fig, out / "figures" / name)
+    report = result.markdown()
+    atomic_write(out / "compare.md", lambda f: f.write(report.encode()))
+    _write_json(out / "compare.json", result.to_dict())
+    print(result.table())
+    for note in result.notes():
+        print(f"  {note}")
+    print(f"report: {out / 'compare.md'}\njson: {out / 'compare.json'}\nfigures: {out / 'figures'}/")
+    return result.to_dict()
+
+
+def _estimators_option(text: str) -> list:
+    """``--estimators``: a YAML list (or a .yaml file of one) of names and spec dicts."""
+    import yaml
+
+    if "\n" not in text and Path(text).suffix in (".yaml", ".yml"):
+        text = Path(text).read_text(encoding="utf-8")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"estimators: expected a YAML list, got {text!r} ({e})") from None
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError(
+            "estimators: expected a YAML list of names or dicts such as"
+            f" '[Trace_ELBO, {{name: RenyiELBO, alpha: 0, num_particles: 8}}]', got {text!r}"
+        )
+    return value
+
+
 def _set_seed(seed: int) -> None:
     pyro.set_rng_seed(seed)
 
@@ -528,6 +635,7 @@ non_negative_int = _arg_type(int, lambda n: n >= 0, "an int >= 0")
 positive_float = _arg_type(float, lambda x: x > 0.0, "a positive number")
 decay = _arg_type(float, lambda x: 0.0 < x <= 1.0, "a number in (0, 1]")
 fraction = _arg_type(float, lambda x: 0.0 < x < 1.0, "a number in (0, 1)")
+_at_least_two = _arg_type(int, lambda n: n >= 2, "an int >= 2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -535,7 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyro-worldmodel",
         description="Latent world models as Pyro programs: collect data, train, evaluate, imagine.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{collect,train,evaluate,imagine}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{collect,train,evaluate,imagine,compare}"
+    )
 
     def common(p, out=True):
         p.add_argument(
@@ -648,6 +758,81 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p, out=False)
     p.set_defaults(func=cmd_imagine)
+
+    p = sub.add_parser(
+        "compare",
+        help="compare ELBO estimators on one model, guide and dataset",
+        description="For each estimator, from the same initial parameters and seed: the bound, the"
+        " variance of the loss and of the gradient, the gradient SNR, time and memory per step, and"
+        " training (held-out ELBO and IWAE). Writes compare.md, compare.json and figures/.",
+    )
+    p.add_argument(
+        "--env", default=DEFAULT_ENV, help=f"gymnasium id to collect from (default: {DEFAULT_ENV})"
+    )
+    p.add_argument(
+        "--data", type=Path, default=None, help="an episodes .npz to compare on instead of collecting"
+    )
+    p.add_argument(
+        "--episodes", type=positive_int, default=None, help="episodes to collect (default: 60; smoke: 6)"
+    )
+    p.add_argument("--num-envs", type=positive_int, default=8, help="vector environments (default: 8)")
+    p.add_argument("--val-fraction", type=fraction, default=0.2, help="episodes held out (default: 0.2)")
+    p.add_argument("--config", type=Path, default=None, help="a YAML spec of the model and guide")
+    p.add_argument(
+        "--set",
+        type=_key_value,
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a spec entry, e.g. --set latent_dim=4 (repeatable)",
+    )
+    p.add_argument(
+        "--estimators",
+        default=None,
+        metavar="YAML",
+        help="a YAML list (or .yaml file) of estimators, e.g. '[Trace_ELBO, {name: RenyiELBO, alpha: 0,"
+        " num_particles: 8}]' (default: the built-in list)",
+    )
+    p.add_argument(
+        "--particles",
+        type=positive_int,
+        default=None,
+        help="K of the default list's Rényi and tail-adaptive (default: 8)",
+    )
+    p.add_argument(
+        "--repeats", type=_at_least_two, default=None, help="draws of the bound and gradient (default: 30)"
+    )
+    p.add_argument(
+        "--steps", type=_at_least_two, default=None, help="training steps per estimator (default: 200)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=None, help="windows per step (default: 32)")
+    p.add_argument(
+        "--window",
+        type=non_negative_int,
+        default=None,
+        help="training window length; 0 for whole episodes (default: 30)",
+    )
+    p.add_argument(
+        "--iwae-particles",
+        type=positive_int,
+        default=None,
+        help="K of the held-out IWAE estimate (default: 100)",
+    )
+    p.add_argument(
+        "--init",
+        choices=["auto", "linear", "random"],
+        default="auto",
+        help="initial parameters, as for train (default: auto)",
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny settings that finish in seconds")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        dest="compare_out",
+        help="output directory (default: runs/<env id>/compare)",
+    )
+    common(p, out=False)
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

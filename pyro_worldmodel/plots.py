@@ -1,4 +1,4 @@
-"""Figures of training, KL per timestep, imagined futures and open-loop error.
+"""Figures of training, KL per timestep, imagined futures, open-loop error and estimator comparisons.
 
 Every function builds a :class:`matplotlib.figure.Figure` directly, never
 through pyplot, so nothing is left in pyplot's global state; it runs headless,
@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from .inference import atomic_write
 
 if TYPE_CHECKING:
+    from .compare import EstimatorComparison
     from .evaluate import OpenLoop
     from .imagine import Imagination
     from .inference import History
@@ -253,6 +254,131 @@ def plot_open_loop(open_loop: OpenLoop, path: str | os.PathLike | None = None) -
         f"Open-loop prediction after {open_loop.context} context steps, {open_loop.num_windows} windows"
     )
     return save_figure(fig, path)
+
+
+def plot_estimator_comparison(
+    comparison: EstimatorComparison, path: str | os.PathLike | None = None
+) -> Figure:
+    """Each estimator's bound, loss variance, gradient SNR and time per step, as horizontal bars.
+
+    Bars are drawn at exactly the values of the comparison's table: the bound
+    (nats per timestep, ± its standard error), the variance of the loss per
+    timestep (log scale), the gradient signal-to-noise ratio of the model's and
+    the guide's parameters, and the median milliseconds per SVI step (the
+    whiskers span the quartiles). A figure that does not exist (the bound of
+    ``TraceTailAdaptive_ELBO``) is marked ``n/a``.
+
+    :param comparison: an :class:`~pyro_worldmodel.compare.EstimatorComparison`.
+    :param path: if given, save the figure here as a PNG.
+    """
+    rows = comparison.results
+    if not rows:
+        raise ValueError("comparison: expected at least one estimator, got none")
+    labels = [r.label for r in rows]
+    y = np.arange(len(rows))
+    fig = Figure(figsize=(17, 1.4 + 0.35 * len(rows)), layout="constrained")
+    ax_bound, ax_var, ax_snr, ax_time = fig.subplots(1, 4, sharey=True)
+
+    bound, bound_se = _values([r.bound for r in rows]), _values([r.bound_se for r in rows])
+    ax_bound.barh(y, bound, xerr=bound_se, color="C0", capsize=3, gid="bound")
+    ax_bound.set(xlabel="nats per timestep", title="Bound ± s.e.")
+    ax_var.barh(y, _values([r.loss_variance for r in rows]), color="C1", gid="loss_variance")
+    ax_var.set_xscale("log")
+    ax_var.set(xlabel="Var[loss per timestep]", title="Loss variance")
+    height = 0.4
+    for offset, part, color in ((-height / 2, "model", "C2"), (height / 2, "guide", "C3")):
+        snr = _values([r.grad_snr.get(part) for r in rows])
+        ax_snr.barh(y + offset, snr, height=height, color=color, label=part, gid=f"snr_{part}")
+    ax_snr.set(xlabel="mean |E g| / sd g", title="Gradient SNR")
+    ax_snr.legend(fontsize="small")
+    ms = 1e3 * _values([r.step_time for r in rows])
+    quartiles = 1e3 * np.array([_values(r.step_time_quartiles) for r in rows])  # (E, 2)
+    whiskers = np.abs(np.stack([ms - quartiles[:, 0], quartiles[:, 1] - ms]))  # (2, E)
+    ax_time.barh(y, ms, xerr=whiskers, color="C4", capsize=3, gid="step_time")
+    ax_time.set(xlabel="ms per SVI step (median, quartiles)", title="Time")
+
+    for ax, values in (
+        (ax_bound, bound),
+        (ax_var, _values([r.loss_variance for r in rows])),
+        (ax_time, ms),
+    ):
+        for i in np.flatnonzero(np.isnan(values)):
+            ax.text(0.02, y[i], "n/a", transform=ax.get_yaxis_transform(), va="center", gid="missing")
+    ax_bound.set_yticks(y, labels)
+    ax_bound.invert_yaxis()
+    s = comparison.settings
+    fig.suptitle(
+        f"Estimators at the same initial parameters: {s['repeats']} draws on {s['eval_timesteps']} observed steps"
+    )
+    return save_figure(fig, path)
+
+
+def plot_learning_curves(
+    comparison: EstimatorComparison, path: str | os.PathLike | None = None, *, window: int | None = None
+) -> Figure:
+    """Each estimator's own training loss, and the held-out ELBO that all share, against SVI step.
+
+    The losses are of different objectives, so the right panel gives the
+    comparable measure: the held-out ELBO per timestep at the checkpoints.
+
+    :param comparison: an :class:`~pyro_worldmodel.compare.EstimatorComparison`.
+    :param path: if given, save the figure here as a PNG.
+    :param window: steps in the trailing moving average of each loss; by
+        default a twentieth of the steps, at most 50.
+    """
+    rows = comparison.results
+    if not rows or not all(r.train_loss for r in rows):
+        raise ValueError("comparison: expected every estimator to have a training loss, got none for some")
+    steps = max(len(r.train_loss) for r in rows)
+    if window is None:
+        window = max(1, min(50, steps // 20))
+    elif not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window: expected an int >= 1, got {window!r}")
+    fig = Figure(figsize=(13, 4.5), layout="constrained")
+    ax_loss, ax_held = fig.subplots(1, 2, sharex=True)
+    colors = _colors(len(rows))
+    for r, color in zip(rows, colors, strict=True):
+        loss = np.asarray(r.train_loss, dtype=np.float64)
+        ax_loss.plot(
+            np.arange(loss.size),
+            _moving_average(loss, window),
+            color=color,
+            label=r.label,
+            gid=f"loss:{r.label}",
+        )
+        ax_held.plot(
+            [c["step"] for c in r.checkpoints],
+            _values([c["heldout_elbo"] for c in r.checkpoints]),
+            marker="o",
+            markersize=3,
+            color=color,
+            label=r.label,
+            gid=f"heldout:{r.label}",
+        )
+    ax_loss.set(
+        xlabel="SVI step",
+        ylabel="loss per timestep (nats)",
+        title=f"Own training loss (mean of last {window})",
+    )
+    ax_held.set(xlabel="SVI step", ylabel="nats per timestep", title="Held-out ELBO (the common measure)")
+    fig.legend(*ax_held.get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    fig.suptitle("Learning curves from the same initial parameters and minibatches")
+    return save_figure(fig, path)
+
+
+def _values(xs) -> np.ndarray:
+    """Floats, with None as NaN."""
+    return np.array([np.nan if x is None else float(x) for x in xs], dtype=np.float64)
+
+
+def _colors(n: int) -> list:
+    """n distinguishable colours: the default cycle up to 10, then tab20."""
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return [cmap(i % 20) for i in range(n)]
 
 
 def _keep_first(grid: np.ndarray, n: int) -> list[Axes]:
