@@ -1,0 +1,281 @@
+"""Time one SVI step: the library's default path, hand-written PyTorch, and stock Pyro.
+
+    python benchmarks/svi_step.py                  # CPU, B=32, T in {10, 50, 200}
+    python benchmarks/svi_step.py --device cuda --batch 32 256 1024
+    python benchmarks/svi_step.py --tiny           # seconds; what CI runs
+
+One step is the loss, its backward and the optimiser's step (ClippedAdam, as
+`fit` uses), for a world model with vector observations: latent 16, hidden 64
+(WorldModel.default and FilterGuide). Three ways of computing the same ELBO:
+
+- library: what `pyro_worldmodel.fit` runs by default, SVI with
+  `default_elbo()` (the batched mean-field path, `pyro_worldmodel.fast`);
+- reference: hand-written PyTorch on the same modules, the guide's recurrence
+  step by step and every model term batched over time;
+- stock: SVI with Pyro's own `TraceMeanField_ELBO`, eager, validation on (Pyro's default).
+
+Before timing, the reference and the library must give the same loss and
+gradients on the same parameters and noise, to 1e-5 relative. The variants
+are timed interleaved in one process; each figure is the median after a
+warm-up. The cost per timestep is the slope of a least-squares line in T.
+Memory is the peak of tensor memory allocated during one step, above what
+was allocated before it: `torch.cuda.max_memory_allocated` on a GPU, the
+profiler's allocation events on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI
+from pyro.optim.clipped_adam import ClippedAdam
+from torch.distributions import Normal, kl_divergence
+
+from pyro_worldmodel import ActionSpace, FilterGuide, WorldModel
+from pyro_worldmodel.inference import MAX_PLATE_NESTING, default_elbo, default_optim
+from pyro_worldmodel.profiling import peak_memory
+
+OBS_DIM, ACTION_DIM, LATENT, HIDDEN = 8, 2, 16, 64
+
+
+def build(device):
+    model = WorldModel.default(
+        OBS_DIM, ActionSpace.box(ACTION_DIM), latent_dim=LATENT, hidden=(HIDDEN, HIDDEN)
+    )
+    guide = FilterGuide.for_model(model, rnn_dim=HIDDEN, hidden=(HIDDEN,))
+    return model.to(device), guide.to(device)
+
+
+def batch(B, T, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(B, T, OBS_DIM, generator=g)
+    actions = torch.randn(B, T, ACTION_DIM, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    return obs.to(device), actions.to(device), mask.to(device)
+
+
+# ---------------------------------------------------------------- the reference
+
+
+def reference_loss(model, guide, obs, actions, mask):
+    """−ELBO by hand: the filter's recurrence step by step, every model term batched over time."""
+    B, T, _ = obs.shape
+    # guide: h_t = [GRU(x_{≤t}, a_{<t}), x_t, a_{t-1}], then z_t ~ N(W u + f(u)) with u = [z_{t-1}, h_t]
+    a_prev = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1)
+    inputs = torch.cat([obs, a_prev], -1)
+    h = torch.cat([guide.rnn(inputs)[0], inputs], -1)  # (B, T, S)
+    comb = guide.combiner
+    z_prev = guide.z_0.expand(B, 1, LATENT)
+    zs, locs, scales = [], [], []
+    for h_t in h.unsqueeze(2).unbind(1):
+        u = torch.cat([z_prev, h_t], -1)
+        delta, raw = comb.net(u).chunk(2, -1)
+        loc, scale = comb.linear(u) + delta, torch.nn.functional.softplus(raw) + comb.min_scale
+        z_prev = loc + torch.empty_like(loc).normal_() * scale
+        zs.append(z_prev)
+        locs.append(loc)
+        scales.append(scale)
+    z = torch.cat(zs, 1)  # (B, T, Z)
+    q = Normal(torch.cat(locs, 1), torch.cat(scales, 1))
+    # model, batched: p(z_1) = N(0, I); p(z_t | z_{t-1}, a_{t-1}) residual MLP
+    tr = model.transition
+    u = torch.cat([z[:, :-1], actions[:, :-1]], -1)
+    d, raw = tr.net(u).chunk(2, -1)
+    p_loc = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1] + tr.linear(u) + d], 1)
+    p_scale = torch.cat([torch.ones_like(z[:, :1]), torch.nn.functional.softplus(raw) + tr.min_scale], 1)
+    kl = kl_divergence(q, Normal(p_loc, p_scale)).sum()
+    em, pol = model.emission, model.policy
+    log_px = Normal(em.linear(z) + em.net(z), em.log_scale.exp()).log_prob(obs).sum()
+    log_pa = Normal(pol.linear(z) + pol.net(z), pol.log_scale.exp()).log_prob(actions).sum()
+    return -(log_px + log_pa - kl)
+
+
+# ---------------------------------------------------------------- steps
+
+
+class Variant:
+    def __init__(self, name, device, B, T):
+        self.name = name
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        self.model, self.guide = build(device)
+        self.args = batch(B, T, device)
+        self.params = [*self.model.parameters(), *self.guide.parameters()]
+        if name == "reference":
+            self.optim = ClippedAdam(self.params, lr=1e-4, clip_norm=10.0)
+        else:
+            elbo = (
+                default_elbo()
+                if name == "library"
+                else pyro.infer.TraceMeanField_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
+            )
+            self.svi = SVI(self.model.model, self.guide, default_optim(lr=1e-4), elbo)
+
+    def step(self):
+        if self.name == "reference":
+            for p in self.params:
+                p.grad = None
+            loss = reference_loss(self.model, self.guide, *self.args)
+            loss.backward()
+            self.optim.step()
+            return loss.item()  # the one host-device sync, as SVI's
+        return self.svi.step(*self.args)  # Pyro's validation at its default, on, as a user runs it
+
+
+def check_same_elbo(device, B=8, T=12):
+    """The reference and the library: same loss and gradients on the same parameters and noise."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model, guide = build(device)
+    args = batch(B, T, device, seed=1)
+    params = [*model.parameters(), *guide.parameters()]
+    results = []
+    for fn in (
+        lambda: default_elbo().differentiable_loss(model.model, guide, *args),
+        lambda: reference_loss(model, guide, *args),
+    ):
+        for p in params:
+            p.grad = None
+        pyro.set_rng_seed(7)
+        loss = fn()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in params]))
+    (l_lib, g_lib), (l_ref, g_ref) = results
+    worst = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item() for a, b in zip(g_lib, g_ref))
+    loss_rel = ((l_lib - l_ref).abs() / l_ref.abs()).item()
+    if loss_rel > 1e-5 or worst > 1e-5:
+        sys.exit(
+            f"the reference and the library differ: loss by {loss_rel:.2e}, gradients by {worst:.2e} (relative)"
+        )
+    print(
+        f"same ELBO: loss {l_lib.item():.6g}, relative difference {loss_rel:.1e} (loss), {worst:.1e} (gradients)"
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=[32], help="B for the timings")
+    parser.add_argument("--T", type=int, nargs="+", default=[10, 50, 200])
+    parser.add_argument(
+        "--memory-batch", type=int, nargs="+", default=[16, 32, 64], help="B for the memory grid"
+    )
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-stock", action="store_true", help="skip stock Pyro (slow at large B on a GPU)")
+    parser.add_argument("--tiny", action="store_true", help="B=4, T in {5, 10}, 2 repeats: a smoke run")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.batch, args.T, args.memory_batch, args.repeats, args.warmup = [4], [5, 10], [2, 4], 2, 1
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    names = ["library", "reference"] + ([] if args.no_stock else ["stock"])
+    print(
+        f"device {device}, {torch.get_num_threads()} threads; latent {LATENT}, hidden {HIDDEN}, obs {OBS_DIM}"
+    )
+    if device.type == "cuda":
+        print(f"card: {torch.cuda.get_device_name(device)}")
+    check_same_elbo(device)
+
+    rows = []
+    for B in args.batch:
+        for T in args.T:
+            variants = [Variant(n, device, B, T) for n in names]
+            times = {n: [] for n in names}
+            for i in range(args.warmup + args.repeats):
+                for v in variants:  # interleaved
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    v.step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    if i >= args.warmup:
+                        times[v.name].append(time.perf_counter() - start)
+                if i == args.warmup - 1:
+                    gc.collect()
+                    gc.freeze()  # no collector pauses inside the timings (PYRO_NOTES §6)
+            gc.unfreeze()
+            row = {"B": B, "T": T, **{n: statistics.median(times[n]) * 1e3 for n in names}}
+            row["library_mem"] = peak_memory(variants[0].step, device) / 2**20
+            rows.append(row)
+
+    print()
+    head = "| B | T | " + " | ".join(f"{n} ms" for n in names) + " | library / reference |"
+    head += (
+        " stock / library |" if "stock" in names else ""
+    ) + " sequences/s (library) | peak MiB (library) |"
+    print(head)
+    print("|" + "---:|" * (head.count("|") - 1))
+    for r in rows:
+        cells = [str(r["B"]), str(r["T"])] + [f"{r[n]:.1f}" for n in names]
+        cells.append(f"{r['library'] / r['reference']:.2f}")
+        if "stock" in names:
+            cells.append(f"{r['stock'] / r['library']:.2f}")
+        cells += [f"{r['B'] / (r['library'] / 1e3):.0f}", f"{r['library_mem']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+
+    for B in args.batch:
+        sub = [r for r in rows if r["B"] == B]
+        if len(sub) < 2:
+            continue
+        Ts = torch.tensor([float(r["T"]) for r in sub])
+        print(f"\nB={B}: time per step against T, least squares (cost per timestep, fixed cost, R²):")
+        for n in names:
+            slope, intercept, r2 = _line(Ts, torch.tensor([r[n] for r in sub]))
+            print(f"  {n:10s} {slope * 1e3:8.1f} µs per timestep + {intercept:6.2f} ms; R² {r2:.4f}")
+
+    # Memory against B·T: the library's step alone, on a grid of B and T.
+    grid = []
+    for B in args.memory_batch:
+        for T in args.T:
+            v = Variant("library", device, B, T)
+            v.step()  # warm: first-call allocations (optimiser state) are not a step's
+            grid.append((B * T, peak_memory(v.step, device) / 2**20))
+    x = torch.tensor([float(bt) for bt, _ in grid])
+    y = torch.tensor([m for _, m in grid])
+    slope, intercept, r2 = _line(x, y)
+    print(f"\npeak memory of one library step over B in {args.memory_batch} and T in {args.T}:")
+    print("  " + ", ".join(f"B·T={bt}: {m:.2f} MiB" for bt, m in grid))
+    print(
+        f"  least squares in B·T: {slope * 1024:.2f} KiB per sequence-step + {intercept:.2f} MiB; R² {r2:.4f}"
+    )
+
+    if device.type == "cuda":
+        print(f"\nhost-device synchronisations in one library step: {count_syncs(Variant('library', device, 32, 50))}"
+              " (1 is reading the loss)")  # fmt: skip
+
+
+def count_syncs(variant) -> int:
+    """Synchronising CUDA calls during one step, by torch's sync debug mode."""
+    import warnings
+
+    variant.step()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            variant.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in record)
+
+
+def _line(x, y):
+    A = torch.stack([x, torch.ones_like(x)], 1)
+    sol = torch.linalg.lstsq(A, y[:, None]).solution[:, 0]
+    fit = A @ sol
+    ss_res, ss_tot = ((y - fit) ** 2).sum(), ((y - y.mean()) ** 2).sum()
+    return sol[0].item(), sol[1].item(), (1 - ss_res / ss_tot).item() if ss_tot > 0 else 1.0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The benchmark scripts run as a user runs them, at tiny sizes."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_svi_step_benchmark_checks_the_reference_and_prints_its_table():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "svi_step.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # the library and the hand-written reference compute the same ELBO before anything is timed
+    loss_rel, grad_rel = map(
+        float, re.search(r"relative difference (\S+) \(loss\), (\S+) \(gradients\)", out).groups()
+    )
+    assert loss_rel <= 1e-5 and grad_rel <= 1e-5
+    rows = [line for line in out.splitlines() if re.match(r"\| 4 \| (5|10) \|", line)]
+    assert len(rows) == 2  # B=4 at T=5 and T=10
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(float(c) > 0 for c in cells[2:])  # times, ratios, sequences/s, memory
+    assert "per timestep" in out and "least squares in B·T" in out
