@@ -409,12 +409,18 @@ def compare_estimators(
         model.to(device)
         guide.to(device)
     device = next(model.parameters()).device
-    obs, actions, mask = model.check_inputs(obs.to(device), actions.to(device), mask, check_values=True)
+
+    def on_device(x):
+        return None if x is None else torch.as_tensor(x).to(device)
+
+    obs, actions, mask = model.check_inputs(
+        on_device(obs), on_device(actions), on_device(mask), check_values=True
+    )
     if len(heldout) not in (2, 3):
         raise ValueError(
             f"heldout: expected (obs, actions) or (obs, actions, mask), got {len(heldout)} items"
         )
-    heldout = model.check_inputs(*heldout, check_values=True)
+    heldout = model.check_inputs(*(on_device(x) for x in heldout), check_values=True)
     lengths = mask.sum(1).cpu()
     if (lengths == 0).any():
         raise ValueError("mask: expected at least one observed step in every training sequence")
@@ -758,13 +764,18 @@ def _restore(model, guide, state):
 
 @contextmanager
 def _isolated_rng(seed):
-    """Run the block from ``seed`` and leave the random state as it was."""
-    state = get_rng_state()
+    """Run the block from ``seed`` and leave the random state as it was, CUDA's included."""
+    state = get_rng_state()  # Python, NumPy and torch's CPU generator
+    cuda = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
     pyro.set_rng_seed(seed)
     try:
         yield
     finally:
         set_rng_state(state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _fmt(value, spec) -> str:

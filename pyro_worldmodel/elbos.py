@@ -88,7 +88,9 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         guide, compute the same loss without Pyro's traces, the guide step by
         step and every model term batched over time
         (:mod:`pyro_worldmodel.fast`): the same value, gradient and random
-        draws, several times faster. Anything else (other components, a
+        draws, several times faster. It is taken only for exactly the
+        built-in classes it knows (not subclasses, and not an ELBO subclass
+        that overrides :meth:`_shape_kl`); anything else (other components, a
         horizon, vectorised particles, a Pyro handler around the call) takes
         Pyro's traces; so does everything with ``fast_path=False``.
     :ivar path: ``"batched"``, or why the last call took Pyro's traces.
@@ -131,37 +133,47 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
     # -- the batched path (pyro_worldmodel.fast), where it computes exactly what the traces do
 
     def _batched(self, model, guide, args, kwargs) -> bool:
-        why = (
-            fast.supports(model, guide, args, kwargs, vectorize_particles=self.vectorize_particles)
-            if self.fast_path
-            else "fast_path=False"
-        )
+        if not self.fast_path:
+            why = "fast_path=False"
+        elif type(self)._shape_kl not in _BATCHED_SHAPE_KL:
+            why = (
+                f"{type(self).__name__} overrides _shape_kl, which the batched path calls once for all sites"
+            )
+        else:
+            why = fast.supports(model, guide, args, kwargs, vectorize_particles=self.vectorize_particles)
         self.path = "batched" if why is None else f"pyro traces: {why}"
         return why is None
 
-    def _batched_loss(self, model, guide, args):
+    def _batched_loss(self, model, guide, args, kwargs):
+        args = (*args, kwargs["mask"]) if "mask" in kwargs else args
         loss = 0.0
         for _ in range(self.num_particles):
             loss = loss + fast.mean_field_loss(self, model, guide, *args) / self.num_particles
-        warn_if_nan(loss, "loss")
         return loss
 
     def loss(self, model, guide, *args, **kwargs):
         if self._batched(model, guide, args, kwargs):
             with torch.no_grad():
-                return torch_item(self._batched_loss(model, guide, args))
+                loss = torch_item(self._batched_loss(model, guide, args, kwargs))
+            warn_if_nan(loss, "loss")
+            return loss
         return super().loss(model, guide, *args, **kwargs)
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         if self._batched(model, guide, args, kwargs):
-            return self._batched_loss(model, guide, args)
+            loss = self._batched_loss(model, guide, args, kwargs)
+            warn_if_nan(loss, "loss")
+            return loss
         return super().differentiable_loss(model, guide, *args, **kwargs)
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
         if self._batched(model, guide, args, kwargs):
-            loss = self._batched_loss(model, guide, args)
-            loss.backward(retain_graph=self.retain_graph)
-            return torch_item(loss)
+            loss = self._batched_loss(model, guide, args, kwargs)
+            if loss.requires_grad:  # not under no_grad, nor with every parameter frozen
+                loss.backward(retain_graph=self.retain_graph)
+            loss = torch_item(loss)  # the one host-device sync of a step
+            warn_if_nan(loss, "loss")
+            return loss
         return super().loss_and_grads(model, guide, *args, **kwargs)
 
     # -- Pyro's traces
@@ -722,3 +734,13 @@ def _hashable(fn):
     except TypeError:
         return id(fn)
     return fn
+
+
+# The _shape_kl of these classes is element-wise, so the batched path may call it
+# once on every site's KL at once, (B, T), instead of once per site, (B, 1).
+_BATCHED_SHAPE_KL = {
+    TraceMeanField_ELBO._shape_kl,
+    KLAnnealing_ELBO._shape_kl,
+    FreeNats_ELBO._shape_kl,
+    KLBalancing_ELBO._shape_kl,
+}

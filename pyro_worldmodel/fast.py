@@ -27,33 +27,60 @@ from torch.distributions import kl_divergence
 
 from ._naming import register
 from .components import (
+    BernoulliEmission,
+    CategoricalPolicy,
+    Combiner,
     GatedTransition,
+    GaussianMLPEmission,
     GaussianMLPTransition,
     LearnedGaussianInit,
+    LinearGaussianEmission,
+    LinearGaussianPolicy,
     LinearGaussianTransition,
+    NormalPolicy,
     StandardNormalInit,
+    StudentTEmission,
+    TanhNormalPolicy,
 )
 from .components._nets import positive
 from .guides import FilterGuide, MeanFieldGuide, SmoothingGuide
 from .model import WorldModel
 
-# Components known to give Independent(Normal) factors, so that every KL is analytic.
+# Exactly these classes (not subclasses, which may change what the model or the
+# guide computes): the init and transition give Independent(Normal) factors, so
+# every KL is analytic, and the emission and policy sample nothing of their own.
 _INITS = (StandardNormalInit, LearnedGaussianInit)
 _TRANSITIONS = (GaussianMLPTransition, LinearGaussianTransition, GatedTransition)
+_EMISSIONS = (GaussianMLPEmission, LinearGaussianEmission, StudentTEmission, BernoulliEmission)
+_POLICIES = (NormalPolicy, TanhNormalPolicy, CategoricalPolicy, LinearGaussianPolicy)
 _GUIDES = (FilterGuide, SmoothingGuide, MeanFieldGuide)
 
 
 def supports(model_fn, guide, args, kwargs, *, vectorize_particles: bool) -> str | None:
     """None if :func:`mean_field_loss` computes exactly what Pyro's traces would; else why not."""
     model = getattr(model_fn, "__self__", None)
-    if not isinstance(model, WorldModel) or getattr(model_fn, "__func__", None) is not WorldModel.model:
+    if type(model) is not WorldModel or getattr(model_fn, "__func__", None) is not WorldModel.model:
         return "the model is not WorldModel.model"
-    for part, known in (("init", _INITS), ("transition", _TRANSITIONS)):
+    for part, known in (
+        ("init", _INITS),
+        ("transition", _TRANSITIONS),
+        ("emission", _EMISSIONS),
+        ("policy", _POLICIES),
+    ):
         if type(getattr(model, part)) not in known:
             return f"the {part} is a {type(getattr(model, part)).__name__}"
     if type(guide) not in _GUIDES:
         return f"the guide is a {type(guide).__name__}"
-    if len(args) not in (2, 3) or any(kwargs.values()):
+    if hasattr(guide, "combiner") and type(guide.combiner) is not Combiner:
+        return f"the guide's combiner is a {type(guide.combiner).__name__}"
+    extra = {k: v for k, v in kwargs.items() if k != "mask"}
+    if (
+        not 2 <= len(args) + ("mask" in kwargs) <= 3
+        or len(args) < 2
+        or extra.get("horizon", 0) not in (0, None)
+        or extra.get("future_actions") is not None
+        or set(extra) - {"horizon", "future_actions"}
+    ):
         return "the model is called with a horizon or other arguments"
     if vectorize_particles:
         return "particles are vectorised"
@@ -71,9 +98,10 @@ def mean_field_loss(elbo, model_fn, guide, obs, actions, mask=None) -> torch.Ten
         subclass) whose ``_shape_kl`` shapes the KL terms, as on Pyro's path.
     """
     model: WorldModel = model_fn.__self__
-    # Shapes only: values are checked once, up front, by fit (a check of values is
-    # a host-device sync on a GPU). For the same reason Pyro's validation is off here.
-    obs, actions, mask = model.check_inputs(obs, actions, mask, check_values=False)
+    # Values are checked while Pyro's validation is on, as on Pyro's path (each
+    # check is a host-device sync on a GPU: train with validation off there).
+    # The distributions below are built from checked inputs, without validation.
+    obs, actions, mask = model.check_inputs(obs, actions, mask)
     guide.check_inputs(obs, actions, mask, check_values=False)
     register(model.name, model)
     register(guide.name, guide)

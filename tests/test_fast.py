@@ -164,3 +164,83 @@ def test_fit_takes_the_batched_path_by_default_and_the_traces_when_one_side_is_f
 def test_fast_path_must_be_a_bool():
     with pytest.raises(ValueError, match=r"fast_path: expected True or False, got 'yes'"):
         TraceMeanField_ELBO(fast_path="yes")
+
+
+def test_mask_as_a_keyword_takes_the_batched_path_and_gives_the_same_loss():
+    b = build(small_spec("gaussian_mlp", "gaussian_mlp", "filter"), 3, BOX)
+    obs, actions, mask = data(BOX)
+    losses, paths = [], []
+    for fast_path in (True, False):
+        elbo = TraceMeanField_ELBO(max_plate_nesting=2, fast_path=fast_path)
+        pyro.set_rng_seed(2)
+        losses.append(elbo.loss(b.model.model, b.guide, obs, actions, mask=mask))
+        paths.append(elbo.path)
+    assert paths == ["batched", "pyro traces: fast_path=False"]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_subclasses_and_user_components_take_the_traces():
+    """The batched path knows only the built-in classes: a subclass may compute something else."""
+    from pyro_worldmodel import WorldModel
+    from pyro_worldmodel.components import Combiner, GaussianMLPEmission
+
+    class Doubled(WorldModel):
+        @staticmethod
+        def _features(z_t, h_t):
+            return 2 * z_t
+
+    class MyCombiner(Combiner):
+        pass
+
+    class MyEmission(GaussianMLPEmission):
+        pass
+
+    class MyELBO(TraceMeanField_ELBO):
+        def _shape_kl(self, name, kl, q, p, mask, estimator):
+            return kl
+
+    obs, actions, mask = data(BOX)
+    b = build(small_spec("gaussian_mlp", "gaussian_mlp", "filter"), 3, BOX)
+    m = b.model
+    cases = {
+        "the model is not WorldModel.model": (Doubled(m.init, m.transition, m.emission, m.policy), b.guide),
+        "the emission is a MyEmission": (
+            WorldModel(m.init, m.transition, MyEmission(3, 3, (8,)), m.policy),
+            b.guide,
+        ),
+    }
+    guide = build(small_spec("gaussian_mlp", "gaussian_mlp", "filter"), 3, BOX).guide
+    guide.combiner.__class__ = MyCombiner
+    cases["the guide's combiner is a MyCombiner"] = (m, guide)
+    for reason, (model, g) in cases.items():
+        elbo = TraceMeanField_ELBO(max_plate_nesting=2)
+        elbo.loss(model.model, g, obs, actions, mask)
+        assert elbo.path == f"pyro traces: {reason}"
+    mine = MyELBO(max_plate_nesting=2)
+    mine.loss(m.model, b.guide, obs, actions, mask)
+    assert mine.path.startswith("pyro traces: MyELBO overrides _shape_kl")
+
+
+def test_the_batched_path_checks_values_while_validation_is_on():
+    b = build(small_spec("gaussian_mlp", "gaussian_mlp", "filter"), 3, DISCRETE)
+    obs, actions, mask = data(DISCRETE)
+    elbo = TraceMeanField_ELBO(max_plate_nesting=2)
+    bad_obs = obs.clone()
+    bad_obs[0, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"obs: expected finite values where mask is True"):
+        elbo.loss(b.model.model, b.guide, bad_obs, actions, mask)
+    bad_actions = actions.clone()
+    bad_actions[1, 2] = 7
+    with pytest.raises(
+        ValueError, match=r"actions: expected integers in \[0, 3\), got 7 at episode 1, step 2"
+    ):
+        elbo.loss(b.model.model, b.guide, obs, bad_actions, mask)
+    assert elbo.path == "batched"
+
+
+def test_loss_and_grads_without_gradients_returns_the_loss_as_pyro_does():
+    b = build(small_spec("gaussian_mlp", "gaussian_mlp", "filter"), 3, BOX)
+    elbo = TraceMeanField_ELBO(max_plate_nesting=2)
+    with torch.no_grad():
+        loss = elbo.loss_and_grads(b.model.model, b.guide, *data(BOX))
+    assert elbo.path == "batched" and isinstance(loss, float) and loss == loss

@@ -70,9 +70,8 @@ class Combiner(nn.Module):
 
     def loc_scale(self, z_prev, projected, weights) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`step`'s loc and scale, without building a distribution."""
-        flat = (
-            z_prev.dim() == projected.dim() == 2
-        )  # (B, ·), as the batched path calls it; else (..., B, 1, ·)
+        # (B, ·) both, as the batched path calls it; else (..., B, 1, ·), broadcast
+        flat = z_prev.dim() == projected.dim() == 2 and z_prev.shape[0] == projected.shape[0]
         z_weight = weights[0]
         u = (
             torch.addmm(projected, z_prev, z_weight.t())
