@@ -71,6 +71,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     extra: dict | None = None,
+    callback=None,
 ) -> History:
     """Train ``model`` and ``guide`` by SVI on minibatches of episodes.
 
@@ -95,12 +96,17 @@ def fit(
     :param progress: show a progress bar.
     :param extra: further entries for every checkpoint, as in
         :func:`save_checkpoint`, e.g. what is needed to rebuild the model.
+    :param callback: called as ``callback(step, history)`` after each step,
+        e.g. :class:`~pyro_worldmodel.plots.LiveTraining` to redraw a plot in
+        a notebook.
     :returns: the :class:`History` of the run (of all runs, when resumed).
     """
     _check_int("num_steps", num_steps, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("terms_every", terms_every, 0)
     _check_int("checkpoint_every", checkpoint_every, 1)
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback: expected a callable f(step, history), got {type(callback).__name__}")
     if train not in ("all", "model", "guide"):
         raise ValueError(f"train: expected 'all', 'model' or 'guide', got {train!r}")
     elbo = default_elbo() if elbo is None else elbo
@@ -183,6 +189,8 @@ def fit(
                 bar.set_postfix(loss=f"{loss:.3f}")
             if checkpoint is not None and (step + 1) % checkpoint_every == 0:
                 save(step + 1)
+            if callback is not None:
+                callback(step, history)
         if checkpoint is not None and start < num_steps:
             save(num_steps)
     finally:

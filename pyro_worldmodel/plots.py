@@ -89,6 +89,83 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (csum[end] - csum[start]) / (end - start)
 
 
+class LiveTraining:
+    """A :func:`~pyro_worldmodel.inference.fit` callback that redraws :func:`plot_training` as training runs.
+
+    In a notebook the figure is displayed once and updated in place every
+    ``every`` steps and at the last step; elsewhere (no IPython display) it
+    only keeps the latest figure in :attr:`figure`.
+
+    ::
+
+        fit(model, guide, obs, actions, num_steps=1000, callback=LiveTraining(every=50))
+
+    :param every: redraw every this many steps.
+    """
+
+    def __init__(self, every: int = 50):
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every: expected an int >= 1, got {every!r}")
+        self.every = every
+        self.figure: Figure | None = None
+        self.redraws = 0
+        self._handle = None
+
+    def __call__(self, step: int, history: History) -> None:
+        if (step + 1) % self.every:
+            return
+        self.figure = plot_training(history)
+        self.redraws += 1
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+        except ImportError:
+            return
+        if get_ipython() is None:
+            return
+        if self._handle is None:
+            self._handle = display(self.figure, display_id=True)
+        else:
+            self._handle.update(self.figure)
+
+
+def plot_bounds(
+    exact: float,
+    bounds: dict[str, tuple[float, float]],
+    path: str | os.PathLike | None = None,
+    *,
+    title: str = "Bounds against the exact log-likelihood",
+    unit: str = "nats per sequence",
+) -> Figure:
+    """Lower bounds beside the exact log-likelihood they bound, e.g. ELBOs by guide, or IWAE by K.
+
+    :param exact: the exact log p(x, a), drawn as a line.
+    :param bounds: label → (mean, standard error), drawn as bars with error bars, in order.
+    :param path: if given, save the figure here as a PNG.
+    :returns: the figure; each bar's gap to the exact value is written on it.
+    """
+    if not bounds:
+        raise ValueError("bounds: expected at least one label → (mean, standard error), got none")
+    labels = list(bounds)
+    means = np.array([float(bounds[k][0]) for k in labels])
+    errors = np.array([float(bounds[k][1]) for k in labels])
+    fig = Figure(figsize=(1.2 * len(labels) + 3, 4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(labels))
+    ax.bar(x, means - exact, bottom=exact, yerr=errors, color="C0", capsize=4, gid="bounds")
+    ax.axhline(exact, color="black", linewidth=1.5, label=f"exact {exact:.2f}", gid="exact")
+    for xi, m in zip(x, means):
+        ax.annotate(
+            f"gap {exact - m:.2f}", (xi, m), ha="center", va="top", xytext=(0, -4), textcoords="offset points"
+        )
+    ax.set_xticks(x, labels)
+    low = min(means.min() - errors.max(), exact)
+    ax.set_ylim(low - 0.1 * (exact - low + 1e-9), exact + 0.1 * (exact - low + 1e-9))
+    ax.set(ylabel=f"log-likelihood ({unit})", title=title)
+    ax.legend(loc="lower right")
+    return save_figure(fig, path)
+
+
 def plot_kl_per_t(
     kl_per_t: torch.Tensor | Sequence[float],
     path: str | os.PathLike | None = None,

@@ -307,3 +307,47 @@ def test_figures_are_not_registered_with_pyplot(history):
     before = plt.get_fignums()
     plot_training(history)
     assert plt.get_fignums() == before
+
+
+# -- live training ----------------------------------------------------------------------
+
+
+def test_live_training_redraws_the_training_plot_as_fit_runs():
+    """A real fit: the callback sees every step and redraws every `every` steps from the history so far."""
+    from pyro_worldmodel import ActionSpace, FilterGuide, WorldModel, fit
+    from pyro_worldmodel.plots import LiveTraining
+
+    model = WorldModel.default(3, ActionSpace.box(1), latent_dim=2, hidden=(8,))
+    guide = FilterGuide.for_model(model, rnn_dim=8, hidden=(8,))
+    obs, actions = torch.randn(6, 5, 3), torch.randn(6, 5, 1)
+    seen = []
+    live = LiveTraining(every=4)
+
+    def callback(step, history):
+        seen.append((step, len(history.loss)))
+        live(step, history)
+
+    history = fit(model, guide, obs, actions, num_steps=10, batch_size=3, progress=False, callback=callback)
+    assert seen == [(s, s + 1) for s in range(10)]
+    assert live.redraws == 2  # after steps 4 and 8
+    (line,) = [ln for ln in live.figure.axes[0].lines if ln.get_gid() == "loss"]
+    assert list(line.get_ydata()) == history.loss[:8]
+    with pytest.raises(ValueError, match=r"every: expected an int >= 1, got 0"):
+        LiveTraining(every=0)
+    with pytest.raises(ValueError, match=r"callback: expected a callable f\(step, history\), got int"):
+        fit(model, guide, obs, actions, num_steps=1, progress=False, callback=3)
+
+
+def test_bounds_are_bars_from_the_exact_value_down_to_each_bound():
+    from pyro_worldmodel.plots import plot_bounds
+
+    fig = plot_bounds(-119.3, {"filter": (-132.9, 0.1), "smoothing": (-128.6, 0.2)})
+    (ax,) = fig.axes
+    bars = ax.patches
+    assert [b.get_y() for b in bars] == pytest.approx([-119.3, -119.3])
+    assert [b.get_y() + b.get_height() for b in bars] == pytest.approx([-132.9, -128.6])
+    (exact,) = [ln for ln in ax.lines if ln.get_gid() == "exact"]
+    assert list(exact.get_ydata()) == pytest.approx([-119.3, -119.3])
+    assert [t.get_text() for t in ax.texts] == ["gap 13.60", "gap 9.30"]
+    with pytest.raises(ValueError, match=r"bounds: expected at least one"):
+        plot_bounds(0.0, {})
