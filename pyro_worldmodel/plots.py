@@ -8,6 +8,7 @@ also saved there as a PNG, atomically.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -28,6 +29,20 @@ if TYPE_CHECKING:
     from .inference import History
 
 DPI = 120
+
+
+class _Figure(Figure):
+    """A matplotlib Figure that a notebook shows as a PNG, with or without ``%matplotlib inline``.
+
+    The figures here are built without pyplot, so no backend displays them.
+    """
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=DPI)
+        return buffer.getvalue()
+
+
 _TERMS = (  # History.terms key, legend label
     ("elbo", "ELBO"),
     ("log_px", "log p(x | z)"),
@@ -58,7 +73,7 @@ def plot_training(
         raise ValueError(f"window: expected an int >= 1, got {window!r}")
 
     ncols = 2 if history.terms else 1
-    fig = Figure(figsize=(6 * ncols, 4), layout="constrained")
+    fig = _Figure(figsize=(6 * ncols, 4), layout="constrained")
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     steps = np.arange(loss.size)
     ax = axes[0]
@@ -92,9 +107,10 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
 class LiveTraining:
     """A :func:`~pyro_worldmodel.inference.fit` callback that redraws :func:`plot_training` as training runs.
 
-    In a notebook the figure is displayed once and updated in place every
-    ``every`` steps and at the last step; elsewhere (no IPython display) it
-    only keeps the latest figure in :attr:`figure`.
+    In a notebook the figure is displayed once, as a PNG (so no matplotlib
+    backend is needed), and updated in place every ``every`` steps; elsewhere
+    (no IPython) it only keeps the latest figure in :attr:`figure`. Choose
+    ``every`` to divide the number of steps to see the last one.
 
     ::
 
@@ -118,15 +134,18 @@ class LiveTraining:
         self.redraws += 1
         try:
             from IPython import get_ipython
-            from IPython.display import display
+            from IPython.display import Image, display
         except ImportError:
             return
         if get_ipython() is None:
             return
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png", dpi=DPI)
+        image = Image(data=buffer.getvalue(), format="png")
         if self._handle is None:
-            self._handle = display(self.figure, display_id=True)
+            self._handle = display(image, display_id=True)
         else:
-            self._handle.update(self.figure)
+            self._handle.update(image)
 
 
 def plot_bounds(
@@ -149,7 +168,7 @@ def plot_bounds(
     labels = list(bounds)
     means = np.array([float(bounds[k][0]) for k in labels])
     errors = np.array([float(bounds[k][1]) for k in labels])
-    fig = Figure(figsize=(1.2 * len(labels) + 3, 4), layout="constrained")
+    fig = _Figure(figsize=(1.2 * len(labels) + 3, 4), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(labels))
     ax.bar(x, means - exact, bottom=exact, yerr=errors, color="C0", capsize=4, gid="bounds")
@@ -182,7 +201,7 @@ def plot_kl_per_t(
     kl = _numpy(kl_per_t)
     if kl.ndim != 1 or kl.size == 0:
         raise ValueError(f"kl_per_t: expected shape (T,) with T >= 1, got {tuple(kl.shape)}")
-    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    fig = _Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
     ax.bar(np.arange(kl.size), kl, width=0.8, color="C0", gid="kl")
     title = f"KL per time index (sum over t {kl.sum():.3g} nats)"
@@ -261,7 +280,7 @@ def plot_imagination(
 
     ncols = 1 if X <= 4 else 2 if X <= 12 else 3
     nrows = math.ceil(X / ncols)
-    fig = Figure(figsize=(6 * ncols, 1.2 + 2.2 * nrows), layout="constrained")
+    fig = _Figure(figsize=(6 * ncols, 1.2 + 2.2 * nrows), layout="constrained")
     grid = fig.subplots(nrows, ncols, sharex=True, squeeze=False)
     axes = _keep_first(grid, X)
     for i, ax in enumerate(axes):
@@ -313,7 +332,7 @@ def plot_open_loop(open_loop: OpenLoop, path: str | os.PathLike | None = None) -
                 raise ValueError(
                     f"open_loop: expected {field_name}[{name!r}] to hold horizon = {H} values, got {len(values)}"
                 )
-    fig = Figure(figsize=(11, 4), layout="constrained")
+    fig = _Figure(figsize=(11, 4), layout="constrained")
     ax_mse, ax_ll = fig.subplots(1, 2, sharex=True)
     h = np.arange(1, H + 1)
     for i, name in enumerate(names):
@@ -353,7 +372,7 @@ def plot_estimator_comparison(
         raise ValueError("comparison: expected at least one estimator, got none")
     labels = [r.label for r in rows]
     y = np.arange(len(rows))
-    fig = Figure(figsize=(17, 1.4 + 0.35 * len(rows)), layout="constrained")
+    fig = _Figure(figsize=(17, 1.4 + 0.35 * len(rows)), layout="constrained")
     ax_bound, ax_var, ax_snr, ax_time = fig.subplots(1, 4, sharey=True)
 
     bound, bound_se = _values([r.bound for r in rows]), _values([r.bound_se for r in rows])
@@ -411,7 +430,7 @@ def plot_learning_curves(
         window = max(1, min(50, steps // 20))
     elif not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"window: expected an int >= 1, got {window!r}")
-    fig = Figure(figsize=(13, 4.5), layout="constrained")
+    fig = _Figure(figsize=(13, 4.5), layout="constrained")
     ax_loss, ax_held = fig.subplots(1, 2, sharex=True)
     colors = _colors(len(rows))
     for r, color in zip(rows, colors, strict=True):

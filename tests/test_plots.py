@@ -1,5 +1,7 @@
 """Figures: the plotted data against the numbers they were made from, and atomic PNG files."""
 
+import io
+
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
@@ -351,3 +353,10 @@ def test_bounds_are_bars_from_the_exact_value_down_to_each_bound():
     assert [t.get_text() for t in ax.texts] == ["gap 13.60", "gap 9.30"]
     with pytest.raises(ValueError, match=r"bounds: expected at least one"):
         plot_bounds(0.0, {})
+
+
+def test_a_figure_shows_itself_as_a_png_in_a_notebook():
+    """IPython calls _repr_png_; the figures are built without pyplot, so no backend would show them."""
+    png = plot_kl_per_t([1.0, 2.0])._repr_png_()
+    assert png[:8] == PNG_MAGIC
+    assert mpimg.imread(io.BytesIO(png)).shape[2] in (3, 4)
