@@ -110,6 +110,7 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         monte_carlo_kl: str | list[str] = "warn",
         fast_path: bool = True,
     ):
+        _check_pyro_args(num_particles, max_plate_nesting)
         _check_monte_carlo_kl(monte_carlo_kl)
         if not isinstance(fast_path, bool):
             raise ValueError(f"fast_path: expected True or False, got {fast_path!r}")
@@ -373,7 +374,6 @@ class KLAnnealing_ELBO(TraceMeanField_ELBO):
         self.beta = _check_real("beta", beta, low=0.0)
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, low=0)
         self.beta_start = _check_real("beta_start", beta_start, low=0.0)
-        _check_pyro_args(num_particles, max_plate_nesting)
         super().__init__(
             num_particles,
             max_plate_nesting,
@@ -440,7 +440,6 @@ class FreeNats_ELBO(TraceMeanField_ELBO):
         fast_path: bool = True,
     ):
         self.free_nats = _check_real("free_nats", free_nats, low=0.0)
-        _check_pyro_args(num_particles, max_plate_nesting)
         super().__init__(
             num_particles,
             max_plate_nesting,
@@ -454,10 +453,13 @@ class FreeNats_ELBO(TraceMeanField_ELBO):
 
     def _shape_kl(self, name, kl, q, p, mask, estimator):
         if estimator == MONTE_CARLO:
-            raise ValueError(
-                f"FreeNats_ELBO: no analytic {describe_pair(q, p)} at {name}; free nats clamp each"
-                " step's KL, which a one-sample estimate log q − log p is not. Use a pair with an"
-                " analytic KL, or TraceMeanField_ELBO / KLAnnealing_ELBO"
+            _refuse_monte_carlo(
+                self,
+                name,
+                q,
+                p,
+                "free nats clamp each step's KL, which a one-sample estimate log q − log p is not",
+                "TraceMeanField_ELBO / KLAnnealing_ELBO",
             )
         if not torch.is_tensor(kl) or mask is False:  # masked out entirely: 0.0
             return kl
@@ -506,7 +508,6 @@ class KLBalancing_ELBO(TraceMeanField_ELBO):
         fast_path: bool = True,
     ):
         self.alpha = _check_real("alpha", alpha, low=0.0, high=1.0)
-        _check_pyro_args(num_particles, max_plate_nesting)
         super().__init__(
             num_particles,
             max_plate_nesting,
@@ -520,10 +521,13 @@ class KLBalancing_ELBO(TraceMeanField_ELBO):
 
     def _shape_kl(self, name, kl, q, p, mask, estimator):
         if estimator == MONTE_CARLO:
-            raise ValueError(
-                f"KLBalancing_ELBO: no analytic {describe_pair(q, p)} at {name}; KL balancing splits"
-                " the gradient of an analytic KL between q and p. Use a pair with an analytic KL,"
-                " or TraceMeanField_ELBO"
+            _refuse_monte_carlo(
+                self,
+                name,
+                q,
+                p,
+                "KL balancing splits the gradient of an analytic KL between q and p",
+                "TraceMeanField_ELBO",
             )
         if not torch.is_tensor(kl):  # masked out entirely: no gradient to split
             return kl
@@ -531,6 +535,14 @@ class KLBalancing_ELBO(TraceMeanField_ELBO):
         return kl_divergence(
             _weigh_gradient(q, 1.0 - self.alpha, where), _weigh_gradient(p, self.alpha, where)
         )
+
+
+def _refuse_monte_carlo(elbo, name, q, p, why, instead):
+    """The ValueError of an objective that is defined only for an analytic KL."""
+    raise ValueError(
+        f"{type(elbo).__name__}: no analytic {describe_pair(q, p)} at {name}; {why}."
+        f" Use a pair with an analytic KL, or {instead}"
+    )
 
 
 def _weigh_gradient(d, w, where):

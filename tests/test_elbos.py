@@ -6,29 +6,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from worlds import X, Z, world
 
-from pyro_worldmodel import ActionSpace, FilterGuide, WorldModel, elbo_terms, fit
+from pyro_worldmodel import elbo_terms, fit
 from pyro_worldmodel.components import (
-    GaussianMLPEmission,
-    GaussianMLPTransition,
-    NormalPolicy,
-    StandardNormalInit,
     StudentTMLPTransition,
 )
 from pyro_worldmodel.elbos import MonteCarloKLWarning, TraceMeanField_ELBO
-
-BOX = ActionSpace.box(2)
-Z, X = 2, 3
-
-
-def world(transition_cls=GaussianMLPTransition):
-    model = WorldModel(
-        StandardNormalInit(Z),
-        transition_cls(Z, 2, hidden=(8,)),
-        GaussianMLPEmission(Z, X, hidden=(8,)),
-        NormalPolicy(Z, BOX, hidden=(8,)),
-    )
-    return model, FilterGuide.for_model(model, rnn_dim=8, hidden=(8,))
 
 
 def data(B=4, T=6):

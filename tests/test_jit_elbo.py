@@ -6,29 +6,11 @@ import warnings
 import pyro
 import pytest
 import torch
+from worlds import X, world
 
-from pyro_worldmodel import ActionSpace, FilterGuide, WorldModel, fit
-from pyro_worldmodel.components import (
-    GaussianMLPEmission,
-    GaussianMLPTransition,
-    NormalPolicy,
-    StandardNormalInit,
-)
+from pyro_worldmodel import fit
 from pyro_worldmodel.elbos import JitTraceMeanField_ELBO, TraceMeanField_ELBO
 from pyro_worldmodel.inference import _minibatch
-
-BOX = ActionSpace.box(2)
-Z, X = 2, 3
-
-
-def world():
-    model = WorldModel(
-        StandardNormalInit(Z),
-        GaussianMLPTransition(Z, 2, hidden=(8,)),
-        GaussianMLPEmission(Z, X, hidden=(8,)),
-        NormalPolicy(Z, BOX, hidden=(8,)),
-    )
-    return model, FilterGuide.for_model(model, rnn_dim=8, hidden=(8,))
 
 
 def data(lengths=(6, 6, 4, 2), T=6):

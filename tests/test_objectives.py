@@ -8,13 +8,10 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI
+from worlds import X, world
 
-from pyro_worldmodel import ActionSpace, FilterGuide, WorldModel, elbo_terms, fit
+from pyro_worldmodel import elbo_terms, fit
 from pyro_worldmodel.components import (
-    GaussianMLPEmission,
-    GaussianMLPTransition,
-    NormalPolicy,
-    StandardNormalInit,
     StudentTMLPTransition,
 )
 from pyro_worldmodel.elbos import (
@@ -24,20 +21,8 @@ from pyro_worldmodel.elbos import (
     TraceMeanField_ELBO,
 )
 
-BOX = ActionSpace.box(2)
-Z, X = 2, 3
 LENGTHS = (6, 6, 4, 2)  # episodes of different lengths: padded steps are masked out
 OBSERVED = sum(LENGTHS)
-
-
-def world(transition_cls=GaussianMLPTransition):
-    model = WorldModel(
-        StandardNormalInit(Z),
-        transition_cls(Z, 2, hidden=(8,)),
-        GaussianMLPEmission(Z, X, hidden=(8,)),
-        NormalPolicy(Z, BOX, hidden=(8,)),
-    )
-    return model, FilterGuide.for_model(model, rnn_dim=8, hidden=(8,))
 
 
 def data(T=6):
