@@ -577,6 +577,47 @@ def cmd_compare(args) -> dict:
     return result.to_dict()
 
 
+def cmd_loop(args) -> dict:
+    from .loop import DEFAULT_LOOP_SPEC, model_based_loop
+    from .plots import plot_loop
+
+    spec = Spec.from_yaml(args.config) if args.config is not None else DEFAULT_LOOP_SPEC
+    if args.planner is not None:
+        spec = replace(spec, planner={"name": args.planner})
+    spec = spec.with_overrides(dict(args.set or []))
+    settings = dict(
+        iterations=args.iterations,
+        seed_episodes=args.seed_episodes,
+        episodes_per_iteration=args.episodes_per_iteration,
+        train_steps=args.train_steps,
+        batch_size=args.batch_size,
+        window=args.window,
+        eval_episodes=args.eval_episodes,
+        eval_every=args.eval_every,
+        context=args.context,
+        explore=args.explore,
+        max_env_steps=args.max_env_steps,
+        stop_at=args.stop_at,
+    )
+    if args.smoke:
+        settings.update(iterations=2, seed_episodes=2, train_steps=10, eval_episodes=2, window=20)
+        if spec.planner and spec.planner.get("name") == "cem":
+            spec = spec.with_overrides({"planner.candidates": 50, "planner.top_k": 5, "planner.horizon": 5})
+        if spec.planner and spec.planner.get("name") == "actor_critic":
+            spec = spec.with_overrides({"planner.updates": 5, "planner.horizon": 5})
+    out = args.out if args.out is not None else Path("runs") / args.env / "loop"
+    result = model_based_loop(args.env, spec, seed=args.seed, out=out, device=args.device, **settings)
+    plot_loop(result, out / "loop.png")
+    best = max((r["eval_return"] for r in result.iterations if r["eval_return"] is not None), default=None)
+    print(
+        f"{result.env_id} with the {result.planner} planner: {len(result.iterations)} iterations,"
+        f" {result.env_steps[-1]} environment steps, best evaluation return {best:.1f},"
+        f" {result.seconds:.0f} s"
+    )
+    print(f"results: {out / 'loop.json'}; figure: {out / 'loop.png'}; checkpoint: {out / 'model.ckpt'}")
+    return result.as_dict()
+
+
 def _estimators_option(text: str) -> list:
     """``--estimators``: a YAML list (or a .yaml file of one) of names and spec dicts."""
     import yaml
@@ -633,6 +674,7 @@ def _arg_type(convert, ok, expected: str):
 positive_int = _arg_type(int, lambda n: n >= 1, "a positive int")
 non_negative_int = _arg_type(int, lambda n: n >= 0, "an int >= 0")
 positive_float = _arg_type(float, lambda x: x > 0.0, "a positive number")
+non_negative_float = _arg_type(float, lambda x: x >= 0.0, "a number >= 0")
 decay = _arg_type(float, lambda x: 0.0 < x <= 1.0, "a number in (0, 1]")
 fraction = _arg_type(float, lambda x: 0.0 < x < 1.0, "a number in (0, 1)")
 _at_least_two = _arg_type(int, lambda n: n >= 2, "an int >= 2")
@@ -644,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Latent world models as Pyro programs: collect data, train, evaluate, imagine.",
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{collect,train,evaluate,imagine,compare}"
+        dest="command", required=True, metavar="{collect,train,evaluate,imagine,compare,loop}"
     )
 
     def common(p, out=True):
@@ -833,6 +875,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p, out=False)
     p.set_defaults(func=cmd_compare)
+
+    from .planning import PLANNERS
+
+    p = sub.add_parser(
+        "loop",
+        help="the model-based loop: collect, train, act with a planner, repeat",
+        description="Collect random episodes, then each iteration: train the world model (with its"
+        " reward and continue heads) on all the data, act in the environment with a planner that"
+        " uses only the model, add those episodes, and evaluate. Writes loop.json, loop.png,"
+        " model.ckpt and episodes.npz after every iteration.",
+    )
+    p.add_argument("--env", default=DEFAULT_ENV, help=f"gymnasium id (default: {DEFAULT_ENV})")
+    p.add_argument("--config", type=Path, default=None, help="a YAML spec (default: the loop's default spec)")
+    p.add_argument(
+        "--planner",
+        default=None,
+        help=f"planner by name, one of {sorted(PLANNERS)} (default: the spec's, else cem);"
+        " its settings with --set planner.KEY=VALUE",
+    )
+    p.add_argument(
+        "--set",
+        type=_key_value,
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a spec entry, e.g. --set planner.horizon=20 (repeatable)",
+    )
+    p.add_argument("--iterations", type=positive_int, default=10, help="iterations (default: 10)")
+    p.add_argument("--seed-episodes", type=positive_int, default=5, help="random episodes first (default: 5)")
+    p.add_argument(
+        "--episodes-per-iteration",
+        type=positive_int,
+        default=1,
+        help="episodes added per iteration (default: 1)",
+    )
+    p.add_argument(
+        "--train-steps", type=positive_int, default=300, help="SVI steps per iteration (default: 300)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per SVI step (default: 32)")
+    p.add_argument("--window", type=positive_int, default=50, help="training window length (default: 50)")
+    p.add_argument(
+        "--eval-episodes", type=positive_int, default=10, help="episodes per evaluation (default: 10)"
+    )
+    p.add_argument(
+        "--eval-every", type=positive_int, default=1, help="evaluate every N iterations (default: 1)"
+    )
+    p.add_argument(
+        "--context", type=positive_int, default=16, help="steps the guide filters to act (default: 16)"
+    )
+    p.add_argument(
+        "--explore",
+        type=non_negative_float,
+        default=0.3,
+        help="exploration while collecting: action noise σ (box, model units) or random-action chance (discrete)",
+    )
+    p.add_argument(
+        "--max-env-steps", type=positive_int, default=None, help="stop at this many environment steps"
+    )
+    p.add_argument("--stop-at", type=float, default=None, help="stop once an evaluation return reaches this")
+    p.add_argument("--smoke", action="store_true", help="tiny settings that finish in seconds")
+    common(p)
+    p.set_defaults(func=cmd_loop)
     return parser
 
 

@@ -11,6 +11,9 @@ A spec is a dict (or :class:`Spec`, or a YAML file) such as::
     elbo:       {name: TraceMeanField_ELBO, num_particles: 1}
     optim:      {name: ClippedAdam, lr: 0.001}
     train:      {num_steps: 1000, batch_size: 32}
+    reward:       {name: gaussian}        # optional: p(r_t | z_t, a_t)
+    continuation: {name: bernoulli}       # optional: p(c_t | z_t)
+    planner:      {name: cem, horizon: 12}  # optional: how to act (planning.py)
 
 Each ``name`` resolves through :data:`REGISTRY`; :func:`register` adds a
 user's class under a name. The sizes a part needs from the data
@@ -34,11 +37,13 @@ import pyro.optim
 from torch import nn
 
 from .components import (
+    BernoulliContinue,
     BernoulliEmission,
     CategoricalPolicy,
     GatedTransition,
     GaussianMLPEmission,
     GaussianMLPTransition,
+    GaussianReward,
     LearnedGaussianInit,
     LinearGaussianEmission,
     LinearGaussianPolicy,
@@ -60,9 +65,12 @@ from .elbos import (
 from .guides import FilterGuide, IAFFilterGuide, MeanFieldGuide, SmoothingGuide
 from .inference import MAX_PLATE_NESTING, fit
 from .model import WorldModel
+from .planning import PLANNERS
 from .spaces import ActionSpace
 
-SLOTS = ("init", "transition", "emission", "policy", "guide", "elbo", "optim")
+# Optional parts: absent (None) unless the spec names them.
+OPTIONAL = ("reward", "continuation", "planner")
+SLOTS = ("init", "transition", "emission", "policy", "guide", "elbo", "optim", *OPTIONAL)
 # Filled in by build() from the data and the other parts, never written in a spec.
 _SUPPLIED = {"latent_dim", "obs_dim", "action_dim", "action_space", "name", "self"}
 
@@ -120,6 +128,9 @@ for _slot, _name, _cls in (
     ("guide", "smoothing", SmoothingGuide),
     ("guide", "mean_field", MeanFieldGuide),
     ("guide", "iaf_filter", IAFFilterGuide),
+    ("reward", "gaussian", GaussianReward),
+    ("continuation", "bernoulli", BernoulliContinue),
+    *(("planner", _name, _cls) for _name, _cls in PLANNERS.items()),
 ):
     register(_slot, _name)(_cls)
 # TraceMeanField_ELBO is Pyro's with its Monte Carlo fallback made loud; the
@@ -152,6 +163,9 @@ class Spec:
     elbo: dict = field(default_factory=lambda: {"name": "TraceMeanField_ELBO"})
     optim: dict = field(default_factory=lambda: {"name": "ClippedAdam", "lr": 1e-3})
     train: dict = field(default_factory=dict)
+    reward: dict | None = None
+    continuation: dict | None = None
+    planner: dict | None = None
 
     @classmethod
     def from_dict(cls, spec: dict) -> Spec:
@@ -169,7 +183,12 @@ class Spec:
         return out
 
     def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        """Every part; an optional part that is absent is left out."""
+        return {
+            f.name: _plain(getattr(self, f.name))
+            for f in fields(self)
+            if not (f.name in OPTIONAL and getattr(self, f.name) is None)
+        }
 
     @classmethod
     def from_yaml(cls, text_or_path) -> Spec:
@@ -193,6 +212,8 @@ class Spec:
             raise ValueError(f"latent_dim: expected a positive int, got {self.latent_dim!r}")
         for slot in SLOTS:
             part = getattr(self, slot)
+            if part is None and slot in OPTIONAL:
+                continue
             if not isinstance(part, dict) or "name" not in part:
                 raise ValueError(f"{slot}: expected a dict with a 'name', got {part!r}")
             _check_kwargs(slot, resolve(slot, part["name"]), _kwargs(part))
@@ -207,9 +228,12 @@ class Spec:
             *path, last = key.split(".")
             node = data
             for part in path:
+                if node is data and part in OPTIONAL and data.get(part) is None:  # adding an absent part
+                    data[part] = {}
                 if not isinstance(node, dict) or part not in node:
                     raise ValueError(
-                        f"--set {key}: {part!r} is not a part of the spec; expected one of {list(data)}"
+                        f"--set {key}: {part!r} is not a part of the spec; expected one of"
+                        f" {list(data) + [k for k in OPTIONAL if k not in data]}"
                     )
                 node = node[part]
             if not isinstance(node, dict):
@@ -238,6 +262,7 @@ class Built:
     optim: pyro.optim.PyroOptim
     train: dict
     spec: Spec
+    planner: object | None = None
 
 
 def build(spec, obs_dim: int, action_space: ActionSpace) -> Built:
@@ -263,19 +288,30 @@ def build(spec, obs_dim: int, action_space: ActionSpace) -> Built:
     # The emission and the policy read [h_t, z_t] when the transition is recurrent.
     readers = {**supplied, "latent_dim": Z + getattr(parts["transition"], "deter_dim", 0)}
     parts.update({slot: _make(slot, spec, readers) for slot in ("emission", "policy")})
+    parts.update(
+        {slot: _make(slot, spec, readers) for slot in ("reward", "continuation") if getattr(spec, slot)}
+    )
     model = WorldModel(**parts)  # each part, model and guide gets a unique param-store name
     guide = _make("guide", spec, supplied)
     elbo_kwargs = {"max_plate_nesting": MAX_PLATE_NESTING, **_kwargs(spec.elbo)}
     elbo = resolve("elbo", spec.elbo["name"])(**elbo_kwargs)
     optim = resolve("optim", spec.optim["name"])(_kwargs(spec.optim))
-    return Built(model, guide, elbo, optim, dict(spec.train), spec)
+    planner = _make("planner", spec, readers) if spec.planner else None
+    return Built(model, guide, elbo, optim, dict(spec.train), spec, planner)
 
 
-def spec_of(model: WorldModel, guide: nn.Module, elbo=None, optim=None, train: dict | None = None) -> Spec:
+def spec_of(
+    model: WorldModel, guide: nn.Module, elbo=None, optim=None, train: dict | None = None, planner=None
+) -> Spec:
     """The spec that :func:`build` turns back into an equal model and guide."""
     out = Spec(latent_dim=model.latent_dim, train=dict(train or {}))
     for slot in ("init", "transition", "emission", "policy"):
         setattr(out, slot, _part_spec(slot, getattr(model, slot)))
+    for slot in ("reward", "continuation"):
+        if getattr(model, slot, None) is not None:
+            setattr(out, slot, _part_spec(slot, getattr(model, slot)))
+    if planner is not None:
+        out.planner = _part_spec("planner", planner)
     out.guide = _part_spec("guide", guide)
     if elbo is not None:
         out.elbo = _part_spec("elbo", elbo)

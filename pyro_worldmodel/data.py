@@ -29,13 +29,17 @@ class Normalizer:
     """Per-dimension affine maps to and from the units the model trains in.
 
     ``normalize(x) = (x - loc) / scale``. Box actions are normalised too;
-    discrete actions are left as they are (``action_loc`` is None).
+    discrete actions are left as they are (``action_loc`` is None). Rewards
+    are normalised when ``reward_loc`` is set; a constant reward (CartPole's
+    +1) is only centred, with ``reward_scale`` 1.
     """
 
     obs_loc: torch.Tensor  # (X,)
     obs_scale: torch.Tensor  # (X,)
     action_loc: torch.Tensor | None = None  # (A,)
     action_scale: torch.Tensor | None = None  # (A,)
+    reward_loc: torch.Tensor | None = None  # ()
+    reward_scale: torch.Tensor | None = None  # ()
 
     def obs(self, x: torch.Tensor) -> torch.Tensor:
         """Real units → model units, for ``(..., X)``."""
@@ -56,6 +60,18 @@ class Normalizer:
         if self.action_loc is None:
             return a
         return a * self.action_scale.to(a) + self.action_loc.to(a)
+
+    def rewards(self, r: torch.Tensor) -> torch.Tensor:
+        """Real units → model units for rewards (unchanged without reward statistics)."""
+        if self.reward_loc is None:
+            return r
+        return (r - self.reward_loc.to(r)) / self.reward_scale.to(r)
+
+    def rewards_inverse(self, r: torch.Tensor) -> torch.Tensor:
+        """Model units → real units for rewards."""
+        if self.reward_loc is None:
+            return r
+        return r * self.reward_scale.to(r) + self.reward_loc.to(r)
 
     def action_space(self, space: ActionSpace) -> ActionSpace:
         """``space`` in model units: a box's bounds mapped as :meth:`actions` maps
@@ -136,6 +152,48 @@ class Episodes:
         """``(N,)`` the number of steps of each episode."""
         return self.mask.sum(1)
 
+    @property
+    def continues(self) -> torch.Tensor:
+        """``(N, T)`` float32 c_t: 0 at the last step of each terminated episode, else 1.
+
+        A truncated episode (time limit) did not end in a terminal state, so its
+        last step continues. Padding is 1 and is masked anyway.
+        """
+        c = torch.ones(self.mask.shape)
+        last = (self.lengths - 1).clamp(min=0)  # (N,)
+        rows = torch.arange(len(self))
+        c[rows, last] = torch.where(self.terminated, 0.0, 1.0)
+        return c
+
+    @property
+    def returns(self) -> torch.Tensor:
+        """``(N,)`` float32, the undiscounted return of each episode."""
+        return torch.where(self.mask, self.rewards, 0.0).sum(1)
+
+    def __add__(self, other: Episodes) -> Episodes:
+        """Both sets of episodes, padded to the longer; the action spaces must agree,
+        and the normaliser is this one's."""
+        if not isinstance(other, Episodes):
+            return NotImplemented
+        if other.action_space != self.action_space or other.obs_dim != self.obs_dim:
+            raise ValueError(
+                f"other: expected episodes with {self.obs_dim}-dimensional observations and"
+                f" {self.action_space}, got {other.obs_dim} and {other.action_space}"
+            )
+        T = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(x):
+            extra = T - x.shape[1]
+            return torch.cat([x, x.new_zeros((x.shape[0], extra, *x.shape[2:]))], 1) if extra else x
+
+        joined = {
+            name: torch.cat([pad(getattr(self, name)), pad(getattr(other, name))])
+            if name in ("obs", "actions", "rewards", "mask")
+            else torch.cat([getattr(self, name), getattr(other, name)])
+            for name in _PER_EPISODE
+        }
+        return replace(self, **joined)
+
     def __getitem__(self, index) -> Episodes:
         """The episodes at ``index`` (an int, slice, list or tensor of indices)."""
         if isinstance(index, int):
@@ -166,9 +224,21 @@ class Episodes:
         if self.action_space.kind == "box":
             actions = self.actions[self.mask]  # (n, A)
             action_loc, action_scale = actions.mean(0), actions.std(0).clamp(min=1e-6)
+        rewards = self.rewards[self.mask]  # (n,)
+        reward_scale = rewards.std() if len(rewards) > 1 else torch.tensor(0.0)
+        reward_scale = torch.where(
+            reward_scale > 1e-6, reward_scale, torch.tensor(1.0)
+        )  # constant: centre only
         return replace(
             self,
-            normalizer=Normalizer(obs.mean(0), obs.std(0).clamp(min=1e-6), action_loc, action_scale),
+            normalizer=Normalizer(
+                obs.mean(0),
+                obs.std(0).clamp(min=1e-6),
+                action_loc,
+                action_scale,
+                rewards.mean(),
+                reward_scale,
+            ),
         )
 
     def normalized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,13 +252,32 @@ class Episodes:
             actions = torch.where(m, self.normalizer.actions(actions), 0.0)
         return obs, actions, self.mask
 
-    def windows(self, length: int, num: int, *, generator: torch.Generator | None = None):
+    def in_model_units(self) -> Episodes:
+        """These episodes with observations, box actions and rewards mapped by the
+        normaliser (zero on padding), and no normaliser left to apply."""
+        obs, actions, mask = self.normalized()
+        rewards, _ = self.targets()
+        return replace(self, obs=obs, actions=actions, rewards=rewards, normalizer=None)
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rewards, continues)`` ``(N, T)`` for the reward and continue heads, the
+        rewards in model units when the normaliser has reward statistics."""
+        rewards = self.rewards if self.normalizer is None else self.normalizer.rewards(self.rewards)
+        return torch.where(self.mask, rewards, 0.0), self.continues
+
+    def windows(
+        self, length: int, num: int, *, generator: torch.Generator | None = None, targets: bool = False
+    ):
         """``num`` random windows of ``length`` steps, as Dreamer trains on.
 
         Each starts at a uniformly drawn observed step of a uniformly drawn
         episode; a window that runs past its episode's end is masked there.
+        Windows are cut from the tensors as they are: call it on episodes in
+        model units to get windows in model units.
 
-        :returns: ``(obs, actions, mask)`` of shapes ``(num, length, ...)``.
+        :param targets: also return the windows' rewards and continue flags.
+        :returns: ``(obs, actions, mask)`` of shapes ``(num, length, ...)``, then
+            ``rewards`` and ``continues`` ``(num, length)`` with ``targets``.
         """
         if not isinstance(length, int) or length < 1:
             raise ValueError(f"length: expected a positive int, got {length!r}")
@@ -203,7 +292,11 @@ class Episodes:
         obs = torch.where(inside[..., None], self.obs[rows, t], 0.0)
         actions = self.actions[rows, t]
         actions = torch.where(inside[..., None] if actions.dim() == 3 else inside, actions, 0)
-        return obs, actions, inside
+        if not targets:
+            return obs, actions, inside
+        rewards = torch.where(inside, self.rewards[rows, t], 0.0)
+        continues = torch.where(inside, self.continues[rows, t], 1.0)
+        return obs, actions, inside, rewards, continues
 
     def save(self, path) -> Path:
         """Write to a ``.npz`` file, atomically. :returns: the path."""
@@ -352,6 +445,65 @@ def collect(
     finally:
         envs.close()
     return _pad(done, space, spec.id)
+
+
+def play(
+    env_id: str,
+    agent,
+    num_episodes: int,
+    *,
+    seed: int = 0,
+    num_envs: int = 1,
+    progress: bool = True,
+    **env_kwargs,
+) -> Episodes:
+    """Run an agent for whole episodes, ``num_envs`` environments in lockstep.
+
+    :param agent: has ``reset(obs)`` and ``act(obs) -> actions``, on ``(B, X)``
+        observations of B environments that start together; an environment whose
+        episode has ended keeps being shown its final observation until the
+        others end, and its actions are ignored (e.g. :class:`~pyro_worldmodel.loop.Agent`).
+    :param num_episodes: episodes in all, in rounds of at most ``num_envs``.
+    :param seed: episode i is reset with ``seed + i``.
+    :returns: the episodes, with the agent's actions as taken.
+    """
+    if not isinstance(num_episodes, int) or num_episodes < 1:
+        raise ValueError(f"num_episodes: expected a positive int, got {num_episodes!r}")
+    if not isinstance(num_envs, int) or num_envs < 1:
+        raise ValueError(f"num_envs: expected a positive int, got {num_envs!r}")
+    done: list[_Episode] = []
+    space = None
+    bar = tqdm(total=num_episodes, desc=f"play {env_id}", disable=not progress)
+    while len(done) < num_episodes:
+        B = min(num_envs, num_episodes - len(done))
+        envs = [gym.make(env_id, **env_kwargs) for _ in range(B)]
+        try:
+            space = ActionSpace.from_gym(envs[0].action_space)
+            obs = np.stack([env.reset(seed=seed + len(done) + i)[0] for i, env in enumerate(envs)])
+            running = [_Episode(o) for o in obs]
+            live = [True] * B
+            agent.reset(obs)
+            while any(live):
+                actions = np.asarray(agent.act(obs))
+                for i, env in enumerate(envs):
+                    if not live[i]:
+                        continue
+                    o, r, terminated, truncated, _ = env.step(actions[i])
+                    running[i].actions.append(actions[i])
+                    running[i].rewards.append(float(r))
+                    if terminated or truncated:
+                        running[i].close(o, bool(terminated), bool(truncated))
+                        live[i] = False
+                    else:
+                        running[i].obs.append(o)
+                    obs[i] = o
+        finally:
+            for env in envs:
+                env.close()
+        done += running
+        bar.update(B)
+    bar.close()
+    return _pad(done, space, gym.spec(env_id).id)
 
 
 class _Episode:

@@ -147,9 +147,10 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
 
     def _batched_loss(self, model, guide, args, kwargs):
         args = (*args, kwargs["mask"]) if "mask" in kwargs else args
+        targets = {k: kwargs[k] for k in ("rewards", "continues") if k in kwargs}
         loss = 0.0
         for _ in range(self.num_particles):
-            loss = loss + fast.mean_field_loss(self, model, guide, *args) / self.num_particles
+            loss = loss + fast.mean_field_loss(self, model, guide, *args, **targets) / self.num_particles
         return loss
 
     def loss(self, model, guide, *args, **kwargs):

@@ -27,12 +27,14 @@ from torch.distributions import kl_divergence
 
 from ._naming import register
 from .components import (
+    BernoulliContinue,
     BernoulliEmission,
     CategoricalPolicy,
     Combiner,
     GatedTransition,
     GaussianMLPEmission,
     GaussianMLPTransition,
+    GaussianReward,
     LearnedGaussianInit,
     LinearGaussianEmission,
     LinearGaussianPolicy,
@@ -54,6 +56,7 @@ _TRANSITIONS = (GaussianMLPTransition, LinearGaussianTransition, GatedTransition
 _EMISSIONS = (GaussianMLPEmission, LinearGaussianEmission, StudentTEmission, BernoulliEmission)
 _POLICIES = (NormalPolicy, TanhNormalPolicy, CategoricalPolicy, LinearGaussianPolicy)
 _GUIDES = (FilterGuide, SmoothingGuide, MeanFieldGuide)
+_HEADS = {"reward": (GaussianReward,), "continuation": (BernoulliContinue,)}
 
 
 def supports(model_fn, guide, args, kwargs, *, vectorize_particles: bool) -> str | None:
@@ -69,11 +72,15 @@ def supports(model_fn, guide, args, kwargs, *, vectorize_particles: bool) -> str
     ):
         if type(getattr(model, part)) not in known:
             return f"the {part} is a {type(getattr(model, part)).__name__}"
+    for part, known in _HEADS.items():
+        head = getattr(model, part)
+        if head is not None and type(head) not in known:
+            return f"the {part} head is a {type(head).__name__}"
     if type(guide) not in _GUIDES:
         return f"the guide is a {type(guide).__name__}"
     if hasattr(guide, "combiner") and type(guide.combiner) is not Combiner:
         return f"the guide's combiner is a {type(guide.combiner).__name__}"
-    extra = {k: v for k, v in kwargs.items() if k != "mask"}
+    extra = {k: v for k, v in kwargs.items() if k not in ("mask", "rewards", "continues")}
     if (
         not 2 <= len(args) + ("mask" in kwargs) <= 3
         or len(args) < 2
@@ -91,7 +98,9 @@ def supports(model_fn, guide, args, kwargs, *, vectorize_particles: bool) -> str
     return None
 
 
-def mean_field_loss(elbo, model_fn, guide, obs, actions, mask=None) -> torch.Tensor:
+def mean_field_loss(
+    elbo, model_fn, guide, obs, actions, mask=None, rewards=None, continues=None
+) -> torch.Tensor:
     """One particle of −ELBO, differentiable: the guide step by step, the model batched over time.
 
     :param elbo: the :class:`~pyro_worldmodel.elbos.TraceMeanField_ELBO` (or
@@ -102,14 +111,15 @@ def mean_field_loss(elbo, model_fn, guide, obs, actions, mask=None) -> torch.Ten
     # check is a host-device sync on a GPU: train with validation off there).
     # The distributions below are built from checked inputs, without validation.
     obs, actions, mask = model.check_inputs(obs, actions, mask)
+    rewards, continues = model.check_targets(rewards, continues, mask, obs.dtype)
     guide.check_inputs(obs, actions, mask, check_values=False)
     register(model.name, model)
     register(guide.name, guide)
     with pyro.validation_enabled(False):
-        return _loss(elbo, model, guide, obs, actions, mask)
+        return _loss(elbo, model, guide, obs, actions, mask, rewards, continues)
 
 
-def _loss(elbo, model, guide, obs, actions, mask):
+def _loss(elbo, model, guide, obs, actions, mask, rewards=None, continues=None):
     B, T = mask.shape
     a_feat = model.action_space.features(actions, obs.dtype)  # (B, T, A)
     z, q = _guide_draws(guide, obs, a_feat, mask)  # (B, T, Z); Normal, batch (B, T, Z)
@@ -120,6 +130,10 @@ def _loss(elbo, model, guide, obs, actions, mask):
     kl = elbo._shape_kl(f"z_0 … z_{T - 1}", kl_divergence(q, p), q, p, mask, "analytic")  # (B, T)
     log_px = model.emission(z).mask(mask).log_prob(obs).sum()
     log_pa = model.policy(z).mask(mask).log_prob(actions).sum()
+    if rewards is not None:
+        log_pa = log_pa + model.reward(z, a_feat).mask(mask).log_prob(rewards).sum()
+    if continues is not None:
+        log_pa = log_pa + model.continuation(z).mask(mask).log_prob(continues).sum()
     elbo.kl_estimators = {f"z_{t}": "analytic" for t in range(T)}
     return -(log_px + log_pa - kl.sum())
 

@@ -57,6 +57,8 @@ def fit(
     actions,
     mask=None,
     *,
+    rewards=None,
+    continues=None,
     num_steps: int = 1000,
     batch_size: int = 32,
     elbo: ELBO | None = None,
@@ -81,6 +83,9 @@ def fit(
     :param obs: ``(N, T, X)`` observations of N episodes.
     :param actions: ``(N, T, A)`` reals or ``(N, T)`` integers.
     :param mask: ``(N, T)`` bool, True on observed steps; all True if None.
+    :param rewards: ``(N, T)`` rewards, for a model with a reward head (site ``r``).
+    :param continues: ``(N, T)`` continue flags, for a model with a continue head (site ``c``);
+        see :attr:`Episodes.continues <pyro_worldmodel.data.Episodes.continues>`.
     :param num_steps: total SVI steps (including those of a resumed run).
     :param batch_size: episodes per step, drawn without replacement each epoch.
     :param elbo: any Pyro ELBO instance; ``TraceMeanField_ELBO`` by default.
@@ -124,6 +129,10 @@ def fit(
     device = next(model.parameters()).device
     obs, actions, mask = (None if x is None else torch.as_tensor(x).to(device) for x in (obs, actions, mask))
     obs, actions, mask = model.check_inputs(obs, actions, mask, check_values=True)
+    if rewards is not None or continues is not None:
+        with pyro.validation_enabled(True):
+            rewards, continues = model.check_targets(rewards, continues, mask, obs.dtype)
+    targets = {k: v for k, v in (("rewards", rewards), ("continues", continues)) if v is not None}
     if hasattr(guide, "check_inputs"):
         guide.check_inputs(obs, actions, mask, check_values=False)
     lengths = mask.sum(1).cpu()  # (N,)
@@ -178,7 +187,8 @@ def fit(
             T_b = int(lengths[idx].max())
             on_device = idx.to(obs.device)
             batch = (obs[on_device, :T_b], actions[on_device, :T_b], mask[on_device, :T_b])
-            loss = svi.step(*batch) / float(lengths[idx].sum())
+            batch_targets = {k: v[on_device, :T_b] for k, v in targets.items()}
+            loss = svi.step(*batch, **batch_targets) / float(lengths[idx].sum())
             if not math.isfinite(loss):
                 where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
                 raise FloatingPointError(f"loss: got {loss} at step {step}{where}")

@@ -31,6 +31,10 @@ class WorldModel(ChecksInputs, nn.Module):
         recurrent one with ``(z_t, a_t, h_t)``, returning ``(p(z_{t+1} | ·), h_{t+1})``.
     :param emission: p(x_t | z_t), called with ``z_t`` (or [h_t, z_t]).
     :param policy: π(a_t | z_t), called with ``z_t`` (or [h_t, z_t]); carries the action space.
+    :param reward: optional p(r_t | z_t, a_t), called with ``(z_t, a_t features)`` (or
+        ``([h_t, z_t], ·)``); needed by the planners (:mod:`pyro_worldmodel.planning`).
+    :param continuation: optional p(c_t | z_t), c_t = 0 where the episode terminated
+        after step t; planners weigh later rewards by the chance of getting there.
     :param name: prefix of the parameters in Pyro's param store; unique by
         default, so two models in one process never share parameters.
     """
@@ -41,6 +45,8 @@ class WorldModel(ChecksInputs, nn.Module):
         transition: nn.Module,
         emission: nn.Module,
         policy: nn.Module,
+        reward: nn.Module | None = None,
+        continuation: nn.Module | None = None,
         *,
         name: str | None = None,
     ):
@@ -49,7 +55,9 @@ class WorldModel(ChecksInputs, nn.Module):
         # A recurrent transition (RSSM) adds a deterministic state h_t, which the
         # emission and the policy read beside z_t.
         feature_dim = latent_dim + getattr(transition, "deter_dim", 0)
-        for part, expected in ((transition, latent_dim), (emission, feature_dim), (policy, feature_dim)):
+        parts = [(transition, latent_dim), (emission, feature_dim), (policy, feature_dim)]
+        parts += [(head, feature_dim) for head in (reward, continuation) if head is not None]
+        for part, expected in parts:
             if part.latent_dim != expected:
                 why = f"as in {type(init).__name__}"
                 if expected != latent_dim:
@@ -66,6 +74,12 @@ class WorldModel(ChecksInputs, nn.Module):
         self.transition = transition
         self.emission = emission
         self.policy = policy
+        if reward is not None and reward.action_space.feature_dim != policy.action_space.feature_dim:
+            raise ValueError(
+                f"reward: expected the policy's {policy.action_space}, got {reward.action_space}"
+            )
+        self.reward = reward
+        self.continuation = continuation
         self.name = unique_name("world_model", name)
 
     @classmethod
@@ -114,13 +128,20 @@ class WorldModel(ChecksInputs, nn.Module):
     def action_space(self) -> ActionSpace:
         return self.policy.action_space
 
-    def model(self, obs, actions, mask=None, *, horizon: int = 0, future_actions=None):
+    def model(
+        self, obs, actions, mask=None, *, rewards=None, continues=None, horizon: int = 0, future_actions=None
+    ):
         """The Pyro model.
 
         :param obs: ``(B, T, X)`` observations x_t.
         :param actions: ``(B, T, A)`` reals, or ``(B, T)`` integers for a
             discrete space: a_t, the action taken after seeing x_t.
         :param mask: ``(B, T)`` bool, True where a step was observed.
+        :param rewards: ``(B, T)`` r_t, the reward after a_t; observed at the site
+            ``r`` when the model has a reward head (refused when it has none).
+        :param continues: ``(B, T)`` c_t in {0, 1}, 0 where the episode terminated
+            after step t (:attr:`Episodes.continues <pyro_worldmodel.data.Episodes.continues>`);
+            observed at the site ``c`` when the model has a continue head.
         :param horizon: H, further steps to sample after the last one given;
             run under :class:`pyro.infer.Predictive` with a guide, these are
             the posterior predictive (see :func:`~pyro_worldmodel.imagine`).
@@ -134,13 +155,16 @@ class WorldModel(ChecksInputs, nn.Module):
             interventions: they are not scored by π.
         :returns: the latents ``(B, T, Z)``.
 
-        Sites: ``z_{t}`` for each t, then ``x`` and ``a`` over a time plate.
+        Sites: ``z_{t}`` for each t, then ``x`` and ``a`` (and ``r``, ``c`` when given)
+        over a time plate.
         With a horizon, also ``z_{t}`` (and ``a_{t}`` when sampled from π)
         for t = T … T+H-1, then over a ``future`` plate the deterministic
         ``z_future``, ``a_future``, ``x_future_mean`` and the sampled ``x_future``
-        (and ``features_future``, [h_t, z_t], with a recurrent transition).
+        (and ``features_future``, [h_t, z_t], with a recurrent transition; and
+        ``r_future_mean``, ``c_future_prob`` with the heads).
         """
         obs, actions, mask = self.check_inputs(obs, actions, mask)
+        rewards, continues = self.check_targets(rewards, continues, mask, obs.dtype)
         B, T = mask.shape
         _check_horizon(horizon, mask)
         register(self.name, self)
@@ -165,9 +189,47 @@ class WorldModel(ChecksInputs, nn.Module):
             with pyro.plate("time", T, dim=-1):
                 pyro.sample("x", self.emission(features).mask(mask), obs=obs)
                 pyro.sample("a", self.policy(features).mask(mask), obs=actions)
+                if rewards is not None:
+                    pyro.sample("r", self.reward(features, a_feat).mask(mask), obs=rewards)
+                if continues is not None:
+                    pyro.sample("c", self.continuation(features).mask(mask), obs=continues)
             if horizon:
                 self._dream(z[..., -1:, :], h, a_feat[:, -1:], T, horizon, future_actions)
         return z
+
+    def check_targets(self, rewards, continues, mask, dtype):
+        """``rewards`` and ``continues`` as ``(B, T)`` tensors of ``dtype`` (or None),
+        zero outside ``mask``; refused where the model has no head to score them."""
+        out = []
+        for arg, value, head, what in (
+            ("rewards", rewards, self.reward, "reward head"),
+            ("continues", continues, self.continuation, "continue head"),
+        ):
+            if value is None:
+                out.append(None)
+                continue
+            if head is None:
+                raise ValueError(
+                    f"{arg}: this model has no {what} to score them; give the spec a"
+                    f" {'reward' if arg == 'rewards' else 'continuation'} part, or pass {arg}=None"
+                )
+            value = torch.as_tensor(value).to(mask.device, dtype)
+            if tuple(value.shape) != tuple(mask.shape):
+                raise ValueError(
+                    f"{arg}: expected shape {tuple(mask.shape)} like the mask, got {tuple(value.shape)}"
+                )
+            if is_validation_enabled():
+                bad = ~torch.isfinite(value) & mask
+                if arg == "continues":
+                    bad |= (value != 0) & (value != 1) & mask
+                if bad.any():
+                    b, t = bad.nonzero()[0].tolist()
+                    expected = "0 or 1" if arg == "continues" else "finite values"
+                    raise ValueError(
+                        f"{arg}: expected {expected}, got {value[b, t].item()} at episode {b}, step {t}"
+                    )
+            out.append(torch.where(mask, value, torch.zeros((), dtype=dtype, device=mask.device)))
+        return tuple(out)
 
     def _prior(self, z_prev, a_prev, h_prev):
         """p(z_t | ·) and the new deterministic state (None for a Markov transition)."""
@@ -213,6 +275,11 @@ class WorldModel(ChecksInputs, nn.Module):
             emission = self.emission(_cat_time(feats))
             pyro.deterministic("x_future_mean", emission.mean, event_dim=1)
             pyro.sample("x_future", emission)
+            if self.reward is not None:
+                a_feats = self.action_space.features(a_future, emission.mean.dtype)
+                pyro.deterministic("r_future_mean", self.reward(_cat_time(feats), a_feats).mean)
+            if self.continuation is not None:
+                pyro.deterministic("c_future_prob", self.continuation(_cat_time(feats)).mean)
 
     def _check_future_actions(self, future_actions, B, horizon):
         space = self.action_space

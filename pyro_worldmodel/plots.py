@@ -500,3 +500,47 @@ def save_figure(fig: Figure, path: str | os.PathLike | None) -> Figure:
     if path is not None:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight"))
     return fig
+
+
+def plot_loop(result, path: str | os.PathLike | None = None, *, target: float | None = None) -> Figure:
+    """The return of each iteration of the model-based loop against environment steps.
+
+    :param result: a :class:`~pyro_worldmodel.loop.LoopResult` (or its ``as_dict()``).
+    :param target: draw this return as a dashed line.
+    :returns: evaluation returns (mean ± std over the evaluation episodes) and the
+        mean return of the episodes collected with exploration, against the
+        environment steps in the data at that point.
+    """
+    rows = result["iterations"] if isinstance(result, dict) else result.iterations
+    if not rows:
+        raise ValueError("result: expected at least one iteration, got none")
+    env_id = result["env_id"] if isinstance(result, dict) else result.env_id
+    planner = result["planner"] if isinstance(result, dict) else result.planner
+    fig = _Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.subplots()
+    steps = np.array([r["env_steps"] for r in rows])
+    ax.plot(
+        steps,
+        [r["collect_return"] for r in rows],
+        ".",
+        color="C1",
+        alpha=0.6,
+        label="collected (exploring)",
+        gid="collect",
+    )
+    ev = [
+        (r["env_steps"], r["eval_return"], r["eval_return_std"]) for r in rows if r["eval_return"] is not None
+    ]
+    if ev:
+        x, m, s = (np.array(v, dtype=float) for v in zip(*ev))
+        ax.plot(x, m, "o-", color="C0", label="evaluation (mean)", gid="eval")
+        ax.fill_between(x, m - s, m + s, color="C0", alpha=0.2, label="± std over episodes")
+    if target is not None:
+        ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g}")
+    ax.set(
+        xlabel="environment steps in the data",
+        ylabel="return per episode",
+        title=f"{env_id}: {planner} planner",
+    )
+    ax.legend()
+    return save_figure(fig, path)

@@ -253,6 +253,10 @@ def test_train_is_a_function_of_its_seed(pendulum_data, pendulum_run, tmp_path):
         (["evaluate"], "--run --data --context --horizon --iwae-particles --max-windows --seed"),
         (["imagine"], "--run --data --episode --start --context --horizon --num-samples --policy"),
         (["compare"], "--env --data --config --set --estimators --repeats --steps --smoke --out --seed"),
+        (
+            ["loop"],
+            "--env --config --planner --set --iterations --train-steps --explore --max-env-steps --smoke --out",
+        ),
     ],
 )
 def test_help_exits_0_and_lists_the_options(argv, mentions, capsys):
@@ -270,7 +274,7 @@ def test_the_installed_entry_points_run(tmp_path):
         [sys.executable, "-m", "pyro_worldmodel.cli", "--help"], capture_output=True, text=True, timeout=120
     )
     assert help_.returncode == 0, help_.stderr
-    assert "{collect,train,evaluate,imagine,compare}" in help_.stdout
+    assert "{collect,train,evaluate,imagine,compare,loop}" in help_.stdout
 
     script = shutil.which("pyro-worldmodel") or shutil.which(
         "pyro-worldmodel", path=str(Path(sys.executable).parent)

@@ -2,6 +2,7 @@
 
 from .emission import BernoulliEmission, GaussianMLPEmission, LinearGaussianEmission, StudentTEmission
 from .encoders import Combiner
+from .heads import BernoulliContinue, GaussianReward
 from .init import LearnedGaussianInit, StandardNormalInit
 from .policy import CategoricalPolicy, LinearGaussianPolicy, NormalPolicy, TanhNormalPolicy, auto_policy
 from .transition import (
@@ -13,7 +14,9 @@ from .transition import (
 )
 
 __all__ = [
+    "BernoulliContinue",
     "BernoulliEmission",
+    "GaussianReward",
     "StudentTEmission",
     "CategoricalPolicy",
     "Combiner",

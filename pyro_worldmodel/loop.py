@@ -1,0 +1,407 @@
+"""The model-based loop: collect, train the world model, act with a planner, repeat.
+
+::
+
+    data = random episodes
+    for each iteration:
+        train model and guide on windows of all the data (ELBO with reward and continue heads)
+        train the planner in imagination (actor-critic only)
+        act in the real environment with the planner (plus exploration noise); add the episodes
+        evaluate: the planner's mean return over evaluation episodes, without noise
+
+The environment is reached only through :mod:`pyro_worldmodel.data`
+(:func:`~pyro_worldmodel.data.collect`, :func:`~pyro_worldmodel.data.play`).
+Environment steps count the steps of the episodes added to the data;
+evaluation episodes are not training data and are not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+
+from .config import Spec, build
+from .data import Episodes, Normalizer, collect, play
+from .inference import atomic_write, fit, save_checkpoint
+from .planning import LatentState, belief, clip_to_space
+from .spaces import ActionSpace
+from .warm_start import linear_warm_start, why_no_linear_warm_start
+
+LOOP_FORMAT = "pyro_worldmodel.loop/1"
+
+# The loop's default model: the default job's (8-dimensional latent), with the heads and CEM.
+DEFAULT_LOOP_SPEC = Spec(
+    latent_dim=8,
+    optim={"name": "ClippedAdam", "lr": 1e-3, "clip_norm": 10.0},
+    reward={"name": "gaussian"},
+    continuation={"name": "bernoulli"},
+    planner={"name": "cem"},
+)
+
+
+class Agent:
+    """Acts in real units with a planner: filters the episode so far into a
+    :class:`~pyro_worldmodel.planning.LatentState`, plans in model units, and maps back.
+
+    :param model: a :class:`~pyro_worldmodel.model.WorldModel` with a reward head
+        (for the planners that value futures).
+    :param guide: its guide, used as the filter.
+    :param planner: has ``plan(model, state, reward_scale=, reward_loc=)``.
+    :param normalizer: real ↔ model units; None if the model trains in real units.
+    :param action_space: the environment's action space (real units); planned
+        actions are clipped into it.
+    :param context: the guide filters the last this many steps.
+    :param explore: box: the standard deviation of Gaussian noise added to each
+        action (model units); discrete: the chance of a uniformly random action.
+    """
+
+    def __init__(
+        self,
+        model,
+        guide,
+        planner,
+        normalizer: Normalizer | None,
+        action_space: ActionSpace,
+        *,
+        context: int = 16,
+        explore: float = 0.0,
+        generator: torch.Generator | None = None,
+    ):
+        if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+            raise ValueError(f"context: expected a positive int, got {context!r}")
+        if not isinstance(explore, (int, float)) or explore < 0:
+            raise ValueError(f"explore: expected a number >= 0, got {explore!r}")
+        self.model, self.guide, self.planner, self.normalizer = model, guide, planner, normalizer
+        self.action_space, self.context, self.explore = action_space, context, float(explore)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        ref = next(model.parameters())
+        self._ref = ref
+        scale = loc = None
+        if normalizer is not None and normalizer.reward_loc is not None:
+            scale, loc = normalizer.reward_scale.to(ref), normalizer.reward_loc.to(ref)
+        self._reward_units = {
+            "reward_scale": 1.0 if scale is None else scale,
+            "reward_loc": 0.0 if loc is None else loc,
+        }
+        self.reset(None)
+
+    def reset(self, obs) -> None:
+        """Start new episodes (``obs`` is shown again to :meth:`act`)."""
+        self._obs: list[torch.Tensor] = []
+        self._actions: list[torch.Tensor] = []
+
+    def state(self) -> LatentState:
+        """The belief about the present from the steps seen so far."""
+        obs = torch.stack(self._obs[-self.context :], 1)  # (B, C, X)
+        B, C = obs.shape[:2]
+        space = self.model.action_space
+        if space.kind == "discrete":
+            placeholder = torch.zeros(B, dtype=torch.long, device=obs.device)
+        elif (
+            space.low is not None and space.high is not None
+        ):  # the box's centre: inside any bounded policy's box
+            mid = (torch.tensor(space.low) + torch.tensor(space.high)) / 2
+            placeholder = mid.to(obs).expand(B, space.dim)
+        else:
+            placeholder = obs.new_zeros(B, space.dim)
+        past = self._actions[-(C - 1) :] if C > 1 else []
+        actions = torch.stack([*past, placeholder], 1)
+        return belief(self.model, self.guide, obs, actions)
+
+    @torch.no_grad()
+    def act(self, obs) -> np.ndarray:
+        """Actions ``(B, A)`` (or ``(B,)`` integers) in real units for observations ``(B, X)``."""
+        x = torch.as_tensor(np.asarray(obs)).to(self._ref)
+        if self.normalizer is not None:
+            x = self.normalizer.obs(x)
+        self._obs.append(x)
+        a = self.planner.plan(self.model, self.state(), **self._reward_units)
+        space = self.model.action_space
+        if self.explore:
+            if space.kind == "discrete":
+                flip = torch.rand(a.shape, generator=self.generator) < self.explore
+                rand = torch.randint(space.dim, a.shape, generator=self.generator)
+                a = torch.where(flip.to(a.device), rand.to(a.device), a)
+            else:
+                noise = torch.randn(a.shape, generator=self.generator).to(a)
+                a = clip_to_space(a + self.explore * noise, space)
+        self._actions.append(a)
+        if space.kind == "discrete":
+            return a.cpu().numpy().astype(np.int64)
+        real = a if self.normalizer is None else self.normalizer.actions_inverse(a)
+        real = clip_to_space(real.double(), self.action_space)  # in the env's own box, despite rounding
+        return real.cpu().numpy().astype(np.float32)
+
+
+@dataclass
+class LoopResult:
+    """One run of :func:`model_based_loop`: a row per iteration."""
+
+    env_id: str
+    planner: str
+    spec: dict
+    settings: dict
+    iterations: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"format": LOOP_FORMAT, **asdict(self)}
+
+    @property
+    def env_steps(self) -> list[int]:
+        return [row["env_steps"] for row in self.iterations]
+
+    @property
+    def eval_returns(self) -> list[float | None]:
+        return [row["eval_return"] for row in self.iterations]
+
+    def first_reaching(self, target: float) -> dict | None:
+        """The first iteration whose evaluation return is ≥ ``target``, or None."""
+        for row in self.iterations:
+            if row["eval_return"] is not None and row["eval_return"] >= target:
+                return row
+        return None
+
+
+def model_based_loop(
+    env_id: str,
+    spec=None,
+    *,
+    iterations: int = 10,
+    seed_episodes: int = 5,
+    episodes_per_iteration: int = 1,
+    train_steps: int = 300,
+    batch_size: int = 32,
+    window: int = 50,
+    eval_episodes: int = 10,
+    eval_every: int = 1,
+    context: int = 16,
+    explore: float = 0.3,
+    max_env_steps: int | None = None,
+    stop_at: float | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    log=print,
+) -> LoopResult:
+    """Collect, train, act with a planner, add the episodes, train again; ``iterations`` times.
+
+    :param env_id: a gymnasium id (rank-1 Box observations; Box or Discrete actions).
+    :param spec: the model, guide, ELBO, optimiser and planner (a dict,
+        :class:`~pyro_worldmodel.config.Spec` or YAML); must have a reward head.
+        :data:`DEFAULT_LOOP_SPEC` if None.
+    :param seed_episodes: random-action episodes collected first.
+    :param episodes_per_iteration: episodes the planner adds each iteration.
+    :param train_steps: SVI steps per iteration (the model keeps training; the optimiser keeps its state).
+    :param window: training windows' length.
+    :param eval_episodes: episodes per evaluation, run in parallel, with no exploration noise.
+    :param eval_every: evaluate every this many iterations (and after the last).
+    :param context: steps the guide filters to act.
+    :param explore: exploration noise while collecting (see :class:`Agent`).
+    :param max_env_steps: stop before an iteration would collect past this many steps.
+    :param stop_at: stop once an evaluation's mean return reaches this.
+    :param device: where the model, guide and planner live and plan, e.g. ``"cuda"``.
+    :param out: a directory for ``loop.json``, ``loop.png``, ``model.ckpt`` and
+        ``episodes.npz``, each rewritten atomically after every iteration.
+    :param log: called with one line per iteration (None: silent).
+    """
+    for arg, value, low in (
+        ("iterations", iterations, 1),
+        ("seed_episodes", seed_episodes, 1),
+        ("episodes_per_iteration", episodes_per_iteration, 1),
+        ("train_steps", train_steps, 1),
+        ("batch_size", batch_size, 1),
+        ("window", window, 2),
+        ("eval_episodes", eval_episodes, 1),
+        ("eval_every", eval_every, 1),
+        ("context", context, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{arg}: expected an int >= {low}, got {value!r}")
+    spec = DEFAULT_LOOP_SPEC if spec is None else spec
+    spec = Spec.from_yaml(spec) if isinstance(spec, (str, Path)) else Spec.from_dict(spec)
+    if spec.reward is None:
+        raise ValueError(
+            "spec: the loop plans with the model's reward head, and this spec has none;"
+            " add reward: {name: gaussian} (and continuation: {name: bernoulli} for episodes that terminate)"
+        )
+    if spec.planner is None:
+        spec = replace(spec, planner={"name": "cem"})
+    out = None if out is None else Path(out)
+    log = log or (lambda line: None)
+    pyro.set_rng_seed(seed)
+    start = time.perf_counter()
+
+    data = collect(env_id, seed_episodes, seed=seed, progress=progress)
+    real_space = data.action_space
+    normalizer = data.fit_normalizer().normalizer  # fixed from here: the model's units never move
+    pyro.set_rng_seed(seed)
+    built = build(spec, data.obs_dim, normalizer.action_space(real_space))
+    model, guide, planner = built.model, built.guide, built.planner
+    if device is not None:
+        for part in (model, guide, planner):
+            if isinstance(part, torch.nn.Module):
+                part.to(device)
+    if spec.continuation is None and bool(data.terminated.any()):
+        log(
+            "note: episodes terminate but the spec has no continuation head; planners will ignore termination"
+        )
+    result = LoopResult(
+        env_id=data.env_id,
+        planner=spec.planner["name"],
+        spec=spec.to_dict(),
+        settings=dict(
+            iterations=iterations,
+            seed_episodes=seed_episodes,
+            episodes_per_iteration=episodes_per_iteration,
+            train_steps=train_steps,
+            batch_size=batch_size,
+            window=window,
+            eval_episodes=eval_episodes,
+            eval_every=eval_every,
+            context=context,
+            explore=explore,
+            max_env_steps=max_env_steps,
+            seed=seed,
+        ),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    ep_seed = seed + 1000  # episode seeds never repeat those of the random episodes
+    for it in range(iterations):
+        units = replace(data, normalizer=normalizer).in_model_units()
+        num = max(int(units.lengths.sum()) // window, 1) * 4
+        obs, actions, mask, rewards, continues = units.windows(
+            min(window, int(units.lengths.max())), num, generator=generator, targets=True
+        )
+        if it == 0 and why_no_linear_warm_start(model, guide) is None:
+            linear_warm_start(model, guide, obs, actions, mask)
+        t0 = time.perf_counter()
+        with pyro.validation_enabled(False):
+            history = fit(
+                model,
+                guide,
+                obs,
+                actions,
+                mask,
+                rewards=rewards,
+                continues=continues,
+                num_steps=train_steps,
+                batch_size=batch_size,
+                elbo=built.elbo,
+                optim=built.optim,
+                seed=seed + it,
+                progress=progress,
+            )
+        train_seconds = time.perf_counter() - t0
+        planner_stats = None
+        if hasattr(planner, "update"):
+            starts = _posterior_states(model, guide, obs, actions, mask)
+            planner_stats = planner.update(model, starts, **_reward_units(normalizer, model))
+        agent = Agent(
+            model,
+            guide,
+            planner,
+            normalizer,
+            real_space,
+            context=context,
+            explore=explore,
+            generator=generator,
+        )
+        new = play(env_id, agent, episodes_per_iteration, seed=ep_seed, progress=False)
+        ep_seed += episodes_per_iteration
+        data = data + new
+        env_steps = int(data.lengths.sum())
+        last = it == iterations - 1 or (
+            max_env_steps is not None and env_steps + _expected(new) > max_env_steps
+        )
+        eval_return = eval_std = None
+        if (it + 1) % eval_every == 0 or last:
+            agent = Agent(
+                model,
+                guide,
+                planner,
+                normalizer,
+                real_space,
+                context=context,
+                explore=0.0,
+                generator=generator,
+            )
+            evaluation = play(
+                env_id,
+                agent,
+                eval_episodes,
+                seed=10**6 + it * eval_episodes,
+                num_envs=eval_episodes,
+                progress=False,
+            )
+            eval_return, eval_std = float(evaluation.returns.mean()), float(evaluation.returns.std())
+        row = {
+            "iteration": it,
+            "env_steps": env_steps,
+            "episodes": len(data),
+            "collect_return": float(new.returns.mean()),
+            "eval_return": eval_return,
+            "eval_return_std": eval_std,
+            "loss": float(np.mean(history.loss[-max(1, train_steps // 10) :])),
+            "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - start,
+            **({"planner": planner_stats} if planner_stats else {}),
+        }
+        result.iterations.append(row)
+        result.seconds = row["seconds"]
+        log(
+            f"iteration {it}: {env_steps} env steps, collected return {row['collect_return']:.1f}"
+            + ("" if eval_return is None else f", evaluation return {eval_return:.1f} ± {eval_std:.1f}")
+            + f", loss {row['loss']:.3f}, {row['seconds']:.0f} s"
+        )
+        if out is not None:
+            _write(out, result, model, guide, built.optim, data, normalizer)
+        if last or (stop_at is not None and eval_return is not None and eval_return >= stop_at):
+            break
+    return result
+
+
+def _expected(new: Episodes) -> int:
+    """Steps the next iteration is likely to add: as many as this one's."""
+    return int(new.lengths.sum())
+
+
+def _reward_units(normalizer, model):
+    ref = next(model.parameters())
+    if normalizer is None or normalizer.reward_loc is None:
+        return {"reward_scale": 1.0, "reward_loc": 0.0}
+    return {"reward_scale": normalizer.reward_scale.to(ref), "reward_loc": normalizer.reward_loc.to(ref)}
+
+
+@torch.no_grad()
+def _posterior_states(model, guide, obs, actions, mask) -> LatentState:
+    """Every observed step's latent state, drawn from the guide: starts for imagined rollouts."""
+    ref = next(model.parameters())
+    obs, actions, mask = obs.to(ref), actions.to(ref.device), mask.to(ref.device)
+    z = guide(obs, actions, mask)  # (N, T, Z)
+    h = None
+    if model.deter_dim:
+        a_feat = model.action_space.features(actions, z.dtype)
+        hs = [model.transition.initial_deter((z.shape[0],), z)]
+        for t in range(1, z.shape[1]):
+            hs.append(model.transition(z[:, t - 1], a_feat[:, t - 1], hs[-1])[1])
+        h = torch.stack(hs, 1)[mask]
+    return LatentState(z[mask], h)
+
+
+def _write(out: Path, result: LoopResult, model, guide, optim, data: Episodes, normalizer) -> None:
+    from .plots import plot_loop
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "model.ckpt", model, guide, optim, loop=result.as_dict())
+    replace(data, normalizer=normalizer).save(out / "episodes.npz")
+    text = json.dumps(result.as_dict(), indent=2)
+    atomic_write(out / "loop.json", lambda f: f.write(text.encode()))
+    plot_loop(result, out / "loop.png")

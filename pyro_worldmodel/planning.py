@@ -1,0 +1,458 @@
+"""Acting from imagination: planners that choose actions with the world model alone.
+
+A planner starts from the agent's belief about the present, a
+:class:`LatentState` the guide filters out of the episode so far
+(:func:`belief`), and imagines futures with the model's own transition,
+reward head p(r_t | z_t, a_t) and continue head p(c_t | z_t). It never
+touches the environment. The value of an imagined future is
+
+    Σ_{k<H} γ^k · Π_{j<k} P(c_j = 1) · E[r_k]
+
+in real reward units (a constant reward, as CartPole's, then counts the
+steps the episode is expected to survive). Everything is in model units:
+observations, box actions (the box mapped by the normaliser) and latents.
+
+Planners, by name (``planner:`` in a spec, ``--planner`` on the command line):
+
+- ``cem``: :class:`CEMPlanner`, the cross-entropy method over action
+  sequences in latent space, model-predictive as in PlaNet;
+- ``actor_critic``: :class:`ActorCriticPlanner`, an actor and a critic
+  trained on imagined rollouts with λ-returns, as in Dreamer;
+- ``policy``: :class:`PolicyPlanner`, the model's own π(a_t | z_t) learned
+  by the ELBO (behaviour cloning), the baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from .components._nets import check_dim, check_hidden, mlp
+from .spaces import ActionSpace
+
+
+@dataclass
+class LatentState:
+    """What the agent believes about the present: z_t ``(B, Z)`` and, with a
+    recurrent transition, h_t ``(B, D)``."""
+
+    z: torch.Tensor
+    h: torch.Tensor | None = None
+
+    @property
+    def features(self) -> torch.Tensor:
+        """``(B, D + Z)`` [h_t, z_t], or z_t: what the heads and the policy read."""
+        return self.z if self.h is None else torch.cat([self.h, self.z], -1)
+
+    def expand(self, n: int) -> LatentState:
+        """``n`` copies in front: ``(n, B, ·)``."""
+        return LatentState(
+            self.z.expand(n, *self.z.shape), None if self.h is None else self.h.expand(n, *self.h.shape)
+        )
+
+
+@torch.no_grad()
+def belief(model, guide, obs, actions) -> LatentState:
+    """The latent state at the last step of a context, filtered by the guide.
+
+    :param obs: ``(B, C, X)`` observations x_1 … x_C in model units, all observed.
+    :param actions: ``(B, C, A)`` (or ``(B, C)``) the actions; the last, a_C, is not
+        taken yet and is only a placeholder for guides that read it (a filter reads a_{<t}).
+    :returns: z_C drawn from q, and h_C recomputed by the model's recurrence from the
+        drawn z_1 … z_{C-1} with a recurrent transition.
+    """
+    z = guide(obs, actions)  # (B, C, Z)
+    h = None
+    if model.deter_dim:
+        a_feat = model.action_space.features(torch.as_tensor(actions).to(z.device), z.dtype)
+        h = model.transition.initial_deter((obs.shape[0],), z)  # (B, D)
+        for t in range(1, z.shape[1]):
+            _, h = model.transition(z[:, t - 1], a_feat[:, t - 1], h)
+    return LatentState(z[:, -1], h)
+
+
+def _check_heads(model, who: str) -> None:
+    if getattr(model, "reward", None) is None:
+        raise ValueError(
+            f"model: the {who} planner needs a reward head p(r_t | z_t, a_t) to value imagined futures,"
+            " and this model has none; give the spec a reward part, e.g. reward: {name: gaussian}"
+        )
+
+
+def imagined_returns(
+    model,
+    state: LatentState,
+    actions: torch.Tensor,
+    *,
+    discount: float,
+    reward_scale=1.0,
+    reward_loc=0.0,
+    sample: bool = False,
+    value=None,
+):
+    """The value of each action sequence from ``state``, imagined with the model alone.
+
+    :param state: batch ``(..., B)``.
+    :param actions: ``(..., B, H, A)`` box actions or ``(..., B, H)`` integers, in model units.
+    :param discount: γ.
+    :param reward_scale, reward_loc: the reward head's units to real ones: r = loc + scale · r̂.
+    :param sample: draw z_{t+1} from p(z_{t+1} | ·) instead of taking its mean.
+    :param value: optional ``v(features) -> (...)``, the value after the last step.
+    :returns: ``(..., B)`` returns.
+    """
+    H = actions.shape[-1] if model.action_space.kind == "discrete" else actions.shape[-2]
+    a_feat = model.action_space.features(actions, state.z.dtype)  # (..., B, H, A)
+    z, h = state.z, state.h
+    total = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
+    weight = torch.ones_like(total)
+    for k in range(H):
+        f = z if h is None else torch.cat([h.expand(*z.shape[:-1], h.shape[-1]), z], -1)
+        a_k = a_feat[..., k, :]
+        r = model.reward(f, a_k).mean * reward_scale + reward_loc
+        total = total + weight * r
+        if model.continuation is not None:
+            weight = weight * model.continuation(f).mean
+        weight = weight * discount
+        prior, h = model._prior(z, a_k, h)
+        z = prior.rsample() if sample else prior.mean
+    if value is not None:
+        f = z if h is None else torch.cat([h, z], -1)
+        total = total + weight * value(f)
+    return total
+
+
+def _box_bounds(space: ActionSpace, like: torch.Tensor):
+    low = None if space.low is None else torch.tensor(space.low, dtype=like.dtype, device=like.device)
+    high = None if space.high is None else torch.tensor(space.high, dtype=like.dtype, device=like.device)
+    return low, high
+
+
+def clip_to_space(actions: torch.Tensor, space: ActionSpace) -> torch.Tensor:
+    """Box actions clamped into the box's finite bounds; discrete ones unchanged."""
+    if space.kind != "box":
+        return actions
+    low, high = _box_bounds(space, actions)
+    if low is not None:
+        actions = torch.maximum(actions, low)
+    if high is not None:
+        actions = torch.minimum(actions, high)
+    return actions
+
+
+class CEMPlanner:
+    """Model-predictive control by the cross-entropy method in latent space (PlaNet).
+
+    At each step it searches action sequences a_{t:t+H}: it draws ``candidates``
+    of them from a diagonal Normal (box actions, clipped into the box) or from
+    independent categoricals (discrete actions), imagines each with the model,
+    refits the distribution to the ``top_k`` best, and after ``iterations``
+    takes the first action of the plan: the refitted mean (box), or the most
+    likely first action (discrete). All candidates of all B agents are imagined
+    in one batch, on the model's device.
+
+    :param horizon: H, imagined steps per candidate.
+    :param candidates: sequences drawn per iteration.
+    :param top_k: the elite refitted to.
+    :param iterations: rounds of drawing and refitting.
+    :param discount: γ of the imagined return.
+    :param init_std: the Normal's first standard deviation (box actions, model units).
+    :param min_std: its floor.
+    :param sample_latents: draw imagined latents instead of following the transition's mean.
+    """
+
+    name = "cem"
+
+    def __init__(
+        self,
+        horizon: int = 12,
+        candidates: int = 500,
+        top_k: int = 50,
+        iterations: int = 5,
+        discount: float = 0.99,
+        init_std: float = 1.0,
+        min_std: float = 0.05,
+        sample_latents: bool = False,
+    ):
+        for arg, v in (
+            ("horizon", horizon),
+            ("candidates", candidates),
+            ("top_k", top_k),
+            ("iterations", iterations),
+        ):
+            check_dim(arg, v)
+        if top_k > candidates:
+            raise ValueError(f"top_k: expected at most candidates={candidates}, got {top_k}")
+        if not 0 < discount <= 1:
+            raise ValueError(f"discount: expected a number in (0, 1], got {discount!r}")
+        for arg, v in (("init_std", init_std), ("min_std", min_std)):
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{arg}: expected a positive float, got {v!r}")
+        self.horizon, self.candidates, self.top_k, self.iterations = horizon, candidates, top_k, iterations
+        self.discount, self.init_std, self.min_std = float(discount), float(init_std), float(min_std)
+        self.sample_latents = bool(sample_latents)
+
+    @torch.no_grad()
+    def plan(self, model, state: LatentState, *, reward_scale=1.0, reward_loc=0.0) -> torch.Tensor:
+        """The next action for each of B states: ``(B, A)`` box or ``(B,)`` integers, model units."""
+        _check_heads(model, "'cem'")
+        space = model.action_space
+        B, N, K, H = state.z.shape[0], self.candidates, self.top_k, self.horizon
+        many = state.expand(N)  # (N, B, ·)
+        ref = state.z
+
+        def score(seqs):
+            return imagined_returns(
+                model,
+                many,
+                seqs,
+                discount=self.discount,
+                reward_scale=reward_scale,
+                reward_loc=reward_loc,
+                sample=self.sample_latents,
+            )  # (N, B)
+
+        if space.kind == "discrete":
+            probs = torch.full((B, H, space.dim), 1.0 / space.dim, dtype=ref.dtype, device=ref.device)
+            for _ in range(self.iterations):
+                seqs = torch.distributions.Categorical(probs=probs).sample((N,))  # (N, B, H)
+                elite = seqs.gather(0, score(seqs).topk(K, dim=0).indices[..., None].expand(K, B, H))
+                counts = nn.functional.one_hot(elite, space.dim).to(ref.dtype).mean(0)  # (B, H, n)
+                probs = 0.9 * counts + 0.1 / space.dim  # keep every action possible
+            return probs[:, 0].argmax(-1)
+        low, high = _box_bounds(space, ref)
+        mean = torch.zeros(B, H, space.dim, dtype=ref.dtype, device=ref.device)
+        if low is not None and high is not None:
+            mean = mean + (low + high) / 2
+        std = torch.full_like(mean, self.init_std)
+        for _ in range(self.iterations):
+            seqs = clip_to_space(
+                mean + std * torch.randn(N, *mean.shape, dtype=ref.dtype, device=ref.device), space
+            )
+            top = score(seqs).topk(K, dim=0).indices  # (K, B)
+            elite = seqs.gather(0, top[..., None, None].expand(K, B, H, space.dim))
+            mean, std = elite.mean(0), elite.std(0).clamp(min=self.min_std)
+        return clip_to_space(mean[:, 0], space)
+
+
+class PolicyPlanner:
+    """The model's π(a_t | z_t), learned by the ELBO: behaviour cloning of the data's actions.
+
+    :param mode: act with π's most likely action (the mean of the Normal, its
+        squashed mean for the tanh policy, the likeliest category); else draw one.
+    """
+
+    name = "policy"
+
+    def __init__(self, mode: bool = True):
+        self.mode = bool(mode)
+
+    @torch.no_grad()
+    def plan(self, model, state: LatentState, **_) -> torch.Tensor:
+        pi = model.policy(state.features)
+        if not self.mode:
+            return clip_to_space(pi.sample(), model.action_space)
+        return clip_to_space(_mode(pi), model.action_space)
+
+
+def _mode(d):
+    """The most likely action of a policy's distribution (the squashed base mean for a tanh policy)."""
+    while isinstance(d, dist.Independent):
+        d = d.base_dist
+    if isinstance(d, torch.distributions.Categorical):
+        return d.probs.argmax(-1)
+    if isinstance(d, torch.distributions.TransformedDistribution):
+        x = _mode(d.base_dist)
+        for t in d.transforms:
+            x = t(x)
+        return x
+    return d.mean
+
+
+class ActorCriticPlanner(nn.Module):
+    """Policy learning in imagination, as in Dreamer: an actor π_φ(a | s) and a critic v_ψ(s)
+    trained on rollouts imagined by the model from posterior latents.
+
+    From each start state the actor acts for ``horizon`` steps in the model; with
+    rewards r_k, continue probabilities c_k and values v_k the λ-returns are
+
+        R_k = r_k + γ c_k ((1 − λ) v_{k+1} + λ R_{k+1}),   R_H = v_H.
+
+    The critic regresses v_k on R_k (held fixed); the actor maximises the
+    weighted Σ_k R_k, by gradients through the model's dynamics for box actions
+    (Dreamer) and by REINFORCE with the critic as baseline for discrete ones
+    (DreamerV2), plus an entropy bonus. The model is not changed.
+
+    :param latent_dim: what the actor and critic read, Z (or D + Z); filled in by :func:`~pyro_worldmodel.config.build`.
+    :param action_space: the actions in model units; filled in likewise.
+    :param horizon: imagined steps per update.
+    :param discount: γ.
+    :param lam: λ.
+    :param hidden: widths of the actor's and critic's hidden layers.
+    :param lr: Adam's learning rate for both.
+    :param entropy: weight of the actor's entropy bonus.
+    :param updates: gradient steps per call of :meth:`update`.
+    :param batch_size: start states per gradient step.
+    """
+
+    name = "actor_critic"
+
+    def __init__(
+        self,
+        latent_dim: int,
+        action_space: ActionSpace,
+        horizon: int = 15,
+        discount: float = 0.99,
+        lam: float = 0.95,
+        hidden: Sequence[int] = (64, 64),
+        lr: float = 3e-4,
+        entropy: float = 1e-3,
+        updates: int = 100,
+        batch_size: int = 256,
+    ):
+        super().__init__()
+        self.latent_dim = check_dim("latent_dim", latent_dim)
+        self.action_space = action_space
+        for arg, v in (("horizon", horizon), ("updates", updates), ("batch_size", batch_size)):
+            check_dim(arg, v)
+        for arg, v in (("discount", discount), ("lam", lam)):
+            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{arg}: expected a number in [0, 1], got {v!r}")
+        self.horizon, self.discount, self.lam = horizon, float(discount), float(lam)
+        self.hidden = check_hidden(hidden)
+        self.lr, self.entropy, self.updates, self.batch_size = float(lr), float(entropy), updates, batch_size
+        out = action_space.dim if action_space.kind == "discrete" else 2 * action_space.dim
+        self.actor = mlp(latent_dim, self.hidden, out)
+        self.critic = mlp(latent_dim, self.hidden, 1)
+        self._actor_optim = torch.optim.Adam(self.actor.parameters(), lr=self.lr)
+        self._critic_optim = torch.optim.Adam(self.critic.parameters(), lr=self.lr)
+
+    def policy(self, f: torch.Tensor) -> torch.distributions.Distribution:
+        """π_φ(a | features): a Categorical, or a Normal squashed into the box (tanh) when it is bounded."""
+        out = self.actor(f)
+        space = self.action_space
+        if space.kind == "discrete":
+            return torch.distributions.Categorical(logits=out)
+        loc, raw = out.chunk(2, -1)
+        base = dist.Normal(loc, nn.functional.softplus(raw) + 1e-2)
+        low, high = _box_bounds(space, f)
+        if low is None or high is None:
+            return base.to_event(1)
+        squash = [
+            dist.transforms.TanhTransform(cache_size=1),
+            dist.transforms.AffineTransform((low + high) / 2, (high - low) / 2),
+        ]
+        return dist.TransformedDistribution(base, squash).to_event(1)
+
+    def value(self, f: torch.Tensor) -> torch.Tensor:
+        return self.critic(f).squeeze(-1)
+
+    @torch.no_grad()
+    def plan(self, model, state: LatentState, **_) -> torch.Tensor:
+        _check_heads(model, "'actor_critic'")
+        return clip_to_space(_mode(self.policy(state.features)), model.action_space)
+
+    def update(self, model, starts: LatentState, *, reward_scale=1.0, reward_loc=0.0) -> dict:
+        """Train the actor and critic for :attr:`updates` steps on futures imagined from ``starts``
+        (a batch of posterior states, e.g. every step of the replayed windows).
+
+        :returns: the last step's mean λ-return, actor loss and critic loss.
+        """
+        _check_heads(model, "'actor_critic'")
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # the model is held fixed; gradients still flow through it
+            p.requires_grad_(False)
+        try:
+            for _ in range(self.updates):
+                idx = torch.randint(starts.z.shape[0], (min(self.batch_size, starts.z.shape[0]),))
+                stats = self._step(
+                    model,
+                    starts.z[idx],
+                    None if starts.h is None else starts.h[idx],
+                    reward_scale,
+                    reward_loc,
+                )
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+        return stats
+
+    def _step(self, model, z, h, reward_scale, reward_loc):
+        discrete = self.action_space.kind == "discrete"
+        feats, rewards, conts, logps, ents = [], [], [], [], []
+        for _ in range(self.horizon):
+            f = z if h is None else torch.cat([h, z], -1)
+            pi = self.policy(f.detach() if discrete else f)
+            a = pi.sample() if discrete else pi.rsample()
+            a_feat = model.action_space.features(a, f.dtype)
+            feats.append(f)
+            rewards.append(model.reward(f, a_feat).mean * reward_scale + reward_loc)
+            conts.append(
+                model.continuation(f).mean if model.continuation is not None else torch.ones_like(rewards[-1])
+            )
+            logps.append(pi.log_prob(a))
+            ents.append(pi.entropy() if discrete else -pi.log_prob(a))
+            prior, h = model._prior(z, a_feat, h)
+            z = prior.rsample()
+            if discrete:
+                z = z.detach()
+                h = None if h is None else h.detach()
+        feats.append(z if h is None else torch.cat([h, z], -1))
+        values = torch.stack([self.value(f) for f in feats])  # (H + 1, n)
+        cont = torch.stack(conts)  # (H, n)
+        returns = lambda_returns(torch.stack(rewards), cont, values, self.discount, self.lam)  # (H, n)
+        # Weight of step k: the chance of getting there, discounted.
+        weight = torch.cumprod(torch.cat([torch.ones_like(cont[:1]), self.discount * cont[:-1]]), 0).detach()
+        ent = torch.stack(ents)
+        if discrete:
+            baseline = values[:-1].detach()
+            actor_loss = -(
+                weight * (torch.stack(logps) * (returns.detach() - baseline) + self.entropy * ent)
+            ).mean()
+        else:
+            actor_loss = -(weight * (returns + self.entropy * ent)).mean()
+        v = torch.stack([self.value(f.detach()) for f in feats[:-1]])
+        critic_loss = 0.5 * (weight * (v - returns.detach()) ** 2).mean()
+        # Each loss trains its own network: the actor's gradient reaches the critic's
+        # inputs (the imagined states) but must not move the critic.
+        self._actor_optim.zero_grad()
+        self._critic_optim.zero_grad()
+        actor_loss.backward(inputs=list(self.actor.parameters()))
+        critic_loss.backward(inputs=list(self.critic.parameters()))
+        nn.utils.clip_grad_norm_(self.actor.parameters(), 100.0)
+        nn.utils.clip_grad_norm_(self.critic.parameters(), 100.0)
+        self._actor_optim.step()
+        self._critic_optim.step()
+        return {
+            "return": float(returns[0].detach().mean()),
+            "actor_loss": float(actor_loss.detach()),
+            "critic_loss": float(critic_loss.detach()),
+        }
+
+
+def lambda_returns(rewards, continues, values, discount: float, lam: float) -> torch.Tensor:
+    """λ-returns R_k = r_k + γ c_k ((1 − λ) v_{k+1} + λ R_{k+1}) for k < H, with R_H = v_H.
+
+    :param rewards: ``(H, ...)`` r_k; :param continues: ``(H, ...)`` c_k, the chance
+        the episode goes on after step k; :param values: ``(H + 1, ...)`` v_k.
+    :returns: ``(H, ...)``. λ = 1 gives the discounted sum of rewards bootstrapped
+        with v_H; λ = 0 the one-step targets r_k + γ c_k v_{k+1}.
+    """
+    H = rewards.shape[0]
+    if continues.shape[0] != H or values.shape[0] != H + 1:
+        raise ValueError(
+            f"values: expected H + 1 = {H + 1} steps and continues H = {H}, got"
+            f" {values.shape[0]} and {continues.shape[0]}"
+        )
+    ret = values[-1]
+    out = []
+    for k in reversed(range(H)):
+        ret = rewards[k] + discount * continues[k] * ((1 - lam) * values[k + 1] + lam * ret)
+        out.append(ret)
+    return torch.stack(out[::-1])
+
+
+PLANNERS = {"cem": CEMPlanner, "actor_critic": ActorCriticPlanner, "policy": PolicyPlanner}
