@@ -582,7 +582,9 @@ def cmd_loop(args) -> dict:
     from .plots import plot_loop
 
     spec = Spec.from_yaml(args.config) if args.config is not None else DEFAULT_LOOP_SPEC
-    if args.planner is not None:
+    if spec.planner is None:
+        spec = replace(spec, planner={"name": "cem"})
+    if args.planner is not None and args.planner != spec.planner["name"]:  # another planner: its defaults
         spec = replace(spec, planner={"name": args.planner})
     spec = spec.with_overrides(dict(args.set or []))
     settings = dict(

@@ -217,8 +217,14 @@ class Episodes:
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
         return self[perm[n_val:].sort().values], self[perm[:n_val].sort().values]
 
-    def fit_normalizer(self) -> Episodes:
-        """These episodes with a :class:`Normalizer` fitted to their observed steps."""
+    def fit_normalizer(self, min_obs_scale=None) -> Episodes:
+        """These episodes with a :class:`Normalizer` fitted to their observed steps.
+
+        :param min_obs_scale: ``(X,)`` floors of the observation scales, e.g.
+            :func:`observation_scale_floor`: data from random actions can span a
+            sliver of what a planner will reach (CartPole's cart position), and
+            states 30 scales out are far outside what the networks were fitted on.
+        """
         obs = self.obs[self.mask]  # (n, X)
         action_loc = action_scale = None
         if self.action_space.kind == "box":
@@ -233,7 +239,7 @@ class Episodes:
             self,
             normalizer=Normalizer(
                 obs.mean(0),
-                obs.std(0).clamp(min=1e-6),
+                _floored(obs.std(0).clamp(min=1e-6), min_obs_scale),
                 action_loc,
                 action_scale,
                 rewards.mean(),
@@ -356,6 +362,33 @@ class Episodes:
             )
         per_episode = {name: torch.from_numpy(data[name]) for name in _PER_EPISODE}
         return cls(**per_episode, action_space=space, env_id=str(data["env_id"]), normalizer=normalizer)
+
+
+def _floored(scale: torch.Tensor, floor) -> torch.Tensor:
+    if floor is None:
+        return scale
+    floor = torch.as_tensor(floor, dtype=scale.dtype)
+    if floor.shape != scale.shape:
+        raise ValueError(f"min_obs_scale: expected shape {tuple(scale.shape)}, got {tuple(floor.shape)}")
+    return torch.maximum(scale, floor)
+
+
+def observation_scale_floor(env_id: str, fraction: float = 0.125) -> torch.Tensor:
+    """``(X,)`` ``fraction`` of each observation's range where the environment bounds it, else 0.
+
+    With the default, observations anywhere in a bounded range stay within ±4
+    scales of any centre inside it, in model units.
+    """
+    env = gym.make(env_id)
+    try:
+        low, high = (
+            torch.as_tensor(np.asarray(b, dtype=np.float64))
+            for b in (env.observation_space.low, env.observation_space.high)
+        )
+    finally:
+        env.close()
+    width = high - low
+    return torch.where(torch.isfinite(width), fraction * width, 0.0).float()
 
 
 Policy = Callable[[np.ndarray], np.ndarray]

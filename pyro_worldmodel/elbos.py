@@ -660,6 +660,11 @@ class JitTraceMeanField_ELBO(TraceMeanField_ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """−ELBO as a tensor whose gradient is the ELBO's, from the graph compiled for these inputs."""
+        # The world model's targets come as keywords; the graph takes tensors positionally.
+        moved = tuple(k for k in _TENSOR_KEYWORDS if torch.is_tensor(kwargs.get(k)))
+        if moved:
+            args = (*args, *(kwargs.pop(k) for k in moved))
+            kwargs["_moved_keywords"] = moved
         key = _compile_key(model, guide, args, kwargs)
         compiled = self._compiled.get(key)
         if compiled is not None:
@@ -699,6 +704,10 @@ class JitTraceMeanField_ELBO(TraceMeanField_ELBO):
         weakself = weakref.ref(self)  # the graph must not keep the ELBO alive
 
         def differentiable_loss(*args, **kwargs):
+            moved = kwargs.pop("_moved_keywords", ())
+            if moved:
+                kwargs.update(zip(moved, args[len(args) - len(moved) :]))
+                args = args[: len(args) - len(moved)]
             self = weakself()
             loss = 0.0
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
@@ -712,6 +721,10 @@ class JitTraceMeanField_ELBO(TraceMeanField_ELBO):
             ignore_warnings=self.ignore_jit_warnings,
             jit_options=dict(self.jit_options or {}),
         )
+
+
+# Keywords of WorldModel.model that carry data: moved into the compiled graph's positional inputs.
+_TENSOR_KEYWORDS = ("rewards", "continues")
 
 
 def _compile_key(model, guide, args, kwargs):

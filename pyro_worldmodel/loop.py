@@ -27,17 +27,22 @@ import pyro
 import torch
 
 from .config import Spec, build
-from .data import Episodes, Normalizer, collect, play
+from .data import Episodes, Normalizer, collect, observation_scale_floor, play
 from .inference import atomic_write, fit, save_checkpoint
-from .planning import LatentState, belief, clip_to_space
+from .planning import LatentState, belief, box_centre, clip_to_space
 from .spaces import ActionSpace
 from .warm_start import linear_warm_start, why_no_linear_warm_start
 
 LOOP_FORMAT = "pyro_worldmodel.loop/1"
 
-# The loop's default model: the default job's (8-dimensional latent), with the heads and CEM.
+# The loop's default model: the default job's (8-dimensional latent), with the heads and CEM,
+# and the transition's scale floored at 0.02 (model units) instead of 1e-3. On deterministic
+# dynamics (CartPole) the scale otherwise shrinks towards the floor, and the first episodes
+# of a planner, in states the random data never visited, then cost KL terms of 10^4 nats per
+# step, which throw the optimiser off (measured: loss from -12 to +249 per step in one iteration).
 DEFAULT_LOOP_SPEC = Spec(
     latent_dim=8,
+    transition={"name": "gaussian_mlp", "min_scale": 0.02},
     optim={"name": "ClippedAdam", "lr": 1e-3, "clip_norm": 10.0},
     reward={"name": "gaussian"},
     continuation={"name": "bernoulli"},
@@ -103,13 +108,8 @@ class Agent:
         space = self.model.action_space
         if space.kind == "discrete":
             placeholder = torch.zeros(B, dtype=torch.long, device=obs.device)
-        elif (
-            space.low is not None and space.high is not None
-        ):  # the box's centre: inside any bounded policy's box
-            mid = (torch.tensor(space.low) + torch.tensor(space.high)) / 2
-            placeholder = mid.to(obs).expand(B, space.dim)
-        else:
-            placeholder = obs.new_zeros(B, space.dim)
+        else:  # the box's centre: inside any bounded policy's box
+            placeholder = box_centre(space, obs).expand(B, space.dim)
         past = self._actions[-(C - 1) :] if C > 1 else []
         actions = torch.stack([*past, placeholder], 1)
         return belief(self.model, self.guide, obs, actions)
@@ -117,7 +117,7 @@ class Agent:
     @torch.no_grad()
     def act(self, obs) -> np.ndarray:
         """Actions ``(B, A)`` (or ``(B,)`` integers) in real units for observations ``(B, X)``."""
-        x = torch.as_tensor(np.asarray(obs)).to(self._ref)
+        x = torch.as_tensor(np.array(obs)).to(self._ref)  # a copy: the caller may reuse its array
         if self.normalizer is not None:
             x = self.normalizer.obs(x)
         self._obs.append(x)
@@ -241,7 +241,9 @@ def model_based_loop(
 
     data = collect(env_id, seed_episodes, seed=seed, progress=progress)
     real_space = data.action_space
-    normalizer = data.fit_normalizer().normalizer  # fixed from here: the model's units never move
+    # Fixed from here, so the model's units never move; floored by the observation space's
+    # bounds, as the planner will go where random actions did not.
+    normalizer = data.fit_normalizer(observation_scale_floor(env_id)).normalizer
     pyro.set_rng_seed(seed)
     built = build(spec, data.obs_dim, normalizer.action_space(real_space))
     model, guide, planner = built.model, built.guide, built.planner
@@ -341,7 +343,10 @@ def model_based_loop(
                 num_envs=eval_episodes,
                 progress=False,
             )
-            eval_return, eval_std = float(evaluation.returns.mean()), float(evaluation.returns.std())
+            eval_return, eval_std = (
+                float(evaluation.returns.mean()),
+                float(evaluation.returns.std(unbiased=False)),
+            )
         row = {
             "iteration": it,
             "env_steps": env_steps,
@@ -362,7 +367,7 @@ def model_based_loop(
             + f", loss {row['loss']:.3f}, {row['seconds']:.0f} s"
         )
         if out is not None:
-            _write(out, result, model, guide, built.optim, data, normalizer)
+            _write(out, result, model, guide, built.optim, planner, data, normalizer)
         if last or (stop_at is not None and eval_return is not None and eval_return >= stop_at):
             break
     return result
@@ -396,11 +401,19 @@ def _posterior_states(model, guide, obs, actions, mask) -> LatentState:
     return LatentState(z[mask], h)
 
 
-def _write(out: Path, result: LoopResult, model, guide, optim, data: Episodes, normalizer) -> None:
+def _write(out: Path, result: LoopResult, model, guide, optim, planner, data: Episodes, normalizer) -> None:
     from .plots import plot_loop
 
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "model.ckpt", model, guide, optim, loop=result.as_dict())
+    save_checkpoint(
+        out / "model.ckpt",
+        model,
+        guide,
+        optim,
+        loop=result.as_dict(),
+        normalizer={k: v for k, v in asdict(normalizer).items() if v is not None},
+        **({"planner": planner.state_dict()} if isinstance(planner, torch.nn.Module) else {}),
+    )
     replace(data, normalizer=normalizer).save(out / "episodes.npz")
     text = json.dumps(result.as_dict(), indent=2)
     atomic_write(out / "loop.json", lambda f: f.write(text.encode()))

@@ -65,6 +65,11 @@ def belief(model, guide, obs, actions) -> LatentState:
     :returns: z_C drawn from q, and h_C recomputed by the model's recurrence from the
         drawn z_1 … z_{C-1} with a recurrent transition.
     """
+    if getattr(guide, "_action_blocks", 1) > 1:
+        raise ValueError(
+            f"guide: {type(guide).__name__} reads a_t and the future, which an agent that has yet to"
+            " act does not have; act with a filter (filter, iaf_filter) or the mean-field guide"
+        )
     z = guide(obs, actions)  # (B, C, Z)
     h = None
     if model.deter_dim:
@@ -126,8 +131,26 @@ def imagined_returns(
 
 
 def _box_bounds(space: ActionSpace, like: torch.Tensor):
+    """``(low, high)`` as tensors like ``like``; None for a side without bounds."""
     low = None if space.low is None else torch.tensor(space.low, dtype=like.dtype, device=like.device)
     high = None if space.high is None else torch.tensor(space.high, dtype=like.dtype, device=like.device)
+    return low, high
+
+
+def box_centre(space: ActionSpace, like: torch.Tensor) -> torch.Tensor:
+    """``(A,)``: the middle of the box where both bounds of a dimension are finite, else 0."""
+    low, high = _box_bounds(space, like)
+    if low is None or high is None:
+        return torch.zeros(space.dim, dtype=like.dtype, device=like.device)
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    return torch.where(finite, (torch.where(finite, low, 0) + torch.where(finite, high, 0)) / 2, 0.0)
+
+
+def _finite_box(space: ActionSpace, like: torch.Tensor):
+    """``(low, high)`` if every bound is finite, else None."""
+    low, high = _box_bounds(space, like)
+    if low is None or high is None or not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
+        return None
     return low, high
 
 
@@ -223,10 +246,7 @@ class CEMPlanner:
                 counts = nn.functional.one_hot(elite, space.dim).to(ref.dtype).mean(0)  # (B, H, n)
                 probs = 0.9 * counts + 0.1 / space.dim  # keep every action possible
             return probs[:, 0].argmax(-1)
-        low, high = _box_bounds(space, ref)
-        mean = torch.zeros(B, H, space.dim, dtype=ref.dtype, device=ref.device)
-        if low is not None and high is not None:
-            mean = mean + (low + high) / 2
+        mean = box_centre(space, ref).expand(B, H, space.dim)
         std = torch.full_like(mean, self.init_std)
         for _ in range(self.iterations):
             seqs = clip_to_space(
@@ -234,7 +254,7 @@ class CEMPlanner:
             )
             top = score(seqs).topk(K, dim=0).indices  # (K, B)
             elite = seqs.gather(0, top[..., None, None].expand(K, B, H, space.dim))
-            mean, std = elite.mean(0), elite.std(0).clamp(min=self.min_std)
+            mean, std = elite.mean(0), elite.std(0, unbiased=False).clamp(min=self.min_std)
         return clip_to_space(mean[:, 0], space)
 
 
@@ -338,9 +358,10 @@ class ActorCriticPlanner(nn.Module):
             return torch.distributions.Categorical(logits=out)
         loc, raw = out.chunk(2, -1)
         base = dist.Normal(loc, nn.functional.softplus(raw) + 1e-2)
-        low, high = _box_bounds(space, f)
-        if low is None or high is None:
+        box = _finite_box(space, f)
+        if box is None:  # unbounded in some dimension: an unsquashed Normal, clipped where bounded
             return base.to_event(1)
+        low, high = box
         squash = [
             dist.transforms.TanhTransform(cache_size=1),
             dist.transforms.AffineTransform((low + high) / 2, (high - low) / 2),

@@ -28,3 +28,21 @@ def test_svi_step_benchmark_checks_the_reference_and_prints_its_table():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(float(c) > 0 for c in cells[2:])  # times, ratios, sequences/s, memory
     assert "per timestep" in out and "least squares in B·T" in out
+
+
+def test_model_based_loop_benchmark_prints_a_row_per_environment(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "model_based_loop.py"), "--tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\| (Pendulum|CartPole)-v1 \|", line)]
+    assert [r.split("|")[1].strip() for r in rows] == ["Pendulum-v1", "CartPole-v1"]
+    import json
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["env"] for r in saved] == ["Pendulum-v1", "CartPole-v1"]
+    assert all(r["final_env_steps"] > 0 and r["seconds"] > 0 for r in saved)
+    assert (tmp_path / "CartPole-v1" / "loop.png").exists()
