@@ -24,6 +24,7 @@ Planners, by name (``planner:`` in a spec, ``--planner`` on the command line):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -351,22 +352,35 @@ class ActorCriticPlanner(nn.Module):
         self._critic_optim = torch.optim.Adam(self.critic.parameters(), lr=self.lr)
 
     def policy(self, f: torch.Tensor) -> torch.distributions.Distribution:
-        """π_φ(a | features): a Categorical, or a Normal squashed into the box (tanh) when it is bounded."""
+        """π_φ before squashing: a Categorical, or the Normal of u, with a = mid + half · tanh(u)
+        in a box with finite bounds (a = u otherwise)."""
         out = self.actor(f)
-        space = self.action_space
-        if space.kind == "discrete":
+        if self.action_space.kind == "discrete":
             return torch.distributions.Categorical(logits=out)
         loc, raw = out.chunk(2, -1)
-        base = dist.Normal(loc, nn.functional.softplus(raw) + 1e-2)
-        box = _finite_box(space, f)
-        if box is None:  # unbounded in some dimension: an unsquashed Normal, clipped where bounded
-            return base.to_event(1)
+        return dist.Normal(loc, nn.functional.softplus(raw) + 1e-2)
+
+    def _squash(self, u: torch.Tensor):
+        """``(a, log |da/du|)`` summed over action dimensions."""
+        box = _finite_box(self.action_space, u)
+        if box is None:
+            return u, torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
         low, high = box
-        squash = [
-            dist.transforms.TanhTransform(cache_size=1),
-            dist.transforms.AffineTransform((low + high) / 2, (high - low) / 2),
-        ]
-        return dist.TransformedDistribution(base, squash).to_event(1)
+        half = (high - low) / 2
+        # log(1 - tanh²(u)) in the form that stays finite for large |u|
+        log_det = half.log() + 2.0 * (math.log(2.0) - u - nn.functional.softplus(-2.0 * u))
+        return (low + high) / 2 + half * u.tanh(), log_det.sum(-1)
+
+    def _sample(self, f: torch.Tensor):
+        """An action for each state, with log π(a | f) and an entropy (estimate, for a box)."""
+        pi = self.policy(f)
+        if self.action_space.kind == "discrete":
+            a = pi.sample()
+            return a, pi.log_prob(a), pi.entropy()
+        u = pi.rsample()
+        a, log_det = self._squash(u)
+        log_p = pi.log_prob(u).sum(-1) - log_det
+        return a, log_p, -log_p
 
     def value(self, f: torch.Tensor) -> torch.Tensor:
         return self.critic(f).squeeze(-1)
@@ -374,7 +388,10 @@ class ActorCriticPlanner(nn.Module):
     @torch.no_grad()
     def plan(self, model, state: LatentState, **_) -> torch.Tensor:
         _check_heads(model, "'actor_critic'")
-        return clip_to_space(_mode(self.policy(state.features)), model.action_space)
+        pi = self.policy(state.features)
+        if self.action_space.kind == "discrete":
+            return pi.probs.argmax(-1)
+        return clip_to_space(self._squash(pi.mean)[0], model.action_space)
 
     def update(self, model, starts: LatentState, *, reward_scale=1.0, reward_loc=0.0) -> dict:
         """Train the actor and critic for :attr:`updates` steps on futures imagined from ``starts``
@@ -406,16 +423,15 @@ class ActorCriticPlanner(nn.Module):
         feats, rewards, conts, logps, ents = [], [], [], [], []
         for _ in range(self.horizon):
             f = z if h is None else torch.cat([h, z], -1)
-            pi = self.policy(f.detach() if discrete else f)
-            a = pi.sample() if discrete else pi.rsample()
+            a, log_p, entropy = self._sample(f.detach() if discrete else f)
             a_feat = model.action_space.features(a, f.dtype)
             feats.append(f)
             rewards.append(model.reward(f, a_feat).mean * reward_scale + reward_loc)
             conts.append(
                 model.continuation(f).mean if model.continuation is not None else torch.ones_like(rewards[-1])
             )
-            logps.append(pi.log_prob(a))
-            ents.append(pi.entropy() if discrete else -pi.log_prob(a))
+            logps.append(log_p)
+            ents.append(entropy)
             prior, h = model._prior(z, a_feat, h)
             z = prior.rsample()
             if discrete:
@@ -443,8 +459,8 @@ class ActorCriticPlanner(nn.Module):
         self._critic_optim.zero_grad()
         actor_loss.backward(inputs=list(self.actor.parameters()))
         critic_loss.backward(inputs=list(self.critic.parameters()))
-        nn.utils.clip_grad_norm_(self.actor.parameters(), 100.0)
-        nn.utils.clip_grad_norm_(self.critic.parameters(), 100.0)
+        nn.utils.clip_grad_norm_(self.actor.parameters(), 10.0)
+        nn.utils.clip_grad_norm_(self.critic.parameters(), 10.0)
         self._actor_optim.step()
         self._critic_optim.step()
         return {

@@ -517,3 +517,21 @@ def test_the_loop_normaliser_spans_the_observation_space_where_it_is_bounded():
     torch.testing.assert_close(floored.obs_scale[[1, 3]], plain.obs_scale[[1, 3]])
     with pytest.raises(ValueError, match=r"min_obs_scale: expected shape \(4,\), got \(3,\)"):
         data.fit_normalizer(torch.ones(3))
+
+
+def test_actor_log_density_is_the_change_of_variables_into_the_box():
+    pyro.set_rng_seed(0)
+    space = ActionSpace.box(2, [-2.0, 0.0], [2.0, 1.0])
+    ac = ActorCriticPlanner(3, space)
+    f = torch.randn(5, 3)
+    a, log_p, _ = ac._sample(f)
+    pi = ac.policy(f)
+    squashed = dist.TransformedDistribution(
+        pi,
+        [
+            dist.transforms.TanhTransform(),
+            dist.transforms.AffineTransform(torch.tensor([0.0, 0.5]), torch.tensor([2.0, 0.5])),
+        ],
+    )
+    torch.testing.assert_close(log_p, squashed.log_prob(a).sum(-1), atol=1e-4, rtol=1e-4)
+    assert ((a >= torch.tensor([-2.0, 0.0])) & (a <= torch.tensor([2.0, 1.0]))).all()
