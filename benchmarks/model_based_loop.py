@@ -57,7 +57,13 @@ TINY = dict(
 
 
 def run(
-    env_id: str, out: Path, tiny: bool, seed: int, planner: str = "cem", budget: int | None = None
+    env_id: str,
+    out: Path,
+    tiny: bool,
+    seed: int,
+    planner: str = "cem",
+    budget: int | None = None,
+    keep_going: bool = False,
 ) -> dict:
     settings = TINY if tiny else SETTINGS[env_id]
     target = TARGETS[env_id]["target"]
@@ -68,7 +74,7 @@ def run(
         spec = DEFAULT_LOOP_SPEC.with_overrides({"planner": {"name": planner}})
     start = time.perf_counter()
     # Stops at the first evaluation that reaches the target, or at the budget.
-    stop_at = None if tiny else target
+    stop_at = None if tiny or keep_going else target
     result = model_based_loop(
         env_id,
         spec,
@@ -114,11 +120,18 @@ def main(argv=None) -> int:
     p.add_argument(
         "--budget", type=int, default=None, help="environment steps (default: the target's budget)"
     )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="do not stop at the target: spend the budget (or the iterations)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/benchmarks/model_based_loop"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     envs = args.env or sorted(TARGETS, reverse=True)
-    rows = [run(env, args.out, args.tiny, args.seed, args.planner, args.budget) for env in envs]
+    rows = [
+        run(env, args.out, args.tiny, args.seed, args.planner, args.budget, args.keep_going) for env in envs
+    ]
     print(
         f"model-based loop, {args.planner} planner; {platform.processor() or platform.machine()}, 1 thread;"
         f" seed {args.seed}"
