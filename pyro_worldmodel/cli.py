@@ -191,9 +191,12 @@ def cmd_train(args) -> dict:
         _check_resumable(out / "model.ckpt", arch, args)
     episodes = replace(episodes, normalizer=normalizer)
     train = replace(train, normalizer=normalizer)
-    obs, actions, mask = _training_windows(train, args.window, steps * batch_size, args.seed)
+    obs, actions, mask, rewards, continues = _training_windows(
+        train, args.window, steps * batch_size, args.seed
+    )
     episodes.save(out / "episodes.npz")
     model, guide = built.model, built.guide
+    targets = _targets(model, rewards, continues)  # a spec with reward / continue heads trains them too
     if args.init != "random":
         reason = why_no_linear_warm_start(model, guide)
         if reason is None:
@@ -224,6 +227,7 @@ def cmd_train(args) -> dict:
             obs,
             actions,
             mask,
+            **targets,
             elbo=built.elbo,
             optim=built.optim,
             device=args.device,
@@ -324,13 +328,24 @@ def _check_resumable(ckpt: Path, arch: Architecture, args) -> None:
 
 
 def _training_windows(train: Episodes, window: int, draws: int, seed: int):
-    """Fixed-length windows in model units, enough that each step is drawn about once per epoch."""
-    obs, actions, mask = train.normalized()
-    units = replace(train, obs=obs, actions=actions)
+    """Fixed-length windows in model units, enough that each step is drawn about once per epoch:
+    ``(obs, actions, mask, rewards, continues)``."""
+    units = train.in_model_units()
     if window <= 0 or window >= int(train.lengths.max()):
-        return obs, actions, mask
+        return units.obs, units.actions, units.mask, units.rewards, units.continues
     num = max(int(train.lengths.sum()) // window, 1) * 4
-    return units.windows(window, min(num, draws), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    return units.windows(window, min(num, draws), generator=generator, targets=True)
+
+
+def _targets(model, rewards, continues) -> dict:
+    """The keywords of fit for the heads this model has."""
+    out = {}
+    if getattr(model, "reward", None) is not None:
+        out["rewards"] = rewards
+    if getattr(model, "continuation", None) is not None:
+        out["continues"] = continues
+    return out
 
 
 def cmd_evaluate(args) -> dict:
@@ -531,7 +546,7 @@ def cmd_compare(args) -> dict:
     if args.init == "linear" and reason:
         raise ValueError(f"init: {reason}")
     window = args.window if args.window is not None else (10 if args.smoke else 30)
-    obs, actions, mask = _training_windows(train, window, steps * batch_size, args.seed)
+    obs, actions, mask, _, _ = _training_windows(train, window, steps * batch_size, args.seed)
     if args.init != "random" and reason is None:
         linear_warm_start(built.model, built.guide, obs, actions, mask)
     info = {

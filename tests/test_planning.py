@@ -535,3 +535,26 @@ def test_actor_log_density_is_the_change_of_variables_into_the_box():
     )
     torch.testing.assert_close(log_p, squashed.log_prob(a).sum(-1), atol=1e-4, rtol=1e-4)
     assert ((a >= torch.tensor([-2.0, 0.0])) & (a <= torch.tensor([2.0, 1.0]))).all()
+
+
+def test_train_fits_the_heads_a_spec_names(tmp_path):
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--env",
+        "CartPole-v1",
+        "--episodes",
+        "8",
+        "--steps",
+        "15",
+        "--no-evaluate",
+        "--out",
+        str(out),
+    ]
+    argv += ["--set", "reward.name=gaussian", "--set", "continuation.name=bernoulli"]
+    assert main(argv) == 0
+    state = torch.load(out / "model.ckpt", weights_only=True)["model"]
+    # The reward's scale starts at exactly 0 and the continue logit's bias at exactly 5;
+    # only the rewards and continue flags that train passes can move them.
+    assert state["reward.raw_scale"].item() != 0.0
+    assert state["continuation.net.4.bias"].item() != 5.0
