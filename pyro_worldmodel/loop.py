@@ -29,7 +29,7 @@ import torch
 from .config import Spec, build
 from .data import Episodes, Normalizer, collect, observation_scale_floor, play
 from .inference import atomic_write, fit, save_checkpoint
-from .planning import LatentState, belief, box_centre, clip_to_space
+from .planning import LatentState, belief, box_centre, clip_to_space, posterior_states
 from .spaces import ActionSpace
 from .warm_start import linear_warm_start, why_no_linear_warm_start
 
@@ -304,19 +304,22 @@ def model_based_loop(
         train_seconds = time.perf_counter() - t0
         planner_stats = None
         if hasattr(planner, "update"):
-            starts = _posterior_states(model, guide, obs, actions, mask)
+            starts = posterior_states(model, guide, obs, actions, mask)
             planner_stats = planner.update(model, starts, **_reward_units(normalizer, model))
-        agent = Agent(
-            model,
-            guide,
-            planner,
-            normalizer,
-            real_space,
-            context=context,
-            explore=explore,
-            generator=generator,
-        )
-        new = play(env_id, agent, episodes_per_iteration, seed=ep_seed, progress=False)
+
+        def agent(noise):
+            return Agent(
+                model,
+                guide,
+                planner,
+                normalizer,
+                real_space,
+                context=context,
+                explore=noise,
+                generator=generator,
+            )
+
+        new = play(env_id, agent(explore), episodes_per_iteration, seed=ep_seed, progress=False)
         ep_seed += episodes_per_iteration
         data = data + new
         env_steps = int(data.lengths.sum())
@@ -325,19 +328,9 @@ def model_based_loop(
         )
         eval_return = eval_std = None
         if (it + 1) % eval_every == 0 or last:
-            agent = Agent(
-                model,
-                guide,
-                planner,
-                normalizer,
-                real_space,
-                context=context,
-                explore=0.0,
-                generator=generator,
-            )
             evaluation = play(
                 env_id,
-                agent,
+                agent(0.0),
                 eval_episodes,
                 seed=10**6 + it * eval_episodes,
                 num_envs=eval_episodes,
@@ -383,22 +376,6 @@ def _reward_units(normalizer, model):
     if normalizer is None or normalizer.reward_loc is None:
         return {"reward_scale": 1.0, "reward_loc": 0.0}
     return {"reward_scale": normalizer.reward_scale.to(ref), "reward_loc": normalizer.reward_loc.to(ref)}
-
-
-@torch.no_grad()
-def _posterior_states(model, guide, obs, actions, mask) -> LatentState:
-    """Every observed step's latent state, drawn from the guide: starts for imagined rollouts."""
-    ref = next(model.parameters())
-    obs, actions, mask = obs.to(ref), actions.to(ref.device), mask.to(ref.device)
-    z = guide(obs, actions, mask)  # (N, T, Z)
-    h = None
-    if model.deter_dim:
-        a_feat = model.action_space.features(actions, z.dtype)
-        hs = [model.transition.initial_deter((z.shape[0],), z)]
-        for t in range(1, z.shape[1]):
-            hs.append(model.transition(z[:, t - 1], a_feat[:, t - 1], hs[-1])[1])
-        h = torch.stack(hs, 1)[mask]
-    return LatentState(z[mask], h)
 
 
 def _write(out: Path, result: LoopResult, model, guide, optim, planner, data: Episodes, normalizer) -> None:

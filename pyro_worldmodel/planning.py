@@ -72,13 +72,31 @@ def belief(model, guide, obs, actions) -> LatentState:
             " act does not have; act with a filter (filter, iaf_filter) or the mean-field guide"
         )
     z = guide(obs, actions)  # (B, C, Z)
-    h = None
-    if model.deter_dim:
-        a_feat = model.action_space.features(torch.as_tensor(actions).to(z.device), z.dtype)
-        h = model.transition.initial_deter((obs.shape[0],), z)  # (B, D)
-        for t in range(1, z.shape[1]):
-            _, h = model.transition(z[:, t - 1], a_feat[:, t - 1], h)
-    return LatentState(z[:, -1], h)
+    h = _deterministic_states(model, z, actions)
+    return LatentState(z[:, -1], None if h is None else h[:, -1])
+
+
+@torch.no_grad()
+def posterior_states(model, guide, obs, actions, mask) -> LatentState:
+    """Every observed step's latent state, z_t drawn from the guide (and h_t rebuilt):
+    ``(n, ·)`` for the n observed steps, starts for imagined rollouts (:meth:`ActorCriticPlanner.update`)."""
+    ref = next(model.parameters())
+    obs, actions, mask = obs.to(ref), actions.to(ref.device), mask.to(ref.device)
+    z = guide(obs, actions, mask)  # (N, T, Z)
+    h = _deterministic_states(model, z, actions)
+    return LatentState(z[mask], None if h is None else h[mask])
+
+
+def _deterministic_states(model, z, actions):
+    """``(B, T, D)`` h_1 … h_T of a recurrent transition over z_1 … z_{T-1} and a_1 … a_{T-1}
+    (None for a Markov one): the model's own recurrence on the guide's draws."""
+    if not model.deter_dim:
+        return None
+    a_feat = model.action_space.features(torch.as_tensor(actions).to(z.device), z.dtype)
+    hs = [model.transition.initial_deter((z.shape[0],), z)]  # (B, D) each
+    for t in range(1, z.shape[1]):
+        hs.append(model.transition(z[:, t - 1], a_feat[:, t - 1], hs[-1])[1])
+    return torch.stack(hs, 1)
 
 
 def _check_heads(model, who: str) -> None:
