@@ -457,7 +457,7 @@ def collect(
             ) from None
         envs.action_space.seed(seed)
         obs, _ = envs.reset(seed=seed)
-        running = [_Episode(o) for o in obs]
+        running = [_Episode(o.copy()) for o in obs]
         done: list[_Episode] = []
         bar = tqdm(total=num_episodes, desc=f"collect {env_id}", disable=not progress)
         while len(done) < num_episodes:
@@ -513,7 +513,7 @@ def play(
         try:
             space = ActionSpace.from_gym(envs[0].action_space)
             obs = np.stack([env.reset(seed=seed + len(done) + i)[0] for i, env in enumerate(envs)])
-            running = [_Episode(o) for o in obs]
+            running = [_Episode(o.copy()) for o in obs]  # copies: obs is overwritten below
             live = [True] * B
             agent.reset(obs)
             while any(live):

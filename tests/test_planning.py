@@ -558,3 +558,30 @@ def test_train_fits_the_heads_a_spec_names(tmp_path):
     # only the rewards and continue flags that train passes can move them.
     assert state["reward.raw_scale"].item() != 0.0
     assert state["continuation.net.4.bias"].item() != 5.0
+
+
+def test_played_episodes_record_what_the_environment_showed():
+    import gymnasium as gym
+
+    from pyro_worldmodel.data import play
+
+    class Recorder:  # a fixed action; remembers every observation it is shown
+        def reset(self, obs):
+            self.seen = []
+
+        def act(self, obs):
+            self.seen.append(np.array(obs))
+            return np.full((len(obs), 1), 0.5, np.float32)
+
+    agent = Recorder()
+    eps = play("Pendulum-v1", agent, 2, seed=7, num_envs=2, max_episode_steps=5, progress=False)
+    shown = np.stack(agent.seen, 1)  # (2, 5, 3)
+    np.testing.assert_array_equal(eps.obs.numpy(), shown)
+    for i in range(2):  # the first observation is the reset's, and the steps replay in a fresh env
+        env = gym.make("Pendulum-v1", max_episode_steps=5)
+        first, _ = env.reset(seed=7 + i)
+        np.testing.assert_array_equal(eps.obs[i, 0].numpy(), first)
+        for t in range(5):
+            obs, r, *_ = env.step(np.array([0.5], np.float32))
+            assert eps.rewards[i, t].item() == pytest.approx(r)
+        np.testing.assert_array_equal(eps.final_obs[i].numpy(), obs)
