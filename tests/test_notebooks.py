@@ -16,13 +16,14 @@ sys.path.insert(0, str(ROOT / "notebooks"))
 from strip_outputs import strip  # noqa: E402
 
 
-def test_there_are_the_five_notebooks():
+def test_there_are_the_six_notebooks():
     assert [p.stem for p in NOTEBOOKS] == [
         "01_quickstart",
         "02_swap_priors_and_guides",
         "03_compare_elbo_estimators",
         "04_dreaming",
         "05_exact_linear_gaussian",
+        "06_act_from_imagination",
     ]
 
 
