@@ -29,7 +29,7 @@ import torch
 from .config import Spec, build
 from .data import Episodes, Normalizer, collect, observation_scale_floor, play
 from .inference import atomic_write, fit, save_checkpoint
-from .planning import LatentState, belief, box_centre, clip_to_space, posterior_states
+from .planning import CEMPlanner, LatentState, belief, box_centre, clip_to_space, posterior_states
 from .spaces import ActionSpace
 from .warm_start import linear_warm_start, why_no_linear_warm_start
 
@@ -303,7 +303,7 @@ def model_based_loop(
             )
         train_seconds = time.perf_counter() - t0
         planner_stats = None
-        if hasattr(planner, "update"):
+        if _learns_in_imagination(planner):
             starts = posterior_states(model, guide, obs, actions, mask)
             planner_stats = planner.update(model, starts, **_reward_units(normalizer, model))
 
@@ -369,6 +369,14 @@ def model_based_loop(
 def _expected(new: Episodes) -> int:
     """Steps the next iteration is likely to add: as many as this one's."""
     return int(new.lengths.sum())
+
+
+def _learns_in_imagination(planner) -> bool:
+    """Whether the planner has something to train on imagined rollouts (its ``update``):
+    the actor-critic, or CEM with a terminal value."""
+    if isinstance(planner, CEMPlanner):
+        return planner.critic is not None
+    return callable(getattr(planner, "update", None))
 
 
 def _reward_units(normalizer, model):

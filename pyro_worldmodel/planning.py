@@ -204,6 +204,13 @@ class CEMPlanner:
     :param init_std: the Normal's first standard deviation (box actions, model units).
     :param min_std: its floor.
     :param sample_latents: draw imagined latents instead of following the transition's mean.
+    :param terminal_value: add a learned value of the state after the horizon,
+        γ^H · Π P(c) · v(z_H), as TD-MPC does: the critic of an
+        :class:`ActorCriticPlanner` that :meth:`update` trains in imagination.
+        Without it the search sees nothing past H steps.
+    :param value_updates: that critic's gradient steps per :meth:`update`.
+    :param latent_dim, action_space: filled in by :func:`~pyro_worldmodel.config.build`;
+        needed only with ``terminal_value``.
     """
 
     name = "cem"
@@ -218,6 +225,10 @@ class CEMPlanner:
         init_std: float = 1.0,
         min_std: float = 0.05,
         sample_latents: bool = False,
+        terminal_value: bool = False,
+        value_updates: int = 100,
+        latent_dim: int | None = None,
+        action_space: ActionSpace | None = None,
     ):
         for arg, v in (
             ("horizon", horizon),
@@ -236,6 +247,20 @@ class CEMPlanner:
         self.horizon, self.candidates, self.top_k, self.iterations = horizon, candidates, top_k, iterations
         self.discount, self.init_std, self.min_std = float(discount), float(init_std), float(min_std)
         self.sample_latents = bool(sample_latents)
+        self.terminal_value, self.value_updates = bool(terminal_value), value_updates
+        self.critic = None
+        if self.terminal_value:
+            if latent_dim is None or action_space is None:
+                raise ValueError(
+                    "terminal_value: expected latent_dim and action_space (build() supplies them), got None"
+                )
+            self.critic = ActorCriticPlanner(latent_dim, action_space, updates=value_updates)
+
+    def update(self, model, starts: LatentState, *, reward_scale=1.0, reward_loc=0.0) -> dict | None:
+        """Train the terminal value's critic in imagination (nothing without ``terminal_value``)."""
+        if self.critic is None:
+            return None
+        return self.critic.update(model, starts, reward_scale=reward_scale, reward_loc=reward_loc)
 
     @torch.no_grad()
     def plan(self, model, state: LatentState, *, reward_scale=1.0, reward_loc=0.0) -> torch.Tensor:
@@ -255,6 +280,7 @@ class CEMPlanner:
                 reward_scale=reward_scale,
                 reward_loc=reward_loc,
                 sample=self.sample_latents,
+                value=None if self.critic is None else self.critic.value,
             )  # (N, B)
 
         if space.kind == "discrete":

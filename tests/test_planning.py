@@ -585,3 +585,34 @@ def test_played_episodes_record_what_the_environment_showed():
             obs, r, *_ = env.step(np.array([0.5], np.float32))
             assert eps.rewards[i, t].item() == pytest.approx(r)
         np.testing.assert_array_equal(eps.final_obs[i].numpy(), obs)
+
+
+def test_cem_terminal_value_looks_past_the_horizon():
+    space = ActionSpace.box(1, -1.0, 1.0)
+    model = linear_quadratic_model(space)
+
+    class NoReward(nn.Module):
+        latent_dim, action_space = 2, space
+
+        def forward(self, z, a):
+            loc = 0 * z.sum(-1) + 0 * a.sum(-1)
+            return dist.Normal(loc, torch.ones_like(loc))
+
+    model.reward = NoReward()
+    z0 = torch.zeros(2, 2, dtype=torch.float64)
+    # Rewards are all 0 within the horizon: only a value of the final state can tell plans apart.
+    planner = CEMPlanner(
+        horizon=2, candidates=200, top_k=20, terminal_value=True, latent_dim=2, action_space=space
+    )
+    planner.critic.value = lambda f: 100.0 * f[..., 1]  # worth: the final velocity, which a pushes up
+    a = planner.plan(model, LatentState(z0))
+    torch.testing.assert_close(a, torch.ones_like(a), atol=0.02, rtol=0)
+    blind = CEMPlanner(horizon=2, candidates=200, top_k=20).plan(model, LatentState(z0))
+    assert blind.abs().max() < 0.9  # without it every plan is worth 0: no pull to the bound
+    # It trains in imagination through update(), and needs the sizes build() supplies.
+    stats = CEMPlanner(terminal_value=True, latent_dim=2, action_space=space, value_updates=2).update(
+        linear_quadratic_model(space).float(), LatentState(torch.randn(16, 2))
+    )
+    assert np.isfinite(stats["critic_loss"])
+    with pytest.raises(ValueError, match="terminal_value: expected latent_dim and action_space"):
+        CEMPlanner(terminal_value=True)
