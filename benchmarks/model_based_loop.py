@@ -39,7 +39,14 @@ SETTINGS = {
         loop=dict(iterations=30, seed_episodes=5, train_steps=300, eval_every=2, explore=0.3),
     ),
     "CartPole-v1": dict(
-        planner={"name": "cem", "horizon": 25, "candidates": 300, "top_k": 30, "iterations": 4},
+        planner={
+            "name": "cem",
+            "horizon": 25,
+            "candidates": 300,
+            "top_k": 30,
+            "iterations": 4,
+            "terminal_value": True,
+        },
         loop=dict(
             iterations=60,
             seed_episodes=30,
