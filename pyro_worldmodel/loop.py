@@ -28,7 +28,7 @@ import torch
 
 from .config import Spec, build
 from .data import Episodes, Normalizer, collect, observation_scale_floor, play
-from .inference import atomic_write, fit, save_checkpoint
+from .inference import _check_int, atomic_write, fit, save_checkpoint
 from .planning import CEMPlanner, LatentState, belief, box_centre, clip_to_space, posterior_states
 from .spaces import ActionSpace
 from .warm_start import linear_warm_start, why_no_linear_warm_start
@@ -85,15 +85,8 @@ class Agent:
         self.model, self.guide, self.planner, self.normalizer = model, guide, planner, normalizer
         self.action_space, self.context, self.explore = action_space, context, float(explore)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        ref = next(model.parameters())
-        self._ref = ref
-        scale = loc = None
-        if normalizer is not None and normalizer.reward_loc is not None:
-            scale, loc = normalizer.reward_scale.to(ref), normalizer.reward_loc.to(ref)
-        self._reward_units = {
-            "reward_scale": 1.0 if scale is None else scale,
-            "reward_loc": 0.0 if loc is None else loc,
-        }
+        self._ref = next(model.parameters())
+        self._reward_units = _reward_units(normalizer, model)
         self.reset(None)
 
     def reset(self, obs) -> None:
@@ -223,8 +216,7 @@ def model_based_loop(
         ("eval_every", eval_every, 1),
         ("context", context, 1),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{arg}: expected an int >= {low}, got {value!r}")
+        _check_int(arg, value, low)
     spec = DEFAULT_LOOP_SPEC if spec is None else spec
     spec = Spec.from_yaml(spec) if isinstance(spec, (str, Path)) else Spec.from_dict(spec)
     if spec.reward is None:
@@ -380,6 +372,7 @@ def _learns_in_imagination(planner) -> bool:
 
 
 def _reward_units(normalizer, model):
+    """The planners' keywords that map the reward head's units to real ones."""
     ref = next(model.parameters())
     if normalizer is None or normalizer.reward_loc is None:
         return {"reward_scale": 1.0, "reward_loc": 0.0}

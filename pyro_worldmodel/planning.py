@@ -24,7 +24,6 @@ Planners, by name (``planner:`` in a spec, ``--planner`` on the command line):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,7 +31,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .components._nets import check_dim, check_hidden, mlp
+from .components._nets import cat_batched, check_dim, check_hidden, mlp
+from .components.policy import _TanhToBox
 from .spaces import ActionSpace
 
 
@@ -47,7 +47,7 @@ class LatentState:
     @property
     def features(self) -> torch.Tensor:
         """``(B, D + Z)`` [h_t, z_t], or z_t: what the heads and the policy read."""
-        return self.z if self.h is None else torch.cat([self.h, self.z], -1)
+        return self.z if self.h is None else cat_batched(self.h, self.z)
 
     def expand(self, n: int) -> LatentState:
         """``n`` copies in front: ``(n, B, ·)``."""
@@ -134,7 +134,7 @@ def imagined_returns(
     total = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
     weight = torch.ones_like(total)
     for k in range(H):
-        f = z if h is None else torch.cat([h.expand(*z.shape[:-1], h.shape[-1]), z], -1)
+        f = model._features(z, h)
         a_k = a_feat[..., k, :]
         r = model.reward(f, a_k).mean * reward_scale + reward_loc
         total = total + weight * r
@@ -144,8 +144,7 @@ def imagined_returns(
         prior, h = model._prior(z, a_k, h)
         z = prior.rsample() if sample else prior.mean
     if value is not None:
-        f = z if h is None else torch.cat([h, z], -1)
-        total = total + weight * value(f)
+        total = total + weight * value(model._features(z, h))
     return total
 
 
@@ -410,10 +409,10 @@ class ActorCriticPlanner(nn.Module):
         if box is None:
             return u, torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
         low, high = box
-        half = (high - low) / 2
-        # log(1 - tanh²(u)) in the form that stays finite for large |u|
-        log_det = half.log() + 2.0 * (math.log(2.0) - u - nn.functional.softplus(-2.0 * u))
-        return (low + high) / 2 + half * u.tanh(), log_det.sum(-1)
+        mid, half = (low + high) / 2, (high - low) / 2
+        a = mid + half * u.tanh()  # unclamped, so a gradient reaches u everywhere
+        log_det = _TanhToBox(mid, half, low, high).log_abs_det_jacobian(u, a)  # as the tanh policy's
+        return a, log_det.sum(-1)
 
     def _sample(self, f: torch.Tensor):
         """An action for each state, with log π(a | f) and an entropy (estimate, for a box)."""
@@ -466,7 +465,7 @@ class ActorCriticPlanner(nn.Module):
         discrete = self.action_space.kind == "discrete"
         feats, rewards, conts, logps, ents = [], [], [], [], []
         for _ in range(self.horizon):
-            f = z if h is None else torch.cat([h, z], -1)
+            f = model._features(z, h)
             a, log_p, entropy = self._sample(f.detach() if discrete else f)
             a_feat = model.action_space.features(a, f.dtype)
             feats.append(f)
@@ -481,7 +480,7 @@ class ActorCriticPlanner(nn.Module):
             if discrete:
                 z = z.detach()
                 h = None if h is None else h.detach()
-        feats.append(z if h is None else torch.cat([h, z], -1))
+        feats.append(model._features(z, h))
         values = torch.stack([self.value(f) for f in feats])  # (H + 1, n)
         cont = torch.stack(conts)  # (H, n)
         returns = lambda_returns(torch.stack(rewards), cont, values, self.discount, self.lam)  # (H, n)
