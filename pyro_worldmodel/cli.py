@@ -196,7 +196,7 @@ def cmd_train(args) -> dict:
     )
     episodes.save(out / "episodes.npz")
     model, guide = built.model, built.guide
-    targets = _targets(model, rewards, continues)  # a spec with reward / continue heads trains them too
+    targets = model.targets(rewards, continues)  # a spec with reward / continue heads trains them too
     if args.init != "random":
         reason = why_no_linear_warm_start(model, guide)
         if reason is None:
@@ -336,16 +336,6 @@ def _training_windows(train: Episodes, window: int, draws: int, seed: int):
     num = max(int(train.lengths.sum()) // window, 1) * 4
     generator = torch.Generator().manual_seed(seed)
     return units.windows(window, min(num, draws), generator=generator, targets=True)
-
-
-def _targets(model, rewards, continues) -> dict:
-    """The keywords of fit for the heads this model has."""
-    out = {}
-    if getattr(model, "reward", None) is not None:
-        out["rewards"] = rewards
-    if getattr(model, "continuation", None) is not None:
-        out["continues"] = continues
-    return out
 
 
 def cmd_evaluate(args) -> dict:

@@ -284,8 +284,7 @@ def model_based_loop(
                 obs,
                 actions,
                 mask,
-                rewards=rewards,
-                continues=continues,
+                **model.targets(rewards, continues),  # a spec may have a reward head only
                 num_steps=train_steps,
                 batch_size=batch_size,
                 elbo=built.elbo,

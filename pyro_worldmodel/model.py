@@ -197,6 +197,16 @@ class WorldModel(ChecksInputs, nn.Module):
                 self._dream(z[..., -1:, :], h, a_feat[:, -1:], T, horizon, future_actions)
         return z
 
+    def targets(self, rewards, continues) -> dict:
+        """``{"rewards": ..., "continues": ...}`` for the heads this model has: the keywords
+        of :meth:`model` (and :func:`~pyro_worldmodel.fit`) from data that has both."""
+        out = {}
+        if self.reward is not None:
+            out["rewards"] = rewards
+        if self.continuation is not None:
+            out["continues"] = continues
+        return out
+
     def check_targets(self, rewards, continues, mask, dtype):
         """``rewards`` and ``continues`` as ``(B, T)`` tensors of ``dtype`` (or None),
         zero outside ``mask``; refused where the model has no head to score them."""

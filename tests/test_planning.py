@@ -616,3 +616,22 @@ def test_cem_terminal_value_looks_past_the_horizon():
     assert np.isfinite(stats["critic_loss"])
     with pytest.raises(ValueError, match="terminal_value: expected latent_dim and action_space"):
         CEMPlanner(terminal_value=True)
+
+
+def test_the_loop_runs_with_a_reward_head_only(tmp_path):
+    spec = DEFAULT_LOOP_SPEC.with_overrides(
+        {"continuation": None, "planner.candidates": 20, "planner.top_k": 4, "planner.horizon": 3}
+    )
+    assert spec.continuation is None
+    result = model_based_loop(
+        "Pendulum-v1",
+        spec,
+        iterations=1,
+        seed_episodes=2,
+        train_steps=3,
+        eval_episodes=1,
+        window=10,
+        progress=False,
+        log=None,
+    )
+    assert result.iterations[0]["env_steps"] == 600 and result.iterations[0]["eval_return"] is not None
