@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .inference import atomic_write
+from .io import atomic_write
 
 if TYPE_CHECKING:
     from .compare import EstimatorComparison
