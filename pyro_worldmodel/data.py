@@ -7,7 +7,11 @@ final observation, and gymnasium's ``terminated`` / ``truncated`` flags.
 
 from __future__ import annotations
 
+import math
+import os
+import zipfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -16,12 +20,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .inference import atomic_write
-from .spaces import ActionSpace
+from .io import atomic_write, check_env_id
+from .spaces import ActionSpace, check_bounds
 
 EPISODES_FORMAT = "pyro_worldmodel.episodes/1"
 # Fields of Episodes with one row per episode; the rest describe the whole set.
 _PER_EPISODE = ("obs", "actions", "rewards", "mask", "terminated", "truncated", "final_obs")
+# The dtypes numpy can save and torch computes with; bfloat16 has no numpy dtype.
+_FLOAT_DTYPES = (torch.float16, torch.float32, torch.float64)
+# The integer dtypes torch compares and indexes with; its uint16/32/64 support little else.
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+# A dimension read from a file sizes the networks built for it (a one-hot per discrete
+# action); a forged one must not make them allocate gigabytes.
+MAX_ACTION_DIM = 2**20
+# gymnasium's functional environments, which step jax arrays rather than numpy ones.
+_JAX_ENV_MODULES = ("gymnasium.envs.phys2d", "gymnasium.envs.tabular")
 
 
 @dataclass
@@ -42,35 +55,41 @@ class Normalizer:
     reward_scale: torch.Tensor | None = None  # ()
 
     def obs(self, x: torch.Tensor) -> torch.Tensor:
-        """Real units → model units, for ``(..., X)``."""
+        """Real units → model units, for ``(..., X)``; integer ``x`` gives the statistics' dtype."""
+        x = _floating(x, self.obs_loc)
         return (x - self.obs_loc.to(x)) / self.obs_scale.to(x)
 
     def obs_inverse(self, x: torch.Tensor) -> torch.Tensor:
         """Model units → real units, for ``(..., X)``."""
+        x = _floating(x, self.obs_loc)
         return x * self.obs_scale.to(x) + self.obs_loc.to(x)
 
     def actions(self, a: torch.Tensor) -> torch.Tensor:
         """Real units → model units for box actions; discrete actions unchanged."""
         if self.action_loc is None:
             return a
+        a = _floating(a, self.action_loc)
         return (a - self.action_loc.to(a)) / self.action_scale.to(a)
 
     def actions_inverse(self, a: torch.Tensor) -> torch.Tensor:
         """Model units → real units for box actions; discrete actions unchanged."""
         if self.action_loc is None:
             return a
+        a = _floating(a, self.action_loc)
         return a * self.action_scale.to(a) + self.action_loc.to(a)
 
     def rewards(self, r: torch.Tensor) -> torch.Tensor:
         """Real units → model units for rewards (unchanged without reward statistics)."""
         if self.reward_loc is None:
             return r
+        r = _floating(r, self.reward_loc)
         return (r - self.reward_loc.to(r)) / self.reward_scale.to(r)
 
     def rewards_inverse(self, r: torch.Tensor) -> torch.Tensor:
         """Model units → real units for rewards."""
         if self.reward_loc is None:
             return r
+        r = _floating(r, self.reward_loc)
         return r * self.reward_scale.to(r) + self.reward_loc.to(r)
 
     def action_space(self, space: ActionSpace) -> ActionSpace:
@@ -97,12 +116,33 @@ class Normalizer:
         return ActionSpace.box(space.dim, mapped(space.low), mapped(space.high))
 
 
+def _floating(x: torch.Tensor, stat: torch.Tensor) -> torch.Tensor:
+    """``x`` in a floating dtype: its own if it has one, else the statistic's.
+
+    ``stat.to(x)`` casts the statistics to x's dtype: for integer observations a
+    loc of 0.5 and a scale of 0.25 would become 0 and 0.
+    """
+    if x.is_floating_point():
+        return x
+    return x.to(stat.dtype if stat.is_floating_point() else torch.get_default_dtype())
+
+
 @dataclass
 class Episodes:
     """N episodes padded to the longest, T steps.
 
-    :ivar obs: ``(N, T, X)`` float32 observations x_t, zero after each episode.
-    :ivar actions: ``(N, T, A)`` float32, or ``(N, T)`` int64 for discrete spaces.
+    Every construction is checked, vectorised over the steps: dtypes and shapes,
+    at least one episode and one observed step in each, each mask row a run of
+    True then False, finite observations, box actions and rewards on observed
+    steps, discrete actions in range, finite final observations, a safe
+    ``env_id`` and a normaliser that fits the data. Anything else raises a
+    ``ValueError`` naming the field and the first bad (episode, step). Values
+    on padding are not checked: nothing reads them unmasked.
+
+    :ivar obs: ``(N, T, X)`` float32 observations x_t, zero after each episode
+        (float16 and float64 are kept as given).
+    :ivar actions: ``(N, T, A)`` float32, or ``(N, T)`` int64 for discrete spaces
+        (any integer dtype is converted to int64).
     :ivar rewards: ``(N, T)`` float32, the reward after a_t.
     :ivar mask: ``(N, T)`` bool, True on the steps of each episode.
     :ivar terminated: ``(N,)`` bool, the episode ended in a terminal state.
@@ -125,20 +165,101 @@ class Episodes:
     normalizer: Normalizer | None = None
 
     def __post_init__(self):
+        if not isinstance(self.action_space, ActionSpace):
+            raise ValueError(f"action_space: expected an ActionSpace, got {type(self.action_space).__name__}")
+        check_env_id(self.env_id)
+        for name in _PER_EPISODE:
+            if not torch.is_tensor(getattr(self, name)):
+                raise ValueError(f"{name}: expected a torch.Tensor, got {type(getattr(self, name)).__name__}")
+        self._check_dtypes()
+        self._check_shapes()
+        self._check_values()
+        if self.normalizer is not None:
+            _check_normalizer(self.normalizer, self.obs_dim, self.action_space)
+
+    def _check_dtypes(self):
+        floats = ("obs", "rewards", "final_obs") + (("actions",) if self.action_space.kind == "box" else ())
+        for name in floats:
+            dtype = getattr(self, name).dtype
+            if dtype not in _FLOAT_DTYPES:
+                what = " for a box action space" if name == "actions" else ""
+                raise ValueError(
+                    f"{name}: expected a real floating dtype (float16, float32 or float64){what}, got {dtype}"
+                )
+        if self.action_space.kind == "discrete":
+            if self.actions.dtype not in _INT_DTYPES:
+                raise ValueError(
+                    f"actions: expected an integer dtype (int8 to int64, or uint8) for"
+                    f" {self.action_space.dim} discrete actions, got {self.actions.dtype}"
+                )
+            self.actions = self.actions.long()
+        for name in ("mask", "terminated", "truncated"):
+            dtype = getattr(self, name).dtype
+            if dtype != torch.bool:
+                raise ValueError(f"{name}: expected dtype torch.bool, got {dtype}")
+
+    def _check_shapes(self):
+        if self.mask.dim() != 2:
+            raise ValueError(f"mask: expected shape (N, T), got {tuple(self.mask.shape)}")
         N, T = self.mask.shape
+        if N < 1:
+            raise ValueError(f"mask: expected at least one episode, got shape {tuple(self.mask.shape)}")
+        if self.obs.dim() != 3 or self.obs.shape[-1] < 1:
+            raise ValueError(f"obs: expected shape (N, T, X) with X >= 1, got {tuple(self.obs.shape)}")
+        X = self.obs.shape[-1]
         expected = {
-            "obs": (N, T, self.obs.shape[-1]),
+            "obs": (N, T, X),
             "actions": (N, T) if self.action_space.kind == "discrete" else (N, T, self.action_space.dim),
             "rewards": (N, T),
             "terminated": (N,),
             "truncated": (N,),
-            "final_obs": (N, self.obs.shape[-1]),
+            "final_obs": (N, X),
         }
         for name, shape in expected.items():
             if tuple(getattr(self, name).shape) != shape:
                 raise ValueError(f"{name}: expected shape {shape}, got {tuple(getattr(self, name).shape)}")
-        if self.mask.dtype != torch.bool:
-            raise ValueError(f"mask: expected dtype torch.bool, got {self.mask.dtype}")
+
+    def _check_values(self):
+        mask = self.mask  # (N, T)
+        holes = mask[:, 1:] & ~mask[:, :-1]  # (N, T - 1)
+        if holes.any():
+            b, t = _first(holes)
+            raise ValueError(
+                "mask: expected each row to be a prefix of True values (an episode, then padding), got"
+                f" True after False in {int(holes.any(1).sum())} episodes (first at episode {b},"
+                f" step {t + 1})"
+            )
+        empty = ~mask[:, 0] if mask.shape[1] else torch.ones(len(mask), dtype=torch.bool)  # (N,)
+        if empty.any():
+            raise ValueError(
+                "mask: expected at least one observed step per episode, got none in episodes"
+                f" {_some(empty.nonzero().flatten().tolist())}"
+            )
+        for name in ("obs", "rewards") + (("actions",) if self.action_space.kind == "box" else ()):
+            value = getattr(self, name)
+            bad = ~torch.isfinite(value)
+            bad = (bad.any(-1) if value.dim() == 3 else bad) & mask  # (N, T)
+            if bad.any():
+                b, t = _first(bad)
+                raise ValueError(
+                    f"{name}: expected finite values on observed steps, got {int(bad.sum())} steps"
+                    f" with NaN or inf (first at episode {b}, step {t})"
+                )
+        if self.action_space.kind == "discrete":
+            n = self.action_space.dim
+            bad = mask & ((self.actions < 0) | (self.actions >= n))  # (N, T)
+            if bad.any():
+                b, t = _first(bad)
+                raise ValueError(
+                    f"actions: expected integers in [0, {n}) on observed steps, got {int(bad.sum())}"
+                    f" steps outside it (first {int(self.actions[b, t])} at episode {b}, step {t})"
+                )
+        bad = ~torch.isfinite(self.final_obs).all(-1)  # (N,)
+        if bad.any():
+            raise ValueError(
+                f"final_obs: expected finite values, got {int(bad.sum())} episodes with NaN or inf"
+                f" (first at episode {int(bad.byte().argmax())})"
+            )
 
     def __len__(self) -> int:
         return self.mask.shape[0]
@@ -199,7 +320,9 @@ class Episodes:
         if isinstance(index, int):
             index = [index]
         per_episode = {name: getattr(self, name)[index] for name in _PER_EPISODE}
-        T = int(per_episode["mask"].sum(1).max()) if len(per_episode["mask"]) else 0
+        if len(per_episode["mask"]) == 0:
+            raise ValueError(f"index: expected at least one of the {len(self)} episodes, got none")
+        T = int(per_episode["mask"].sum(1).max())
         for name in ("obs", "actions", "rewards", "mask"):
             per_episode[name] = per_episode[name][:, :T]
         return replace(self, **per_episode)
@@ -327,41 +450,263 @@ class Episodes:
 
     @classmethod
     def load(cls, path) -> Episodes:
-        """Read a file written by :meth:`save`; never unpickles objects."""
-        try:
-            # An open file, not a path: numpy leaves a path's file open when the zip is bad.
-            with open(path, "rb") as file, np.load(file, allow_pickle=False) as f:
-                data = {k: f[k] for k in f.files}
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError, OSError, ...
-            raise ValueError(
-                f"path: expected a readable {EPISODES_FORMAT} .npz file, but {path} is truncated or"
-                f" corrupted ({type(e).__name__}: {e})"
-            ) from e
-        if str(data.get("format", "")) != EPISODES_FORMAT:
-            raise ValueError(f"path: expected a {EPISODES_FORMAT} file, got {path}")
+        """Read a file written by :meth:`save`; never unpickles objects.
+
+        Every refusal is a ``ValueError`` naming the file and, where one key is
+        at fault, that key; a missing file raises ``FileNotFoundError``. Keys
+        this format does not define are ignored, unread. Positions in messages
+        (episode, step) are the file's indices.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"path: expected an episodes .npz file path, got {type(path).__name__}")
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"path: expected an episodes .npz file, got a directory {path}")
+        data = _read_npz(path, _FILE_KEYS)
+        fmt = data.get("format")
+        if fmt is None or _string(fmt) != EPISODES_FORMAT:
+            got = "no format key" if fmt is None else f"format {_describe(fmt)}"
+            raise ValueError(f"path: expected a {EPISODES_FORMAT} file, got {path} ({got})")
         missing = [k for k in (*_PER_EPISODE, "env_id", "action_kind", "action_dim") if k not in data]
         if missing:
-            raise ValueError(f"path: {path} is an incomplete {EPISODES_FORMAT} file; it lacks {missing}")
-        space = ActionSpace(
-            str(data["action_kind"]),
-            int(data["action_dim"]),
-            tuple(data["action_low"].tolist()) if "action_low" in data else None,
-            tuple(data["action_high"].tolist()) if "action_high" in data else None,
-        )
-        normalizer = None
-        if "normalizer_obs_loc" in data:
-            normalizer = Normalizer(
-                **{
-                    f.name: torch.from_numpy(data[f"normalizer_{f.name}"])
-                    if f"normalizer_{f.name}" in data
-                    else None
-                    for f in fields(Normalizer)
-                }
+            raise ValueError(
+                f"path: {path}: expected the keys of a {EPISODES_FORMAT} file, but it lacks {missing}"
             )
-        per_episode = {name: torch.from_numpy(data[name]) for name in _PER_EPISODE}
-        return cls(**per_episode, action_space=space, env_id=str(data["env_id"]), normalizer=normalizer)
+
+        def refuse(key, expected):
+            return ValueError(f"path: {path}: {key}: expected {expected}, got {_describe(data[key])}")
+
+        env_id, kind = _string(data["env_id"]), _string(data["action_kind"])
+        if env_id is None:
+            raise refuse("env_id", "a string")
+        if kind not in ("box", "discrete"):
+            raise refuse("action_kind", "'box' or 'discrete'")
+        dim = data["action_dim"]
+        if dim.shape != () or dim.dtype.kind not in "iu" or not 1 <= int(dim) <= MAX_ACTION_DIM:
+            raise refuse("action_dim", f"a positive int of at most {MAX_ACTION_DIM}")
+        bounds = {}
+        for key in ("action_low", "action_high"):
+            if key not in data:
+                continue
+            if kind == "discrete":
+                raise refuse(key, "no bounds for discrete actions")
+            if data[key].ndim != 1 or data[key].dtype.kind not in "iuf":
+                raise refuse(key, f"a vector of {int(dim)} real numbers")
+            bounds[key] = data[key].tolist()
+        try:
+            low, high = check_bounds(
+                bounds.get("action_low"), bounds.get("action_high"), int(dim), ("action_low", "action_high")
+            )
+        except ValueError as e:
+            raise ValueError(f"path: {path}: {e}") from None
+
+        tensors = {}
+        for key in (*_PER_EPISODE, *_NORMALIZER_KEYS):
+            if key not in data:
+                continue
+            if data[key].dtype.kind not in "biufc":
+                raise refuse(key, "an array of numbers")
+            try:
+                tensors[key] = torch.from_numpy(data[key])
+            except TypeError:  # a dtype torch has no counterpart of, such as float128
+                raise refuse(key, "an array of numbers") from None
+        normalizer = None
+        if any(k in tensors for k in _NORMALIZER_KEYS):
+            normalizer = Normalizer(
+                **{f.name: tensors.get(f"normalizer_{f.name}") for f in fields(Normalizer)}
+            )
+        try:
+            return cls(
+                **{name: tensors[name] for name in _PER_EPISODE},
+                action_space=ActionSpace(kind, int(dim), low, high),
+                env_id=env_id,
+                normalizer=normalizer,
+            )
+        except ValueError as e:
+            raise ValueError(f"path: {path}: {e}") from None
+
+
+_NORMALIZER_KEYS = tuple(f"normalizer_{f.name}" for f in fields(Normalizer))
+# Every key Episodes.save writes; a reader that asks for no others never reads junk.
+_FILE_KEYS = (
+    *_PER_EPISODE,
+    "format",
+    "env_id",
+    "action_kind",
+    "action_dim",
+    "action_low",
+    "action_high",
+    *_NORMALIZER_KEYS,
+)
+
+
+def _first(bad: torch.Tensor) -> tuple[int, int]:
+    """(row, column) of the first True of a ``(N, T)`` bool tensor, in row-major order."""
+    # argmax returns the first of equal maxima
+    flat = int(bad.reshape(-1).byte().argmax())
+    return divmod(flat, bad.shape[1])
+
+
+def _some(indices: list[int], shown: int = 10) -> str:
+    """``[1, 4]``, or ``[1, 4, ...] (37 in all)`` when there are many."""
+    if len(indices) <= shown:
+        return str(indices)
+    return f"[{', '.join(map(str, indices[:shown]))}, ...] ({len(indices)} in all)"
+
+
+def _check_normalizer(normalizer, obs_dim: int, space: ActionSpace) -> None:
+    """``ValueError`` unless ``normalizer`` maps data of these sizes: shapes, finite
+    statistics, scales > 0, and no action statistics for discrete actions."""
+    if not isinstance(normalizer, Normalizer):
+        raise ValueError(f"normalizer: expected a Normalizer, got {type(normalizer).__name__}")
+    shapes = {"obs": (obs_dim,), "action": (space.dim,), "reward": ()}
+    for part, shape in shapes.items():
+        loc, scale = getattr(normalizer, f"{part}_loc"), getattr(normalizer, f"{part}_scale")
+        if part == "action" and space.kind == "discrete":
+            for name, value in ((f"{part}_loc", loc), (f"{part}_scale", scale)):
+                if value is not None:
+                    raise ValueError(
+                        f"normalizer.{name}: expected None for {space.dim} discrete actions, got"
+                        f" {_describe_tensor(value)}"
+                    )
+            continue
+        if loc is None and scale is None and part != "obs":
+            continue  # left as they are
+        for name, value in ((f"{part}_loc", loc), (f"{part}_scale", scale)):
+            if not torch.is_tensor(value):
+                why = f" as {part}_loc is set" if name.endswith("scale") and loc is not None else ""
+                why = f" as {part}_scale is set" if name.endswith("loc") and scale is not None else why
+                raise ValueError(
+                    f"normalizer.{name}: expected a tensor of shape {shape}{why}, got {type(value).__name__}"
+                )
+            if value.dtype not in _FLOAT_DTYPES:
+                raise ValueError(
+                    f"normalizer.{name}: expected a real floating dtype (float16, float32 or float64),"
+                    f" got {value.dtype}"
+                )
+            if tuple(value.shape) != shape:
+                raise ValueError(f"normalizer.{name}: expected shape {shape}, got {tuple(value.shape)}")
+            bad = ~torch.isfinite(value) if name.endswith("loc") else ~(torch.isfinite(value) & (value > 0))
+            if bad.any():
+                expected = "finite values" if name.endswith("loc") else "finite values > 0"
+                if not shape:
+                    raise ValueError(f"normalizer.{name}: expected {expected}, got {value.item()!r}")
+                i = int(bad.reshape(-1).byte().argmax())
+                raise ValueError(
+                    f"normalizer.{name}: expected {expected}, got {int(bad.sum())} that are not"
+                    f" (first {value[i].item()!r} at index {i})"
+                )
+
+
+def _describe_tensor(value) -> str:
+    if not torch.is_tensor(value):
+        return type(value).__name__
+    if value.dim() == 0:
+        return f"{value.item()!r}"
+    return f"a tensor of shape {tuple(value.shape)}"
+
+
+def _describe(array: np.ndarray) -> str:
+    """What a value read from a file is, briefly: ``'box'``, ``int64 3``, ``a (2,) array of float64``."""
+    if array.shape == ():
+        value = array.item()
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return shown if array.dtype.kind == "U" else f"{array.dtype} {shown}"
+    return f"a {array.shape} array of {array.dtype}"
+
+
+def _string(array: np.ndarray) -> str | None:
+    """The string a 0-d str array holds, else None."""
+    if array.shape != () or array.dtype.kind != "U":
+        return None
+    return str(array.item())
+
+
+def _read_npz(path: Path, keys) -> dict[str, np.ndarray]:
+    """The arrays of ``keys`` that the ``.npz`` file at ``path`` holds, read without
+    unpickling and without trusting the sizes its headers declare.
+
+    :raises ValueError: for anything but a readable zip of ``.npy`` arrays.
+    :raises FileNotFoundError: when there is no file at ``path``.
+    """
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ValueError(
+            f"path: expected a readable episodes .npz file, got {path} ({e.strerror or e})"
+        ) from None
+
+    def corrupt(e, key=None):
+        where = f"{key}: " if key else ""
+        return ValueError(
+            f"path: expected a readable {EPISODES_FORMAT} .npz file, but {path} is truncated or"
+            f" corrupted ({where}{type(e).__name__}: {e})"
+        )
+
+    data = {}
+    with file:
+        try:
+            archive = zipfile.ZipFile(file)
+        except Exception as e:  # BadZipFile, EOFError, OSError, ...
+            raise corrupt(e) from e
+        with archive:
+            members = {}
+            for info in archive.infolist():
+                name = info.filename[: -len(".npy")] if info.filename.endswith(".npy") else info.filename
+                members[name] = info
+            for key in keys:
+                if key in members:
+                    data[key] = _read_member(archive, members[key], key, path, corrupt)
+    return data
+
+
+def _read_member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, path: Path, corrupt
+) -> np.ndarray:
+    try:
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+            else:  # 3.0 only adds utf-8 field names, for structured dtypes no key may hold
+                raise ValueError(f"unsupported .npy format version {version}")
+            if dtype.hasobject:
+                raise _Refused(
+                    f"path: {path}: {key}: expected an array of numbers or a string, got an array of"
+                    " Python objects, which are never unpickled (allow_pickle=False)"
+                )
+            count = math.prod(shape)
+            # np.load allocates what the header declares before reading; a forged shape
+            # would ask for terabytes, so the data must be there first.
+            declared = count * dtype.itemsize
+            held = info.file_size - member.tell()
+            if declared != held:
+                raise ValueError(
+                    f"the header declares {shape} {dtype} ({declared} bytes), the file holds {held}"
+                )
+            raw = member.read()  # checks the CRC at the end
+    except _Refused:
+        raise
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, ValueError from the header, ...
+        raise corrupt(e, key) from e
+    if dtype.itemsize == 0:
+        return np.zeros(shape, dtype)
+    array = np.frombuffer(bytearray(raw), dtype=dtype, count=count)  # writable, as torch.from_numpy wants
+    if fortran:
+        array = array.reshape(shape, order="F").copy(order="C")
+    else:
+        array = array.reshape(shape)
+    if dtype.kind in "biufc" and not dtype.isnative:
+        array = array.astype(dtype.newbyteorder("="))  # torch reads native byte order only
+    return array
+
+
+class _Refused(ValueError):
+    """A refusal whose message is complete, not a sign of corruption."""
 
 
 def _floored(scale: torch.Tensor, floor) -> torch.Tensor:
@@ -379,8 +724,13 @@ def observation_scale_floor(env_id: str, fraction: float = 0.125) -> torch.Tenso
     With the default, observations anywhere in a bounded range stay within ±4
     scales of any centre inside it, in model units.
     """
-    env = gym.make(env_id)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < math.inf:
+        raise ValueError(f"fraction: expected a finite number > 0, got {fraction!r}")
+    spec = _env_spec(env_id)
+    with _dependencies(env_id):
+        env = gym.make(spec.id)
     try:
+        _check_observation_space(env_id, env.observation_space)
         low, high = (
             torch.as_tensor(np.asarray(b, dtype=np.float64))
             for b in (env.observation_space.low, env.observation_space.high)
@@ -423,58 +773,43 @@ def collect(
         raise ValueError(f"num_episodes: expected a positive int, got {num_episodes!r}")
     if not isinstance(num_envs, int) or num_envs < 1:
         raise ValueError(f"num_envs: expected a positive int, got {num_envs!r}")
-    try:
-        spec = gym.spec(env_id)
-    except gym.error.Error as e:
-        raise ValueError(
-            f"env_id: expected a registered gymnasium id, got {env_id!r} ({e}). Supported: any id whose"
-            " observation space is a rank-1 Box and whose action space is a rank-1 Box or a Discrete,"
-            " e.g. Pendulum-v1, CartPole-v1, MountainCarContinuous-v0, Acrobot-v1"
-        ) from None
+    spec = _env_spec(env_id)
     make_kwargs = dict(env_kwargs)
     if max_episode_steps is not None:
         make_kwargs["max_episode_steps"] = max_episode_steps
-    envs = gym.make_vec(
-        spec.id,
-        num_envs=num_envs,
-        vectorization_mode="sync",
-        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
-        **make_kwargs,
-    )
+    with _dependencies(env_id):
+        envs = gym.make_vec(
+            spec.id,
+            num_envs=num_envs,
+            vectorization_mode="sync",
+            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+            **make_kwargs,
+        )
     try:
-        obs_space = envs.single_observation_space
-        if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-            raise ValueError(
-                f"env_id: expected a rank-1 Box observation space, got {obs_space} for {env_id}."
-                " Supported: rank-1 Box observations with rank-1 Box or Discrete actions"
-            )
-        try:
-            space = ActionSpace.from_gym(envs.single_action_space)
-        except ValueError as e:
-            raise ValueError(
-                f"env_id: {env_id} has an unsupported action space ({e}). Supported: rank-1 Box"
-                " observations with rank-1 Box or Discrete actions"
-            ) from None
+        _check_observation_space(env_id, envs.single_observation_space)
+        space = _action_space(env_id, envs.single_action_space)
         envs.action_space.seed(seed)
         obs, _ = envs.reset(seed=seed)
         running = [_Episode(o.copy()) for o in obs]
         done: list[_Episode] = []
         bar = tqdm(total=num_episodes, desc=f"collect {env_id}", disable=not progress)
-        while len(done) < num_episodes:
-            actions = envs.action_space.sample() if policy is None else np.asarray(policy(obs))
-            obs, rewards, terminated, truncated, info = envs.step(actions)
-            for i, episode in enumerate(running):
-                episode.actions.append(actions[i])
-                episode.rewards.append(float(rewards[i]))
-                if terminated[i] or truncated[i]:
-                    episode.close(info["final_obs"][i], bool(terminated[i]), bool(truncated[i]))
-                    if len(done) < num_episodes:
-                        done.append(episode)
-                        bar.update(1)
-                    running[i] = _Episode(obs[i])
-                else:
-                    episode.obs.append(obs[i])
-        bar.close()
+        try:
+            while len(done) < num_episodes:
+                actions = envs.action_space.sample() if policy is None else np.asarray(policy(obs))
+                obs, rewards, terminated, truncated, info = envs.step(actions)
+                for i, episode in enumerate(running):
+                    episode.actions.append(actions[i])
+                    episode.rewards.append(float(rewards[i]))
+                    if terminated[i] or truncated[i]:
+                        episode.close(info["final_obs"][i], bool(terminated[i]), bool(truncated[i]))
+                        if len(done) < num_episodes:
+                            done.append(episode)
+                            bar.update(1)
+                        running[i] = _Episode(obs[i])
+                    else:
+                        episode.obs.append(obs[i])
+        finally:
+            bar.close()
     finally:
         envs.close()
     return _pad(done, space, spec.id)
@@ -504,39 +839,116 @@ def play(
         raise ValueError(f"num_episodes: expected a positive int, got {num_episodes!r}")
     if not isinstance(num_envs, int) or num_envs < 1:
         raise ValueError(f"num_envs: expected a positive int, got {num_envs!r}")
+    spec = _env_spec(env_id)
     done: list[_Episode] = []
     space = None
     bar = tqdm(total=num_episodes, desc=f"play {env_id}", disable=not progress)
-    while len(done) < num_episodes:
-        B = min(num_envs, num_episodes - len(done))
-        envs = [gym.make(env_id, **env_kwargs) for _ in range(B)]
-        try:
-            space = ActionSpace.from_gym(envs[0].action_space)
-            obs = np.stack([env.reset(seed=seed + len(done) + i)[0] for i, env in enumerate(envs)])
-            running = [_Episode(o.copy()) for o in obs]  # copies: obs is overwritten below
-            live = [True] * B
-            agent.reset(obs)
-            while any(live):
-                actions = np.asarray(agent.act(obs))
-                for i, env in enumerate(envs):
-                    if not live[i]:
-                        continue
-                    o, r, terminated, truncated, _ = env.step(actions[i])
-                    running[i].actions.append(actions[i])
-                    running[i].rewards.append(float(r))
-                    if terminated or truncated:
-                        running[i].close(o, bool(terminated), bool(truncated))
-                        live[i] = False
-                    else:
-                        running[i].obs.append(o)
-                    obs[i] = o
-        finally:
-            for env in envs:
-                env.close()
-        done += running
-        bar.update(B)
-    bar.close()
-    return _pad(done, space, gym.spec(env_id).id)
+    try:
+        while len(done) < num_episodes:
+            B = min(num_envs, num_episodes - len(done))
+            envs = []
+            try:
+                with _dependencies(env_id):
+                    for _ in range(B):
+                        envs.append(gym.make(spec.id, **env_kwargs))
+                _check_observation_space(env_id, envs[0].observation_space)
+                space = _action_space(env_id, envs[0].action_space)
+                obs = np.stack([env.reset(seed=seed + len(done) + i)[0] for i, env in enumerate(envs)])
+                running = [_Episode(o.copy()) for o in obs]  # copies: obs is overwritten below
+                live = [True] * B
+                agent.reset(obs)
+                while any(live):
+                    actions = np.asarray(agent.act(obs))
+                    for i, env in enumerate(envs):
+                        if not live[i]:
+                            continue
+                        o, r, terminated, truncated, _ = env.step(actions[i])
+                        running[i].actions.append(actions[i])
+                        running[i].rewards.append(float(r))
+                        if terminated or truncated:
+                            running[i].close(o, bool(terminated), bool(truncated))
+                            live[i] = False
+                        else:
+                            running[i].obs.append(o)
+                        obs[i] = o
+            finally:
+                for env in envs:
+                    env.close()
+            done += running
+            bar.update(B)
+    finally:
+        bar.close()
+    return _pad(done, space, spec.id)
+
+
+_SUPPORTED = (
+    "Supported: any id whose observation space is a rank-1 Box and whose action space is a rank-1"
+    " Box or a Discrete, e.g. Pendulum-v1, CartPole-v1, MountainCarContinuous-v0, Acrobot-v1"
+)
+
+
+def _env_spec(env_id) -> gym.envs.registration.EnvSpec:
+    """The registered spec of ``env_id``, else ``ValueError``; gymnasium's jax
+    environments are refused by name, whether or not jax is installed."""
+    if not isinstance(env_id, str):
+        raise ValueError(
+            f"env_id: expected a registered gymnasium id, got {type(env_id).__name__}. {_SUPPORTED}"
+        )
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error as e:
+        raise ValueError(
+            f"env_id: expected a registered gymnasium id, got {env_id!r} ({e}). {_SUPPORTED}"
+        ) from None
+    entry = spec.entry_point
+    jax = (
+        entry.split(":")[0].startswith(_JAX_ENV_MODULES)
+        if isinstance(entry, str)
+        else bool(getattr(entry, "metadata", {}).get("jax", False))
+    )
+    if jax:
+        numpy_version = gym.envs.registration.find_highest_version(None, spec.name)
+        instead = f"; use {spec.name}-v{numpy_version} instead" if numpy_version is not None else ""
+        raise ValueError(
+            f"env_id: expected an environment that steps with numpy arrays, got {env_id!r}, a jax"
+            f" functional environment ({entry}) whose observations are jax arrays{instead}"
+        )
+    return spec
+
+
+@contextmanager
+def _dependencies(env_id: str):
+    """Turns an environment's missing optional dependency into a ``ValueError``
+    naming ``env_id``, the package and, as gymnasium says it, how to install it."""
+    try:
+        yield
+    except gym.error.DependencyNotInstalled as e:
+        cause = e.__cause__
+        package = getattr(cause, "name", None) if isinstance(cause, ImportError) else None
+        needs = f", which needs {package}" if package else ""
+        raise ValueError(
+            f"env_id: expected an environment whose dependencies are installed, got {env_id!r}{needs} ({e})"
+        ) from None
+    except ImportError as e:
+        needs = f", which needs {e.name}" if e.name else ""
+        raise ValueError(
+            f"env_id: expected an environment whose dependencies are installed, got {env_id!r}{needs}"
+            f" ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _check_observation_space(env_id: str, space) -> None:
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        raise ValueError(
+            f"env_id: expected a rank-1 Box observation space, got {space} for {env_id}. {_SUPPORTED}"
+        )
+
+
+def _action_space(env_id: str, space) -> ActionSpace:
+    try:
+        return ActionSpace.from_gym(space)
+    except ValueError as e:
+        raise ValueError(f"env_id: {env_id} has an unsupported action space ({e}). {_SUPPORTED}") from None
 
 
 class _Episode:

@@ -7,6 +7,8 @@ object shaped like a gymnasium ``Box`` or ``Discrete`` space.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,8 +24,11 @@ class ActionSpace:
     :param kind: ``"box"`` for real vectors of size ``dim``, ``"discrete"``
         for integers in ``[0, dim)``.
     :param dim: the action size (box) or the number of actions (discrete).
-    :param low: optional lower bounds of a box, one per dimension.
-    :param high: optional upper bounds of a box, one per dimension.
+    :param low: optional lower bounds of a box, one per dimension; -inf leaves a side open.
+    :param high: optional upper bounds of a box, one per dimension, each >= its lower bound.
+
+    Anything else (a bool or float ``dim``, NaN bounds, ``low > high``) raises
+    ``ValueError`` naming the field.
     """
 
     kind: Literal["box", "discrete"]
@@ -32,28 +37,27 @@ class ActionSpace:
     high: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        if self.kind not in ("box", "discrete"):
+        if not isinstance(self.kind, str) or self.kind not in ("box", "discrete"):
             raise ValueError(f"kind: expected 'box' or 'discrete', got {self.kind!r}")
-        if not isinstance(self.dim, int) or self.dim < 1:
+        # a numpy str_ read from a file compares equal, but prints as np.str_('box')
+        object.__setattr__(self, "kind", str(self.kind))
+        if isinstance(self.dim, bool) or not isinstance(self.dim, numbers.Integral) or self.dim < 1:
             raise ValueError(f"dim: expected a positive int, got {self.dim!r}")
-        for name in ("low", "high"):
-            bound = getattr(self, name)
-            if bound is None:
-                continue
-            if self.kind == "discrete":
-                raise ValueError(f"{name}: discrete spaces take no bounds, got {bound!r}")
-            bound = tuple(float(v) for v in bound)
-            if len(bound) != self.dim:
-                raise ValueError(f"{name}: expected {self.dim} values, got {len(bound)}")
-            object.__setattr__(self, name, bound)
+        object.__setattr__(self, "dim", int(self.dim))
+        if self.kind == "discrete":
+            for name in ("low", "high"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: discrete spaces take no bounds, got {getattr(self, name)!r}")
+            return
+        low, high = check_bounds(self.low, self.high, self.dim)
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
 
     @classmethod
     def box(cls, dim: int, low=None, high=None) -> ActionSpace:
-        """Real actions of size ``dim``, optionally bounded."""
-        if low is not None and not isinstance(low, (tuple, list)):
-            low = (float(low),) * dim
-        if high is not None and not isinstance(high, (tuple, list)):
-            high = (float(high),) * dim
+        """Real actions of size ``dim``, optionally bounded; a single number bounds every dimension."""
+        if isinstance(dim, numbers.Integral) and not isinstance(dim, bool) and dim >= 1:
+            low, high = (b if b is None or _is_sequence(b) else (b,) * dim for b in (low, high))
         return cls("box", dim, low, high)
 
     @classmethod
@@ -87,6 +91,115 @@ class ActionSpace:
         if self.kind == "discrete":
             return F.one_hot(actions, self.dim).to(dtype)
         return actions.to(dtype)
+
+
+def check_bounds(low, high, dim: int, names: tuple[str, str] = ("low", "high")):
+    """``(low, high)`` as tuples of ``dim`` floats (either may be None), else ``ValueError``.
+
+    Each bound is a real number or ±inf (an unbounded side); NaN, a wrong length
+    and ``low > high`` in any dimension are refused. ``names`` are what the
+    messages call the two bounds, e.g. the keys of the file they were read from.
+    """
+    bounds = []
+    for name, bound in zip(names, (low, high)):
+        if bound is None:
+            bounds.append(None)
+            continue
+        if not _is_sequence(bound):
+            raise ValueError(f"{name}: expected a sequence of {dim} numbers, got {bound!r}")
+        if len(bound) != dim:
+            raise ValueError(f"{name}: expected {dim} values, got {len(bound)}")
+        values = []
+        for i, v in enumerate(bound):
+            # bool and str convert to floats silently, and a bound is never meant as either
+            if isinstance(v, (bool, str, bytes)) or not _is_real(v):
+                raise ValueError(f"{name}: expected real numbers, got {v!r} in dimension {i}")
+            v = float(v)
+            if math.isnan(v):
+                raise ValueError(f"{name}: expected numbers or ±inf, got NaN in dimension {i}")
+            values.append(v)
+        bounds.append(tuple(values))
+    low, high = bounds
+    if low is not None and high is not None:
+        for i, (lo, hi) in enumerate(zip(low, high)):
+            if lo > hi:
+                raise ValueError(
+                    f"{names[0]}: expected {names[0]} <= {names[1]} in every dimension, got"
+                    f" {names[0]} {lo} > {names[1]} {hi} in dimension {i}"
+                )
+    return low, high
+
+
+def _is_sequence(x) -> bool:
+    if isinstance(x, (str, bytes)):
+        return False
+    try:
+        len(x)  # a 0-d array or tensor has __len__ but no length
+    except TypeError:
+        return False
+    return True
+
+
+def _is_real(v) -> bool:
+    if isinstance(v, numbers.Real):
+        return True
+    if torch.is_tensor(v):
+        return v.dim() == 0 and not v.is_complex() and v.dtype != torch.bool
+    return False
+
+
+def check_device(device) -> torch.device | None:
+    """``device`` as a :class:`torch.device` if this machine has it, else ``ValueError``.
+
+    None is returned unchanged: callers take it as "leave everything where it is".
+    A string must parse (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), and
+    an accelerator must be available, with the index (if given) below the number of devices.
+    """
+    if device is None:
+        return None
+    if isinstance(device, str):
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError(
+                f"device: expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}"
+            ) from None
+    elif isinstance(device, torch.device):
+        parsed = device
+    else:
+        raise ValueError(
+            f"device: expected a str or torch.device such as 'cpu' or 'cuda:0', got {type(device).__name__}"
+        )
+    shown = str(device) if isinstance(device, str) else str(parsed)
+
+    def missing(why):
+        return ValueError(f"device: expected a device this machine has, got {shown!r} ({why})")
+
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise missing("no CUDA device is available")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise missing(f"this machine has {count} CUDA device{'s' if count != 1 else ''}")
+        return parsed
+    if parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise missing("no MPS device is available")
+        return parsed
+    if parsed.type == "xpu":
+        if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            raise missing("no XPU device is available")
+        count = torch.xpu.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise missing(f"this machine has {count} XPU device{'s' if count != 1 else ''}")
+        return parsed
+    # A meta or other backend device holds no data that training or planning could use.
+    raise ValueError(
+        "device: expected 'cpu', 'cuda', 'mps' or 'xpu', optionally with an index such as 'cuda:1',"
+        f" got {shown!r}"
+    )
 
 
 class ChecksInputs:

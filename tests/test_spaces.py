@@ -2,11 +2,13 @@
 
 import math
 
+import numpy as np
 import pyro
 import pytest
 import torch
 
 from pyro_worldmodel import ActionSpace, FilterGuide, WorldModel, fit
+from pyro_worldmodel.spaces import check_device
 
 
 def box_model():
@@ -180,3 +182,112 @@ def test_discrete_action_features_are_one_hot():
     space = ActionSpace.discrete(3)
     feats = space.features(torch.tensor([[0, 2]]), torch.float32)
     assert torch.equal(feats, torch.tensor([[[1.0, 0, 0], [0, 0, 1]]]))
+
+
+BAD_ACTION_SPACES = [
+    (
+        "low_above_high",
+        lambda: ActionSpace.box(1, (1.0,), (-1.0,)),
+        r"low: expected low <= high in every dimension, got low 1.0 > high -1.0 in dimension 0",
+    ),
+    (
+        "low_above_high_in_dim_1",
+        lambda: ActionSpace.box(2, (0.0, 3.0), 2.0),
+        r"low: expected low <= high .* got low 3.0 > high 2.0 in dimension 1",
+    ),
+    (
+        "nan_low",
+        lambda: ActionSpace.box(2, math.nan),
+        r"low: expected numbers or ±inf, got NaN in dimension 0",
+    ),
+    (
+        "nan_high",
+        lambda: ActionSpace.box(2, None, (1.0, math.nan)),
+        r"high: expected numbers or ±inf, got NaN in dimension 1",
+    ),
+    (
+        "string_bound",
+        lambda: ActionSpace.box(2, "-1"),
+        r"low: expected real numbers, got '-1' in dimension 0",
+    ),
+    (
+        "complex_bound",
+        lambda: ActionSpace.box(2, (0.0, 1j)),
+        r"low: expected real numbers, got 1j in dimension 1",
+    ),
+    (
+        "bool_bound",
+        lambda: ActionSpace.box(2, None, (True, 1.0)),
+        r"high: expected real numbers, got True in dimension 0",
+    ),
+    ("short_bound", lambda: ActionSpace.box(2, (0.0,)), r"low: expected 2 values, got 1"),
+    ("scalar_bound", lambda: ActionSpace("box", 2, 1.0), r"low: expected a sequence of 2 numbers, got 1.0"),
+    ("bool_dim", lambda: ActionSpace.box(True), r"dim: expected a positive int, got True"),
+    ("float_dim", lambda: ActionSpace.discrete(2.0), r"dim: expected a positive int, got 2.0"),
+    ("str_dim", lambda: ActionSpace("box", "2"), r"dim: expected a positive int, got '2'"),
+    ("zero_dim", lambda: ActionSpace.discrete(0), r"dim: expected a positive int, got 0"),
+    ("kind", lambda: ActionSpace("continuous", 2), r"kind: expected 'box' or 'discrete', got 'continuous'"),
+    ("kind_not_str", lambda: ActionSpace(["box"], 2), r"kind: expected 'box' or 'discrete', got \['box'\]"),
+    (
+        "discrete_bounds",
+        lambda: ActionSpace("discrete", 2, (0.0, 0.0)),
+        r"low: discrete spaces take no bounds",
+    ),
+]
+
+
+@pytest.mark.parametrize("name,make,message", BAD_ACTION_SPACES, ids=[b[0] for b in BAD_ACTION_SPACES])
+def test_bad_action_spaces_are_refused_by_name(name, make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_action_space_bounds_may_be_infinite_or_arrays():
+    unbounded = ActionSpace.box(2, -math.inf, math.inf)
+    assert unbounded.low == (-math.inf, -math.inf) and unbounded.high == (math.inf, math.inf)
+    assert ActionSpace.box(1, (2.0,), (2.0,)).low == (2.0,)  # a single point is a valid box
+    from_arrays = ActionSpace.box(np.int64(2), np.array([-1.0, 0.0]), torch.tensor([1.0, 0.5]))
+    assert from_arrays == ActionSpace.box(2, (-1.0, 0.0), (1.0, 0.5))
+    assert type(from_arrays.dim) is int and all(type(v) is float for v in from_arrays.high)
+    assert ActionSpace(np.str_("discrete"), 3).kind.__class__ is str
+
+
+def test_check_device_parses_and_leaves_none_alone():
+    assert check_device(None) is None
+    assert check_device("cpu") == torch.device("cpu")
+    assert check_device(torch.device("cpu")) == torch.device("cpu")
+    cases = [
+        ("gpu", r"device: expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got 'gpu'"),
+        ("", r"device: expected a torch device such as .* got ''"),
+        ("cuda:x", r"device: expected a torch device such as .* got 'cuda:x'"),
+        (0, r"device: expected a str or torch.device such as 'cpu' or 'cuda:0', got int"),
+        ("meta", r"device: expected 'cpu', 'cuda', 'mps' or 'xpu', optionally with an index .* got 'meta'"),
+    ]
+    for device, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_device(device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_check_device_refuses_cuda_without_a_cuda_device():
+    with pytest.raises(
+        ValueError,
+        match=r"^device: expected a device this machine has, got 'cuda' \(no CUDA device is available\)$",
+    ):
+        check_device("cuda")
+    with pytest.raises(ValueError, match=r"got 'cuda:0' \(no CUDA device is available\)"):
+        check_device(torch.device("cuda", 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_check_device_refuses_a_cuda_index_past_the_last_device():
+    n = torch.cuda.device_count()
+    assert check_device(f"cuda:{n - 1}") == torch.device("cuda", n - 1)
+    with pytest.raises(ValueError, match=rf"got 'cuda:{n}' \(this machine has {n} CUDA device"):
+        check_device(f"cuda:{n}")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_check_device_refuses_mps_without_it():
+    with pytest.raises(ValueError, match=r"got 'mps' \(no MPS device is available\)"):
+        check_device("mps")
