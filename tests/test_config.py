@@ -3,16 +3,30 @@
 import contextlib
 import itertools
 import math
+import os
+import resource
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from pyro_worldmodel import ActionSpace, elbo_terms, fit
-from pyro_worldmodel.config import REGISTRY, Spec, build, register, spec_of
+from pyro_worldmodel.config import (
+    MAX_SIZE,
+    REGISTRY,
+    Spec,
+    build,
+    count_parameters,
+    register,
+    spec_of,
+    yaml_value,
+)
 from pyro_worldmodel.elbos import MonteCarloKLWarning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,10 +262,15 @@ def test_two_specs_in_one_process_keep_their_own_parameters():
         (
             {"transition": {"name": "rssm", "deter_dim": 0}},
             BOX,
-            "transition (rssm): deter_dim: expected a positive int, got 0",
+            "transition.deter_dim: expected an int in [1, 65536], got 0",
+        ),
+        (  # a component's own check, of two arguments together, is named by the part
+            {"planner": {"name": "cem", "candidates": 10, "top_k": 20}},
+            BOX,
+            "planner (cem): top_k: expected at most candidates=10, got 20",
         ),
         ({"latent": 3}, BOX, "spec: unknown key 'latent' (did you mean 'latent_dim'?)"),
-        ({"latent_dim": 0}, BOX, "latent_dim: expected a positive int, got 0"),
+        ({"latent_dim": 0}, BOX, "latent_dim: expected an int in [1, 65536], got 0"),
         ({"emission": {"hidden": [8]}}, BOX, "emission: expected a dict with a 'name'"),
     ],
 )
@@ -312,3 +331,463 @@ def test_there_is_an_example_config_for_each_built_in_combination():
         for t, e, g in itertools.product(REGISTRY["transition"], REGISTRY["emission"], REGISTRY["guide"])
     }
     assert names == expected
+
+
+# ---------------------------------------------------------------- reading YAML
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1e-4", 1e-4),
+        ("1E5", 1e5),
+        ("-2.5e+3", -2500.0),
+        (".5", 0.5),
+        ("1.", 1.0),
+        ("1.0e-4", 1e-4),
+        ("0.9", 0.9),
+        (".inf", math.inf),
+        ("-.inf", -math.inf),
+        ("3", 3),
+        ("-7", -7),
+        ("'1e-4'", "1e-4"),
+        ("[128, 128]", [128, 128]),
+        ("filter", "filter"),
+        ("true", True),
+        ("", None),
+    ],
+)
+def test_yaml_values_read_numbers_as_yaml_1_2_does(text, expected):
+    value = yaml_value(text, "--set x")
+    assert value == expected and type(value) is type(expected)
+
+
+def test_yaml_nan_is_a_float_and_pyyaml_itself_is_left_alone():
+    assert math.isnan(yaml_value(".nan", "--set x"))
+    # Our loader is a subclass: yaml.safe_load still reads YAML 1.1, so 1e-4 is a str there.
+    assert yaml.safe_load("1e-4") == "1e-4" and yaml.safe_load("1.0e-4") == 1e-4
+
+
+def test_set_lr_as_yaml_gives_a_float_and_an_optimiser_with_that_lr():
+    spec = Spec().with_overrides({"optim.lr": yaml_value("1e-4", "--set optim.lr")})
+    assert spec.optim == {"name": "ClippedAdam", "lr": 1e-4} and type(spec.optim["lr"]) is float
+    b = build(spec, 3, BOX)
+    obs, actions = data(BOX)
+    fit(b.model, b.guide, obs, actions, num_steps=1, elbo=b.elbo, optim=b.optim, progress=False)
+    groups = [g for opt in b.optim.optim_objs.values() for g in opt.param_groups]
+    assert groups and {g["lr"] for g in groups} == {1e-4}
+
+
+def test_both_yaml_forms_of_a_float_and_a_yaml_1_1_string_give_the_same_spec():
+    short = Spec.from_yaml("optim: {name: ClippedAdam, lr: 1e-4}\n")
+    assert short == Spec.from_yaml("optim: {name: ClippedAdam, lr: 1.0e-4}\n")
+    assert short == Spec.from_dict({"optim": {"name": "ClippedAdam", "lr": "1e-4"}})  # as PyYAML reads 1e-4
+    assert short.optim["lr"] == 1e-4 and Spec.from_yaml(short.to_yaml()) == short
+
+
+def test_a_str_that_looks_like_a_float_is_written_quoted_and_read_back_a_str():
+    spec = Spec.from_dict({"train": {"device": "1e3"}})
+    assert "device: '1e3'" in spec.to_yaml()
+    assert Spec.from_yaml(spec.to_yaml()) == spec and spec.train["device"] == "1e3"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "latent_dim: [1, 2",
+            "spec: expected valid YAML, got expected ',' or ']', but got '<stream end>' at line 1,"
+            " column 18 (while parsing a flow sequence)",
+        ),
+        ("latent_dim: 3\n  transition: x\n", "spec: expected valid YAML, got mapping values are not allowed here at line 2, column 13"),
+        (
+            "latent_dim: !!python/object/apply:os.system ['echo hi']\n",
+            "spec: expected valid YAML, got could not determine a constructor for the tag"
+            " 'tag:yaml.org,2002:python/object/apply:os.system' at line 1, column 13",
+        ),
+        ("- 1\n- 2\n", "spec: expected a mapping of spec keys (latent_dim, transition, ...) at the top level, got list [1, 2]"),
+        ("false\n", "spec: expected a mapping of spec keys (latent_dim, transition, ...) at the top level, got bool False"),
+        ("a: &a [1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+         "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n"
+         "f: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n",
+         "spec: expected at most 100000 values, got more (YAML aliases that repeat a part?)"),
+        ("a: &a [*a]\n", "spec: expected at most 32 levels of nesting, got more"),
+    ],
+)  # fmt: skip
+def test_text_that_is_not_a_spec_document_is_refused_in_one_line(text, message):
+    with pytest.raises(ValueError) as e:
+        Spec.from_yaml(text)
+    assert str(e.value) == message
+
+
+def test_a_python_tag_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    config = tmp_path / "config.yaml"
+    config.write_text(f'!!python/object/apply:os.system ["touch {marker}"]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"could not determine a constructor for the tag .*os\.system"):
+        Spec.from_file(config)
+    with pytest.raises(ValueError, match=r"--set latent_dim: expected valid YAML, got could not determine"):
+        yaml_value(f'!!python/object/apply:os.system ["touch {marker}"]', "--set latent_dim")
+    assert not marker.exists()
+
+
+def test_from_file_reads_any_suffix_and_refuses_what_is_not_a_spec_file(tmp_path):
+    (tmp_path / "spec.txt").write_text("latent_dim: 4\noptim: {name: SGD, lr: 1e-2}\n", encoding="utf-8")
+    spec = Spec.from_file(tmp_path / "spec.txt")
+    assert spec.latent_dim == 4 and spec.optim == {"name": "SGD", "lr": 0.01}
+    (tmp_path / "empty.yaml").write_text("", encoding="utf-8")
+    assert Spec.from_file(tmp_path / "empty.yaml") == Spec()  # an empty file is the default spec
+    folder = tmp_path / "configs.yaml"
+    folder.mkdir()
+    for read in (Spec.from_file, Spec.from_yaml, lambda p: Spec.from_yaml(str(p))):
+        with pytest.raises(ValueError) as e:
+            read(folder)
+        assert str(e.value) == f"{folder}: expected a YAML spec file, got a directory"
+    with pytest.raises(ValueError) as e:
+        Spec.from_file(tmp_path / "missing.yaml")
+    assert str(e.value) == f"{tmp_path / 'missing.yaml'}: expected a YAML spec file, got no such file"
+    (tmp_path / "latin1.yaml").write_bytes(b"latent_dim: 4\n# caf\xe9\n")
+    with pytest.raises(ValueError) as e:
+        Spec.from_file(tmp_path / "latin1.yaml")
+    assert str(e.value) == f"{tmp_path / 'latin1.yaml'}: expected UTF-8 text, got the byte 0xe9 at offset 19"
+    (tmp_path / "list.yaml").write_text("- latent_dim\n", encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=r"list\.yaml: expected a mapping of spec keys .* got list \['latent_dim'\]"
+    ):
+        Spec.from_file(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("latent_dim: 4\ntransition: {name: gated\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"^\S*bad\.yaml: expected valid YAML, got .* at line 3, column 1"):
+        Spec.from_file(tmp_path / "bad.yaml")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_from_file_refuses_an_unreadable_file(tmp_path):
+    config = tmp_path / "secret.yaml"
+    config.write_text("latent_dim: 4\n", encoding="utf-8")
+    config.chmod(0)
+    with pytest.raises(
+        ValueError, match=r"secret\.yaml: expected a readable YAML spec file, got .*Permission denied"
+    ):
+        Spec.from_file(config)
+
+
+# ---------------------------------------------------------------- typed values
+
+
+@pytest.mark.parametrize(
+    "overrides, slot, expected",
+    [
+        ({"latent_dim": 8.0}, "latent_dim", 8),
+        ({"transition.hidden": [64.0, 32]}, "transition", {"name": "gaussian_mlp", "hidden": [64, 32]}),
+        ({"emission.scale": 1}, "emission", {"name": "gaussian_mlp", "scale": 1.0}),
+        ({"emission.scale": "learned"}, "emission", {"name": "gaussian_mlp", "scale": "learned"}),
+        ({"planner": {"name": "cem", "discount": 1, "candidates": 1e3}}, "planner", {"name": "cem", "discount": 1.0, "candidates": 1000}),
+        ({"train.lr": "1e-4", "train.num_steps": 2e3}, "train", {"lr": 1e-4, "num_steps": 2000}),
+        ({"elbo": {"name": "Trace_ELBO", "num_particles": 2.0}}, "elbo", {"name": "Trace_ELBO", "num_particles": 2}),
+        ({"elbo": {"name": "RenyiELBO", "alpha": 0}}, "elbo", {"name": "RenyiELBO", "alpha": 0.0}),
+        ({"optim.weight_decay": 0}, "optim", {"name": "ClippedAdam", "lr": 1e-3, "weight_decay": 0.0}),
+        ({"optim": {"name": "SGD", "lr": 1, "momentum": 0.9}}, "optim", {"name": "SGD", "lr": 1.0, "momentum": 0.9}),
+        ({"optim": {"name": "Adam", "betas": (0.5, 0.9)}}, "optim", {"name": "Adam", "betas": [0.5, 0.9]}),
+    ],
+)  # fmt: skip
+def test_values_are_converted_to_their_declared_types(overrides, slot, expected):
+    value = getattr(Spec().with_overrides(overrides), slot)
+    assert value == expected
+    pairs = (
+        [(value, expected)] if not isinstance(value, dict) else [(value[k], expected[k]) for k in expected]
+    )
+    for got, want in pairs:  # 1 == 1.0, so the types are compared too
+        assert type(got) is type(want), (got, want)
+        if isinstance(got, list):
+            assert [type(v) for v in got] == [type(v) for v in want]
+
+
+def test_check_stores_the_converted_values_and_build_checks_a_spec_object():
+    spec = Spec(latent_dim=8.0, transition={"name": "gaussian_mlp", "hidden": (8.0,)})
+    spec.check()
+    assert spec.latent_dim == 8 and type(spec.latent_dim) is int
+    assert (
+        spec.transition == {"name": "gaussian_mlp", "hidden": [8]}
+        and type(spec.transition["hidden"][0]) is int
+    )
+    b = build(Spec(latent_dim=3, optim={"name": "ClippedAdam", "lr": "1e-4"}), 3, BOX)
+    assert b.optim.pt_optim_args == {"lr": 1e-4} and b.spec.optim["lr"] == 1e-4
+    with pytest.raises(ValueError, match=r"^optim\.lr: expected a finite number > 0, got -1\.0$"):
+        build(Spec(latent_dim=3, optim={"name": "ClippedAdam", "lr": -1}), 3, BOX)
+
+
+def test_sgd_momentum_is_accepted_where_an_int_step_count_is_refused():
+    spec = Spec().with_overrides({"optim": {"name": "SGD", "lr": 0.1, "momentum": 0.9}})
+    b = build(spec.with_overrides({"latent_dim": 3}), 3, BOX)
+    assert b.optim.pt_optim_constructor is torch.optim.SGD and b.optim.pt_optim_args == {
+        "lr": 0.1,
+        "momentum": 0.9,
+    }
+    with pytest.raises(ValueError) as e:
+        Spec().with_overrides({"train.num_steps": 0.9})
+    assert str(e.value) == "train.num_steps: expected an int, got 0.9"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"optim.lr": -1}, "optim.lr: expected a finite number > 0, got -1.0"),
+        ({"optim.lr": 0}, "optim.lr: expected a finite number > 0, got 0.0"),
+        ({"optim.lr": math.nan}, "optim.lr: expected a number, got nan"),
+        ({"optim.lr": math.inf}, "optim.lr: expected a finite number > 0, got inf"),
+        ({"optim.lr": "fast"}, "optim.lr: expected a number, got 'fast'"),
+        ({"optim.lr": True}, "optim.lr: expected a number, got True"),
+        ({"optim.clip_norm": -1}, "optim.clip_norm: expected a finite number > 0, got -1.0"),
+        ({"optim.lrd": 0}, "optim.lrd: expected a number in (0, 1], got 0.0"),
+        ({"optim.lrd": 2}, "optim.lrd: expected a number in (0, 1], got 2.0"),
+        ({"optim.eps": 0}, "optim.eps: expected a finite number > 0, got 0.0"),
+        ({"optim.weight_decay": -0.1}, "optim.weight_decay: expected a finite number >= 0, got -0.1"),
+        ({"optim.betas": [0.9, 1.0]}, "optim.betas[1]: expected a number in [0, 1), got 1.0"),
+        ({"optim.betas": 0.9}, "optim.betas: expected a list of 2 numbers, got 0.9"),
+        ({"optim.betas": [0.9]}, "optim.betas: expected a list of 2 numbers, got [0.9]"),
+        ({"optim.centered_variance": "yes"}, "optim.centered_variance: expected true or false, got 'yes'"),
+        ({"optim": {"name": "SGD", "lr": 0.1, "momentum": 1.0}}, "optim.momentum: expected a number in [0, 1), got 1.0"),
+        ({"optim": {"name": "SGD", "lr": 0.1, "dampening": -0.5}}, "optim.dampening: expected a number in [0, 1), got -0.5"),
+        ({"optim": {"name": "RMSprop", "alpha": 1}}, "optim.alpha: expected a number in [0, 1), got 1.0"),
+        ({"optim.momentum": 0.9}, "optim.momentum: ClippedAdam takes no keyword 'momentum'; it accepts ['lr', 'betas', 'eps', 'weight_decay', 'clip_norm', 'lrd', 'centered_variance']"),
+        ({"optim": {"name": "Adam", "lr_": 0.1}}, "optim.lr_: Adam takes no keyword 'lr_' (did you mean 'lr'?); it accepts"),
+        ({"optim": {"name": "Adam", "params": []}}, "optim.params: Adam takes no keyword 'params'"),
+        ({"train.num_steps": 0}, "train.num_steps: expected an int >= 1, got 0"),
+        ({"train.batch_size": 0}, "train.batch_size: expected an int >= 1, got 0"),
+        ({"train.checkpoint_every": 0}, "train.checkpoint_every: expected an int >= 1, got 0"),
+        ({"train.terms_every": -1}, "train.terms_every: expected an int >= 0, got -1"),
+        ({"train.lr": 0}, "train.lr: expected a finite number > 0, got 0.0"),
+        ({"train.train": "both"}, "train.train: expected one of ['all', 'model', 'guide'], got 'both'"),
+        ({"train.progress": 1}, "train.progress: expected true or false, got 1"),
+        ({"train.device": 3}, "train.device: expected a str or a device or null, got 3"),
+        ({"train": [1]}, "train: expected a dict of fit's keywords, got [1]"),
+        ({"elbo": {"name": "RenyiELBO", "alpha": 1}}, "elbo.alpha: expected a finite number other than 1, got 1.0"),
+        ({"elbo.num_particles": 0}, "elbo.num_particles: expected an int in [1, 65536], got 0"),
+        ({"elbo.num_particles": 1.5}, "elbo.num_particles: expected an int, got 1.5"),
+        ({"elbo.max_plate_nesting": -1}, "elbo.max_plate_nesting: expected an int >= 0, got -1"),
+        ({"elbo.fast_path": "yes"}, "elbo.fast_path: expected true or false, got 'yes'"),
+        ({"elbo.monte_carlo_kl": 3}, "elbo.monte_carlo_kl: expected a str or a list of strs, got 3"),
+        ({"transition.hidden": [8, 0.5]}, "transition.hidden[1]: expected an int, got 0.5"),
+        ({"transition.hidden": "64"}, "transition.hidden: expected a list of ints, got '64'"),
+        ({"transition.hidden": [8, 100000]}, "transition.hidden[1]: expected an int in [1, 65536], got 100000"),
+        ({"transition.min_scale": None}, "transition.min_scale: expected a number, got None"),
+        ({"emission.scale": [1]}, "emission.scale: expected a number or a str, got [1]"),
+        ({"guide.rnn_dim": True}, "guide.rnn_dim: expected an int, got True"),
+        ({"guide.rnn_dim": 2**64}, "guide.rnn_dim: expected an int in [1, 65536], got an int of 65 bits"),
+        ({"planner": {"name": "cem", "candidates": 10**6}}, "planner.candidates: expected an int in [1, 65536], got 1000000"),
+        ({"planner": {"name": "cem", "sample_latents": "no"}}, "planner.sample_latents: expected true or false, got 'no'"),
+        ({"latent_dim": 1000000000}, "latent_dim: expected an int in [1, 65536], got 1000000000"),
+        ({"latent_dim": 0.5}, "latent_dim: expected an int, got 0.5"),
+        ({"policy.name": ["auto"]}, "policy.name: expected a str, got ['auto']"),
+    ],
+)  # fmt: skip
+def test_a_bad_value_is_refused_naming_the_key_the_expected_and_the_given(overrides, message):
+    with pytest.raises(ValueError) as e:
+        Spec().with_overrides(overrides)
+    assert str(e.value).startswith(message)
+
+
+def test_a_user_optimiser_is_checked_against_the_torch_optimiser_it_wraps():
+    def wrapping(cls):
+        def factory(optim_args):
+            return pyro.optim.PyroOptim(cls, optim_args)
+
+        return factory
+
+    def hiding(optim_args, name="Adagrad"):  # its torch class cannot be found: only names are checked
+        return pyro.optim.PyroOptim(getattr(torch.optim, name), optim_args)
+
+    register("optim", "test_adagrad")(wrapping(torch.optim.Adagrad))
+    register("optim", "test_hidden")(hiding)
+    try:
+        spec = Spec().with_overrides({"optim": {"name": "test_adagrad", "lr": 1, "lr_decay": 0}})
+        assert spec.optim == {"name": "test_adagrad", "lr": 1.0, "lr_decay": 0.0}
+        assert type(spec.optim["lr_decay"]) is float  # annotated float in torch, given 0
+        b = build(spec.with_overrides({"latent_dim": 3}), 3, BOX)
+        assert b.optim.pt_optim_constructor is torch.optim.Adagrad
+        with pytest.raises(
+            ValueError,
+            match=r"^optim\.lr_decy: Adagrad takes no keyword 'lr_decy' \(did you mean 'lr_decay'\?\)",
+        ):
+            Spec().with_overrides({"optim": {"name": "test_adagrad", "lr_decy": 0.1}})
+        with pytest.raises(ValueError, match=r"^optim\.lr: expected a finite number > 0, got -1\.0$"):
+            Spec().with_overrides({"optim": {"name": "test_hidden", "lr": -1}})
+        hidden = Spec().with_overrides({"optim": {"name": "test_hidden", "lr": "1e-2", "lr_decay": 0}})
+        assert hidden.optim == {
+            "name": "test_hidden",
+            "lr": 0.01,
+            "lr_decay": 0,
+        }  # lr by name; lr_decay as given
+    finally:
+        del REGISTRY["optim"]["test_adagrad"], REGISTRY["optim"]["test_hidden"]
+
+
+def test_a_user_class_is_typed_by_its_annotations_or_defaults_and_needs_its_required_arguments():
+    @register("transition", "test_typed")
+    class Typed(nn.Module):
+        def __init__(self, latent_dim, action_dim, width, step=0.5, widths: Sequence[int] = (4,), mode="a"):
+            super().__init__()
+            self.latent_dim, self.action_dim = latent_dim, action_dim
+            self.width, self.step, self.widths, self.mode = width, step, widths, mode
+
+    try:
+        spec = Spec().with_overrides(
+            {"transition": {"name": "test_typed", "width": 3, "step": 1, "widths": [2.0]}}
+        )
+        assert spec.transition == {"name": "test_typed", "width": 3, "step": 1.0, "widths": [2]}
+        assert type(spec.transition["step"]) is float and type(spec.transition["widths"][0]) is int
+        for part, message in [
+            ({"step": 0.1}, "transition.width: Typed needs a value for 'width', got none"),
+            ({"width": 3, "step": "x"}, "transition.step: expected a number, got 'x'"),
+            ({"width": 3, "mode": 1}, "transition.mode: expected a str, got 1"),
+            ({"width": [3]}, None),  # no annotation and no default: any plain value
+            ({"width": 3, "widths": [0]}, None),  # not named as a size: left to the class
+            ({"width": {1: 2}}, "transition.width: expected a mapping with str keys, got the key 1"),
+        ]:
+            if message is None:
+                Spec().with_overrides({"transition": {"name": "test_typed", **part}})
+                continue
+            with pytest.raises(ValueError) as e:
+                Spec().with_overrides({"transition": {"name": "test_typed", **part}})
+            assert str(e.value) == message
+    finally:
+        del REGISTRY["transition"]["test_typed"]
+
+
+# ---------------------------------------------------------------- sizes and memory
+
+
+def _model_and_guide_parameters(b):
+    modules = [
+        b.model,
+        b.guide,
+        b.planner if isinstance(b.planner, nn.Module) else getattr(b.planner, "critic", None),
+    ]
+    tensors = {id(p): p for m in modules if m is not None for p in m.parameters()}
+    return sum(p.numel() for p in tensors.values())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"latent_dim": 3},
+        {"latent_dim": 40, "transition": {"name": "rssm", "deter_dim": 50, "hidden": [70]}, "reward": {"name": "gaussian"}, "planner": {"name": "actor_critic", "hidden": [33]}},
+        {"latent_dim": 70, "guide": {"name": "iaf_filter", "iaf_hidden": [80, 90], "hidden": [40]}, "emission": {"name": "student_t"}, "init": {"name": "learned_gaussian"}},
+        {"latent_dim": 5, "transition": {"name": "student_t"}, "continuation": {"name": "bernoulli"}, "reward": {"name": "gaussian"}, "planner": {"name": "cem", "terminal_value": True}},
+        {"latent_dim": 50, "transition": {"name": "gated", "hidden": [200]}, "guide": {"name": "smoothing", "rnn_dim": 100}, "policy": {"name": "tanh_normal"}},
+    ],
+)  # fmt: skip
+def test_the_parameter_count_is_that_of_the_built_model_without_building_it(spec):
+    space = ActionSpace.box(2, low=[-1.0, 0.0], high=[2.0, 0.5])
+    store = len(list(pyro.get_param_store().keys()))
+    torch.manual_seed(5)
+    count = count_parameters(spec, 3, space)
+    after_count = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after_count)  # the count drew no random numbers
+    assert count == _model_and_guide_parameters(build(spec, 3, space))
+    assert len(list(pyro.get_param_store().keys())) == store
+
+
+def test_a_spec_too_large_for_memory_is_refused_fast_before_anything_is_allocated():
+    spec = {"latent_dim": MAX_SIZE, "transition": {"name": "gaussian_mlp", "hidden": [MAX_SIZE, MAX_SIZE]}}
+    count = count_parameters(spec, 3, BOX)
+    H = MAX_SIZE
+    assert count > (H + 2) * H + H * H + H * 2 * H  # the transition's three weight matrices alone
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 16 * count <= memory:
+        pytest.skip(f"this machine has {memory} bytes of memory, room for the spec")
+    first = build({"latent_dim": 3}, 3, BOX)
+    peak, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    with pytest.raises(ValueError) as e:
+        build(spec, 3, BOX)
+    assert time.perf_counter() - start < 5.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**20  # KiB: less than 1 GiB more
+    assert str(e.value).startswith(
+        f"spec: expected parameters that fit in this machine's {memory / 2**30:,.1f} GiB of memory, got"
+        f" {count:,} parameters, which need {16 * count / 2**30:,.1f} GiB"
+    )
+    # Counting built nothing that took a param-store name: the next model and guide are numbered on.
+    second = build({"latent_dim": 3}, 3, BOX)
+    names = (first.model.name, first.guide.name, second.model.name, second.guide.name)
+    numbers = [int(name.rsplit("_", 1)[1]) for name in names]
+    assert numbers == list(range(numbers[0], numbers[0] + 4))
+
+
+def test_latent_dim_beyond_the_bound_is_refused_before_building():
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as e:
+        build(Spec.from_yaml("latent_dim: 1000000000\n"), 3, BOX)
+    assert str(e.value) == "latent_dim: expected an int in [1, 65536], got 1000000000"
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+        MemoryError(),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ],
+)  # fmt: skip
+def test_running_out_of_memory_while_building_is_a_value_error_naming_the_spec(error):
+    @register("transition", "test_greedy")
+    class Greedy(nn.Module):  # fails only when it allocates for real, after the count
+        def __init__(self, latent_dim, action_dim):
+            super().__init__()
+            self.latent_dim, self.action_dim = latent_dim, action_dim
+            if not torch.empty(2000).is_meta:
+                raise error
+
+    try:
+        with pytest.raises(ValueError) as e:
+            build({"latent_dim": 2, "transition": {"name": "test_greedy"}}, 3, BOX)
+        assert str(e.value).startswith(f"spec: building its parts ran out of memory ({type(error).__name__}")
+        assert str(e.value).endswith("make latent_dim (2) or the hidden widths smaller")
+    finally:
+        del REGISTRY["transition"]["test_greedy"]
+
+
+def test_an_allocation_that_fails_while_counting_and_an_unrelated_error_are_told_apart():
+    @register("transition", "test_huge")
+    class Huge(nn.Module):  # asks for 128 TiB on the CPU, past the meta device
+        def __init__(self, latent_dim, action_dim, boom: bool = False):
+            super().__init__()
+            self.latent_dim, self.action_dim, self.boom = latent_dim, action_dim, boom
+            if boom:
+                raise RuntimeError("boom")
+            self.table = torch.empty(2**45, device="cpu")
+
+    try:
+        with pytest.raises(
+            ValueError,
+            match=r"^spec: building its parts ran out of memory \(RuntimeError: .*can't allocate memory",
+        ):
+            build({"latent_dim": 2, "transition": {"name": "test_huge"}}, 3, BOX)
+        with pytest.raises(RuntimeError, match="^boom$"):  # not a memory error: not relabelled
+            build({"latent_dim": 2, "transition": {"name": "test_huge", "boom": True}}, 3, BOX)
+    finally:
+        del REGISTRY["transition"]["test_huge"]
+
+
+def test_a_part_that_cannot_be_counted_without_allocating_is_built_unchecked():
+    @register("transition", "test_reads_values")
+    class ReadsValues(nn.Module):  # reads a tensor it allocates: impossible on the meta device
+        def __init__(self, latent_dim, action_dim):
+            super().__init__()
+            self.latent_dim, self.action_dim = latent_dim, action_dim
+            self.weight = nn.Parameter(torch.zeros(latent_dim, 2000))
+            self.total = float(self.weight.sum().item())
+
+    try:
+        spec = {"latent_dim": 2, "transition": {"name": "test_reads_values"}}
+        assert count_parameters(spec, 3, BOX) is None
+        assert build(spec, 3, BOX).model.transition.weight.shape == (2, 2000)
+    finally:
+        del REGISTRY["transition"]["test_reads_values"]
+
+
+def test_overrides_copy_the_values_they_are_given():
+    part = {"name": "gated", "hidden": [4]}
+    spec = Spec().with_overrides({"transition": part, "transition.hidden": [8]})
+    assert spec.transition == {"name": "gated", "hidden": [8]} and part == {"name": "gated", "hidden": [4]}
