@@ -12,6 +12,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .elbos import analytic_kl
 from .imagine import imagine
+from .spaces import _INT_DTYPES, check_inputs
 
 # Our programs nest two plates (episodes at -2, time at -1); particles go left of both.
 _PARTICLE_DIM = -3
@@ -108,6 +109,7 @@ def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1)
     if not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles: expected a positive int, got {num_particles!r}")
     obs, actions, mask = model.check_inputs(obs, actions, mask)
+    _check_observed(mask)
     B, T = mask.shape
     n = mask.sum()
     log_lik = {"x": 0.0, "a": 0.0}
@@ -189,6 +191,7 @@ def iwae_log_likelihood(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg}: expected a positive int, got {value!r}")
     obs, actions, mask = model.check_inputs(obs, actions, mask)
+    _check_observed(mask)
     chunks = []
     with torch.no_grad():  # an estimate, not a loss: no graph kept for K particles
         for start in range(0, num_particles, chunk_size):
@@ -209,6 +212,7 @@ def heldout_bounds(
         every KL is exact) and ``iwae``.
     """
     obs, actions, mask = model.check_inputs(obs, actions, mask)
+    _check_observed(mask)
     terms = elbo_terms(model, guide, obs, actions, mask, num_particles=num_particles)
     iwae = iwae_log_likelihood(model, guide, obs, actions, mask, num_particles=iwae_particles)
     return {**terms.as_dict(), "iwae": float(iwae.sum() / mask.sum())}
@@ -240,7 +244,9 @@ def open_loop(
     log (1/S) Σ_s p(x | z_s), a Monte Carlo estimate of the predictive density.
 
     :param obs: ``(N, T, X)`` real units; :param actions: ``(N, T, ...)``.
-    :param mask: ``(N, T)`` bool, each row a prefix of True values.
+    :param mask: ``(N, T)`` bool, each row a prefix of True values; at least one True.
+        Inside it, values are checked as :func:`~pyro_worldmodel.spaces.check_inputs`
+        checks them, whether or not Pyro validation is on; outside it they are padding.
     :param normalizer: maps real units to the model's (and the baselines'); None
         when the data are already in model units.
     :param baselines: name → a fitted predictor with ``predict(context_obs,
@@ -254,9 +260,8 @@ def open_loop(
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{arg}: expected an int >= {low}, got {value!r}")
-    obs = torch.as_tensor(obs)
-    actions = torch.as_tensor(actions)
-    mask = torch.ones(obs.shape[:2], dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+    obs, actions, mask = _check_real_units(model, obs, actions, mask)
+    _check_observed(mask)
     lengths = mask.sum(1)
     episode, start = _window_starts(lengths, context, max_windows, seed)
     if len(episode) == 0:
@@ -314,6 +319,38 @@ def open_loop(
         log_lik={name: per_h(v, False) for name, v in log_lik.items()},
         num_windows=len(episode),
         count=count.tolist(),
+    )
+
+
+def _check_observed(mask) -> None:
+    """Refuse a mask with no observed step, where every figure per step would be 0 / 0."""
+    if not bool(mask.any()):
+        raise ValueError("mask: expected at least one observed step, got none")
+
+
+def _check_real_units(model, obs, actions, mask):
+    """``(obs, actions, mask)`` in real units as :func:`~pyro_worldmodel.spaces.check_inputs`
+    checks them, values included: NaN inside the mask would reach the figures, and a
+    mask that is no prefix would misplace the windows. Where they are stays as given.
+
+    Not ``model.check_inputs``: a bounded policy's box and a Bernoulli emission's
+    {0, 1} are in model units, which :func:`imagine` checks after the normaliser.
+    """
+    obs, actions = torch.as_tensor(obs), torch.as_tensor(actions)
+    ref = next(model.parameters())
+    # Keep the data's precision, as the figures compare them in real units.
+    dtype = obs.dtype if obs.is_floating_point() else ref.dtype
+    if model.action_space.kind == "box" and actions.dtype in _INT_DTYPES:
+        actions = actions.to(dtype)  # real actions, normalised like any other
+    return check_inputs(
+        obs,
+        actions,
+        mask,
+        obs_dim=model.obs_dim,
+        action_space=model.action_space,
+        dtype=dtype,
+        device=obs.device,
+        check_values=True,
     )
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from pyro.infer import Predictive
 
+from .spaces import _INT_DTYPES, check_inputs
+
 
 @dataclass
 class Imagination:
@@ -76,26 +78,45 @@ def imagine(
     :param future_actions: None to sample from the learned π; a ``(B, H, A)``
         (or ``(B, H)``) tensor; or a callable ``f(z) -> a`` on latents
         ``(..., B, 1, Z)`` (features [h_t, z_t] with a recurrent transition,
-        as the policy reads). In real units when ``normalizer`` is given.
+        as the policy reads), returning ``(..., B, 1, A)`` (or ``(..., B, 1)``)
+        with the same leading dims. In real units when ``normalizer`` is given.
     :param num_samples: S, futures drawn per episode.
     :param normalizer: a :class:`~pyro_worldmodel.data.Normalizer`: inputs are in
         real units and so is the result. None: everything in model units.
     :param parallel: draw the S samples in one vectorised pass.
+
+    Everything is checked whether or not Pyro validation is on: shapes, dtypes (integers are real numbers, converted to the parameters'
+    dtype before the normaliser; complex and bool are refused), finite values,
+    discrete actions in ``[0, n)``, what the model's parts refuse (a Bernoulli
+    emission's observations outside {0, 1}), and each action a callable returns,
+    as it returns it.
     """
     for arg, value in (("horizon", horizon), ("num_samples", num_samples)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{arg}: expected a positive int, got {value!r}")
     ref = next(model.parameters())
-    box = model.action_space.kind == "box"
-
-    def as_actions(a):  # box actions as reals, so that integer input is not left unnormalised
-        a = torch.as_tensor(a).to(ref.device)
-        return a.to(ref.dtype) if box else a
-
-    obs = torch.as_tensor(obs).to(ref.device, ref.dtype)
-    actions = as_actions(actions)
+    space = model.action_space
+    box = space.kind == "box"
+    obs = _on_device("obs", obs, ref.device)
+    actions = _on_device("actions", actions, ref.device)
+    if box and actions.dtype in _INT_DTYPES:
+        actions = actions.to(ref.dtype)  # real actions, so that integers are normalised too
+    # The checks that evaluation makes, in the units given and whether or not Pyro
+    # validation is on; integer observations become the parameters' float dtype
+    # here, before the normaliser, whose statistics would be cast to integers.
+    obs, actions, _ = check_inputs(
+        obs,
+        actions,
+        None,
+        obs_dim=model.obs_dim,
+        action_space=space,
+        dtype=ref.dtype,
+        device=ref.device,
+        check_values=True,
+    )
+    B = obs.shape[0]
     if future_actions is not None and not callable(future_actions):
-        future_actions = as_actions(future_actions)
+        future_actions = model.check_future_actions(future_actions, B, horizon)
     context_obs = obs
     if normalizer is not None:
         obs = normalizer.obs(obs)
@@ -104,7 +125,10 @@ def imagine(
             if torch.is_tensor(future_actions):
                 future_actions = normalizer.actions(future_actions)
             elif callable(future_actions):
-                future_actions = _in_model_units(future_actions, normalizer)
+                future_actions = _in_model_units(future_actions, model, normalizer)
+    # What the model's own parts refuse (a bounded policy's box, a Bernoulli emission's
+    # {0, 1}) in the units they read.
+    obs, actions, _ = model.check_inputs(obs, actions, check_values=True)
     predictive = Predictive(
         model.model,
         guide=guide,
@@ -115,7 +139,6 @@ def imagine(
     )
     with torch.no_grad():
         out = predictive(obs, actions, horizon=horizon, future_actions=future_actions)
-    B = obs.shape[0]
     x_mean = out["x_future_mean"].reshape(num_samples, B, horizon, -1)
     x = out["x_future"].reshape(num_samples, B, horizon, -1)
     z = out["z_future"].reshape(num_samples, B, horizon, -1)
@@ -130,8 +153,19 @@ def imagine(
     )
 
 
-def _in_model_units(fn, normalizer):
-    def wrapped(z):
-        return normalizer.actions(torch.as_tensor(fn(z)).to(z.dtype))
+def _in_model_units(fn, model, normalizer):
+    def wrapped(f):
+        # The shape before the map, whose broadcasting would hide a wrong one; the
+        # model checks the values after it, naming the step (the map keeps NaN and inf).
+        a = model.check_future_action(fn(f), f, check_values=False)
+        return normalizer.actions(a)
 
     return wrapped
+
+
+def _on_device(name, value, device):
+    """``value`` as a tensor on ``device``, or a ValueError naming ``name``."""
+    try:
+        return torch.as_tensor(value).to(device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{name}: expected a tensor or array, got {type(value).__name__}") from e

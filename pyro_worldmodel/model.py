@@ -12,7 +12,7 @@ from torch import nn
 from ._naming import register, unique_name
 from .components import GaussianMLPEmission, GaussianMLPTransition, StandardNormalInit, auto_policy
 from .components._nets import cat_batched
-from .spaces import ActionSpace, ChecksInputs
+from .spaces import _INT_DTYPES, ActionSpace, ChecksInputs
 
 
 class WorldModel(ChecksInputs, nn.Module):
@@ -103,12 +103,14 @@ class WorldModel(ChecksInputs, nn.Module):
 
     def check_inputs(self, obs, actions, mask=None, *, check_values: bool | None = None):
         """As :meth:`ChecksInputs.check_inputs`; when values are checked, a policy
-        with ``check_actions`` (the bounded tanh policy) also checks the observed actions."""
+        with ``check_actions`` (the bounded tanh policy) also checks the observed actions,
+        and an emission with ``check_obs`` (the Bernoulli emission) the observations."""
         obs, actions, mask = super().check_inputs(obs, actions, mask, check_values=check_values)
-        if (is_validation_enabled() if check_values is None else check_values) and hasattr(
-            self.policy, "check_actions"
-        ):
-            self.policy.check_actions(actions, mask)
+        if is_validation_enabled() if check_values is None else check_values:
+            if hasattr(self.policy, "check_actions"):
+                self.policy.check_actions(actions, mask)
+            if hasattr(self.emission, "check_obs"):
+                self.emission.check_obs(obs, mask)
         return obs, actions, mask
 
     @property
@@ -151,7 +153,9 @@ class WorldModel(ChecksInputs, nn.Module):
             a callable ``f(z_t) -> a_t`` maps what the policy reads, each
             ``(..., B, 1, Z)`` latent (``(..., B, 1, D + Z)`` features [h_t, z_t]
             with a recurrent transition), to an action of shape
-            ``(..., B, 1, A)`` (or ``(..., B, 1)``). Set actions are
+            ``(..., B, 1, A)`` (or ``(..., B, 1)``), the same leading dims.
+            Both are checked (:meth:`check_future_actions`,
+            :meth:`check_future_action`). Set actions are
             interventions: they are not scored by π.
         :returns: the latents ``(B, T, Z)``.
 
@@ -255,8 +259,8 @@ class WorldModel(ChecksInputs, nn.Module):
     def _dream(self, z_last, h_last, a_feat_last, T, horizon, future_actions):
         """Sample ``horizon`` steps after ``z_last``, inside the episodes plate."""
         B = a_feat_last.shape[0]
-        if torch.is_tensor(future_actions):
-            future_actions = self._check_future_actions(future_actions, B, horizon)
+        if future_actions is not None and not callable(future_actions):
+            future_actions = self.check_future_actions(future_actions, B, horizon)
         z_prev, h, a_prev = z_last, h_last, a_feat_last
         zs, feats, acts = [], [], []
         for step in pyro.markov(range(horizon)):
@@ -267,7 +271,7 @@ class WorldModel(ChecksInputs, nn.Module):
             if future_actions is None:
                 a_t = pyro.sample(f"a_{t}", self.policy(f_t))
             elif callable(future_actions):
-                a_t = future_actions(f_t)
+                a_t = self.check_future_action(future_actions(f_t), f_t, step)
             else:
                 a_t = future_actions[:, step : step + 1]
             zs.append(z_t)
@@ -291,21 +295,92 @@ class WorldModel(ChecksInputs, nn.Module):
             if self.continuation is not None:
                 pyro.deterministic("c_future_prob", self.continuation(_cat_time(feats)).mean)
 
-    def _check_future_actions(self, future_actions, B, horizon):
+    def check_future_actions(self, future_actions, batch_size: int, horizon: int) -> torch.Tensor:
+        """Set actions for the ``horizon`` imagined steps of :meth:`model`, checked.
+
+        Values are checked whether or not Pyro validation is on: there are few,
+        and a bad one fails deep inside the dream (an out-of-range index in
+        ``one_hot``) or turns every later step to NaN.
+
+        :param future_actions: ``(B, H, A)`` reals (integers are converted), or
+            ``(B, H)`` integers in ``[0, n)`` for a discrete space.
+        :returns: ``(B, H, A)`` of the parameters' dtype, or ``(B, H)`` long, on their device.
+        """
         space = self.action_space
-        expected = (B, horizon) if space.kind == "discrete" else (B, horizon, space.dim)
-        if tuple(future_actions.shape) != expected:
-            raise ValueError(
-                f"future_actions: expected shape {expected} for {space}, got {tuple(future_actions.shape)}"
-            )
         ref = next(self.parameters())
-        if space.kind == "discrete":
-            if future_actions.is_floating_point() or future_actions.is_complex():
+        a = _as_actions(future_actions, "a tensor or array", "")
+        expected = (batch_size, horizon) if space.kind == "discrete" else (batch_size, horizon, space.dim)
+        if tuple(a.shape) != expected:
+            raise ValueError(f"future_actions: expected shape {expected} for {space}, got {tuple(a.shape)}")
+        a = self._action_dtype(a.to(ref.device), ref.dtype, "", "")
+        bad, what = self._bad_actions(a)  # (B, H)
+        if bad.any():
+            b, t = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"future_actions: expected {what}, got {_value(a[b, t])} at episode {b}, step {t}"
+            )
+        return a
+
+    def check_future_action(
+        self, action, features: torch.Tensor, step: int | None = None, *, check_values: bool = True
+    ) -> torch.Tensor:
+        """The action a callable ``future_actions`` returned for one imagined step, checked.
+
+        The model needs one action per particle and episode, for that step alone:
+        shape ``features.shape[:-1]`` (then ``(A,)`` for a box space). An output
+        of another shape would be broadcast silently, against the wrong episodes
+        or particles. Values are checked as in :meth:`check_future_actions`.
+
+        :param action: what the callable returned.
+        :param features: ``(..., B, 1, F)``, what it was given.
+        :param step: the imagined step, 0 for the first, named in the messages.
+        :param check_values: False to check only the shape and dtype, e.g. before a map
+            to other units that keeps NaN and inf, where the model checks the values after.
+        :returns: ``(..., B, 1, A)`` of ``features``' dtype, or ``(..., B, 1)`` long, on its device.
+        """
+        space = self.action_space
+        at = "" if step is None else f" at imagined step {step}"
+        a = _as_actions(action, "the callable to return a tensor", at)
+        expected = tuple(features.shape[:-1]) + (() if space.kind == "discrete" else (space.dim,))
+        if tuple(a.shape) != expected:
+            raise ValueError(
+                f"future_actions: expected the callable to return shape {expected} for its input of"
+                f" shape {tuple(features.shape)}{at}, got {tuple(a.shape)}"
+            )
+        a = self._action_dtype(a.to(features.device), features.dtype, "the callable to return ", at)
+        if check_values:
+            bad, what = self._bad_actions(a)  # (..., B, 1)
+            if bad.any():
+                index = tuple(bad.nonzero()[0].tolist())
                 raise ValueError(
-                    f"future_actions: expected integers for {space}, got dtype {future_actions.dtype}"
+                    f"future_actions: expected the callable to return {what}{at}, got"
+                    f" {_value(a[index])} for episode {index[-2]}"
                 )
-            return future_actions.to(ref.device)
-        return future_actions.to(ref.device, ref.dtype)
+        return a
+
+    def _action_dtype(self, a, dtype, who, at):
+        """``a`` as long (discrete) or ``dtype`` (box); a dtype that is no action is refused."""
+        space = self.action_space
+        if space.kind == "discrete":
+            if a.dtype not in _INT_DTYPES:
+                raise ValueError(
+                    f"future_actions: expected {who}integers for {space}{at}, got dtype {a.dtype}"
+                )
+            return a.long()
+        # Integers are real numbers and are converted; casting complex or bool would
+        # drop the imaginary part or read flags as actions.
+        if not (a.is_floating_point() or a.dtype in _INT_DTYPES):
+            raise ValueError(
+                f"future_actions: expected {who}real numbers for {space}{at}, got dtype {a.dtype}"
+            )
+        return a.to(dtype)
+
+    def _bad_actions(self, a):
+        """Where ``a`` is no action of the space, over all but a box's last dim, and what was expected."""
+        space = self.action_space
+        if space.kind == "discrete":
+            return (a < 0) | (a >= space.dim), f"integers in [0, {space.dim})"
+        return ~torch.isfinite(a).all(-1), "finite values"
 
     def forward(self, obs, actions, mask=None, **kwargs):
         """Same as :meth:`model`."""
@@ -326,3 +401,18 @@ def _check_horizon(horizon, mask):
             "mask: expected every context step observed to imagine past it, got"
             f" {int((~mask).sum())} unobserved steps; pass the context without padding"
         )
+
+
+def _as_actions(value, expected, at):
+    """``value`` as a tensor; ``expected`` and ``at`` complete the message if it is none."""
+    if torch.is_tensor(value):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"future_actions: expected {expected}{at}, got {type(value).__name__}") from e
+
+
+def _value(a):
+    """One action for a message: a number (discrete) or a list (box)."""
+    return a.item() if a.dim() == 0 else a.tolist()

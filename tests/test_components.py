@@ -227,3 +227,38 @@ def test_bernoulli_emission_is_the_product_of_bernoullis():
     by_hand = (x * probs.log() + (1 - x) * (1 - probs).log()).sum(-1)
     torch.testing.assert_close(p.log_prob(x), by_hand)
     assert ((probs > 0) & (probs < 1)).all()
+
+
+def test_bernoulli_emission_refuses_observations_other_than_0_and_1():
+    em = BernoulliEmission(2, 4, hidden=(8,))
+    obs = (torch.rand(3, 5, 4) > 0.5).float()
+    em.check_obs(obs)  # binary floats pass
+    em.check_obs(obs.long(), torch.ones(3, 5, dtype=torch.bool))  # and binary integers
+    obs[2, 3, 1], obs[1, 4, 0] = 0.5, -1.0
+    message = (
+        r"obs: expected 0 or 1 on observed steps for a BernoulliEmission, got -1 at episode 1, step 4,"
+        r" dimension 0 \(2 steps with other values\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        em.check_obs(obs)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 4:] = False  # padding is not observed: only the 0.5 is left
+    with pytest.raises(ValueError, match=r"got 0.5 at episode 2, step 3, dimension 1 \(1 steps"):
+        em.check_obs(obs, mask)
+    mask[2, 3:] = False
+    em.check_obs(obs, mask)
+
+
+def test_an_emission_checks_its_observations_exactly_when_its_support_is_restricted():
+    """Gaussian and Student-t emissions have support on all reals: any finite value is
+    theirs, and they have no ``check_obs``. A Bernoulli's is {0, 1}, which it checks."""
+    constraints = torch.distributions.constraints
+    for em in (
+        GaussianMLPEmission(Z, X, hidden=(8,)),
+        LinearGaussianEmission(Z, X),
+        StudentTEmission(Z, X, hidden=(8,)),
+        BernoulliEmission(Z, X, hidden=(8,)),
+    ):
+        support = em(torch.randn(2, Z)).base_dist.support
+        assert support in (constraints.real, constraints.boolean)
+        assert hasattr(em, "check_obs") == (support is not constraints.real), type(em).__name__

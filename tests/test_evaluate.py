@@ -1,12 +1,16 @@
 """Bounds against the exact log-likelihood of a linear-Gaussian system with actions."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from worlds import X, world
 
 from pyro_worldmodel import FilterGuide, LinearGaussianSSM, elbo_terms, fit, iwae_log_likelihood
+from pyro_worldmodel.evaluate import heldout_bounds, open_loop
 from pyro_worldmodel.guides import SmoothingGuide
 
 T = 25
@@ -153,3 +157,68 @@ def test_the_smoothing_guide_is_at_least_as_tight_as_the_filter(anchor, trained_
     # without a_{t-1} the smoother had 19.1)
     assert smooth < exact and filt < exact
     assert smooth >= filt - 3 * (se_f**2 + se_s**2) ** 0.5
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_a_mask_with_no_observed_step_is_refused(validation):
+    """Nats per observed step over no step were 0 / 0 = NaN (and IWAE 0 nats for nothing)."""
+    model, guide = world()
+    obs, actions = torch.randn(2, 6, X), torch.randn(2, 6, 2)
+    none = torch.zeros(2, 6, dtype=torch.bool)
+    with pyro.validation_enabled(validation):
+        for evaluate in (
+            lambda m: elbo_terms(model, guide, obs, actions, m),
+            lambda m: iwae_log_likelihood(model, guide, obs, actions, m, num_particles=2),
+            lambda m: heldout_bounds(model, guide, obs, actions, m, num_particles=1, iwae_particles=2),
+            lambda m: open_loop(model, guide, obs, actions, m, context=2, horizon=2, num_samples=2),
+        ):
+            with pytest.raises(ValueError, match="mask: expected at least one observed step, got none"):
+                evaluate(none)
+        # One observed step is enough, and its figures are finite.
+        one = none.clone()
+        one[1, 0] = True
+        terms = elbo_terms(model, guide, obs, actions, one)
+        assert terms.num_timesteps == 1 and math.isfinite(terms.elbo)
+        bounds = heldout_bounds(model, guide, obs, actions, one, num_particles=1, iwae_particles=2)
+        assert all(math.isfinite(v) for v in bounds.values())
+        iwae = iwae_log_likelihood(model, guide, obs, actions, one, num_particles=2)
+        assert iwae[0] == 0.0 and iwae[1] < 0.0  # episode 0 observed nothing: log 1
+
+
+def test_open_loop_checks_its_data_in_real_units():
+    """NaN inside the mask reached the MSE; a mask that is no prefix misplaced the windows."""
+    model, guide = world()
+    obs, actions = torch.randn(3, 8, X), torch.randn(3, 8, 2)
+    mask = torch.arange(8) < torch.tensor([8, 6, 5])[:, None]
+    kwargs = dict(context=2, horizon=3, num_samples=2)
+    nan_target = obs.clone()
+    nan_target[2, 4, 1] = torch.nan  # past the context of every window that holds it
+    holey = mask.clone()
+    holey[0, 3] = False
+    for o, a, m, message in (
+        (nan_target, actions, mask, r"obs: expected finite values .*first at episode 2, step 4"),
+        (obs, actions, holey, r"mask: expected each row to be a prefix .*at episode 0, step 4"),
+        (obs, actions, mask.long(), r"mask: expected dtype torch.bool, got torch.int64"),
+        (obs.to(torch.complex64), actions, mask, r"obs: expected a real dtype, got torch.complex64"),
+        (obs, actions[..., :1], mask, r"actions: expected shape \(B, T, 2\), got \(3, 8, 1\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            open_loop(model, guide, o, a, m, **kwargs)
+    # Integer box actions are real numbers: the same figures as the same floats, the
+    # baselines' normalised too.
+    from pyro_worldmodel.baselines import LinearLeastSquares
+    from pyro_worldmodel.data import Normalizer
+    from pyro_worldmodel.spaces import ActionSpace
+
+    int_actions = torch.randint(-3, 4, (3, 8, 2))
+    norm = Normalizer(torch.zeros(X), torch.ones(X), torch.tensor([1.0, -1.0]), torch.tensor([2.0, 3.0]))
+    baseline = LinearLeastSquares(ActionSpace.box(2)).fit(
+        obs, norm.actions(int_actions.float()), mask, horizon=3
+    )
+    results = []
+    for a in (int_actions, int_actions.float()):
+        pyro.set_rng_seed(0)
+        results.append(
+            open_loop(model, guide, obs, a, mask, normalizer=norm, baselines={"linear": baseline}, **kwargs)
+        )
+    assert results[0].mse == results[1].mse and results[0].log_lik == results[1].log_lik

@@ -342,3 +342,188 @@ def test_open_loop_ignores_nan_padding():
     padded = open_loop(model, guide, nan_obs, nan_actions, mask, **kwargs)
     assert padded.mse == clean.mse and padded.log_lik == clean.log_lik
     assert clean.count == [6 + 4 + 3, 5 + 3 + 2, 4 + 2 + 1]
+
+
+def small(space):
+    model = WorldModel.default(3, space, latent_dim=2, hidden=(8,))
+    return model, FilterGuide.for_model(model, rnn_dim=8)
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_the_context_is_checked_as_evaluation_checks_it(validation):
+    """Whether or not Pyro validation is on: imagine is where a run's futures are drawn."""
+    model, guide = small(ActionSpace.discrete(2))
+    obs, actions = torch.randn(2, 4, 3), torch.randint(2, (2, 4))
+    nan_obs = obs.clone()
+    nan_obs[1, 2, 0] = torch.nan
+    bad_actions = actions.clone()
+    bad_actions[0, 3] = 5
+    cases = [
+        (obs.to(torch.complex64), actions, r"obs: expected a real dtype, got torch.complex64"),
+        (obs > 0, actions, r"obs: expected a real dtype, got torch.bool"),
+        (obs[0], actions, r"obs: expected shape \(B, T, 3\), got \(4, 3\)"),
+        (nan_obs, actions, r"obs: expected finite values .*first at episode 1, step 2"),
+        (obs, bad_actions, r"actions: expected integers in \[0, 2\), got 5 at episode 0, step 3"),
+        (obs, actions.float(), r"actions: expected an integer dtype .*got torch.float32"),
+        ("obs", actions, r"obs: expected a tensor or array, got str"),
+    ]
+    with pyro.validation_enabled(validation):
+        for o, a, message in cases:
+            with pytest.raises(ValueError, match=message):
+                imagine(model, guide, o, a, 2, num_samples=2)
+        box, box_guide = small(ActionSpace.box(1))
+        nan_actions = torch.randn(2, 4, 1)
+        nan_actions[1, 0, 0] = torch.inf
+        with pytest.raises(ValueError, match=r"actions: expected finite values .*first at episode 1, step 0"):
+            imagine(box, box_guide, obs, nan_actions, 2, num_samples=2)
+        with pytest.raises(
+            ValueError, match=r"actions: expected a floating dtype for a box space, got torch.complex64"
+        ):
+            imagine(box, box_guide, obs, torch.randn(2, 4, 1).to(torch.complex64), 2, num_samples=2)
+
+
+def test_the_model_checks_the_context_in_its_own_units():
+    """A Bernoulli emission reads {0, 1}: refused on real-valued context even with validation off."""
+    from pyro_worldmodel.components import (
+        BernoulliEmission,
+        CategoricalPolicy,
+        GaussianMLPTransition,
+        StandardNormalInit,
+    )
+
+    space = ActionSpace.discrete(2)
+    model = WorldModel(
+        StandardNormalInit(2),
+        GaussianMLPTransition(2, 2, hidden=(8,)),
+        BernoulliEmission(2, 3, hidden=(8,)),
+        CategoricalPolicy(2, space, hidden=(8,)),
+    )
+    guide = FilterGuide.for_model(model, rnn_dim=8)
+    obs, actions = (torch.rand(2, 4, 3) > 0.5).float(), torch.randint(2, (2, 4))
+    im = imagine(model, guide, obs, actions, 2, num_samples=2)
+    assert set(im.obs.unique().tolist()) <= {0.0, 1.0}
+    obs[1, 3, 2] = 0.25
+    with (
+        pyro.validation_enabled(False),
+        pytest.raises(ValueError, match=r"obs: expected 0 or 1 .*got 0.25 at episode 1, step 3, dimension 2"),
+    ):
+        imagine(model, guide, obs, actions, 2, num_samples=2)
+
+
+def test_integer_observations_are_normalised_as_the_same_floats():
+    model, guide = small(ActionSpace.box(1))
+    norm = Normalizer(torch.tensor([1.0, 2, 3]), torch.tensor([2.0, 0.5, 4]), torch.zeros(1), torch.ones(1))
+    obs, actions = torch.randint(-5, 6, (2, 4, 3)), torch.randn(2, 4, 1)
+    results = []
+    for o in (obs, obs.float()):
+        pyro.set_rng_seed(0)
+        results.append(imagine(model, guide, o, actions, 3, num_samples=4, normalizer=norm))
+    ints, floats = results
+    assert ints.context_obs.dtype == torch.float32
+    torch.testing.assert_close(ints.context_obs, obs.float())
+    torch.testing.assert_close(ints.latents, floats.latents)
+    torch.testing.assert_close(ints.obs_mean, floats.obs_mean)
+    torch.testing.assert_close(ints.obs, floats.obs)
+    # The context reached the guide: a different one gives different latents.
+    pyro.set_rng_seed(0)
+    other = imagine(model, guide, obs.float() + 10, actions, 3, num_samples=4, normalizer=norm)
+    assert not torch.allclose(other.latents, ints.latents)
+
+
+def test_future_action_tensors_are_checked():
+    model, guide = small(ActionSpace.discrete(2))
+    obs, actions = torch.randn(2, 4, 3), torch.randint(2, (2, 4))
+    cases = [
+        (torch.tensor([[0, 1, 1], [1, 0, 5]]), r"expected integers in \[0, 2\), got 5 at episode 1, step 2"),
+        (
+            torch.tensor([[0, -1, 1], [1, 0, 1]]),
+            r"expected integers in \[0, 2\), got -1 at episode 0, step 1",
+        ),
+        (torch.ones(2, 3, dtype=torch.bool), r"expected integers for .*got dtype torch.bool"),
+        (torch.ones(2, 3, 1, dtype=torch.long), r"expected shape \(2, 3\) for .*got \(2, 3, 1\)"),
+    ]
+    for future, message in cases:
+        with pytest.raises(ValueError, match="future_actions: " + message):
+            imagine(model, guide, obs, actions, 3, future_actions=future, num_samples=2)
+    with pytest.raises(
+        ValueError, match=r"future_actions: expected integers in \[0, 2\), got 2 at episode 0"
+    ):
+        model.model(obs, actions, horizon=3, future_actions=torch.full((2, 3), 2))
+    box, box_guide = small(ActionSpace.box(1))
+    nan = torch.zeros(2, 3, 1)
+    nan[1, 0, 0] = torch.nan
+    norm = Normalizer(torch.zeros(3), torch.ones(3), torch.tensor([1.0]), torch.tensor([2.0]))
+    for normalizer in (None, norm):
+        for future, message in (
+            (nan, r"expected finite values, got \[nan\] at episode 1, step 0"),
+            (torch.zeros(2, 3, 1, dtype=torch.complex64), r"expected real numbers for .*torch.complex64"),
+            (torch.zeros(2, 3), r"expected shape \(2, 3, 1\) for .*got \(2, 3\)"),
+        ):
+            with pytest.raises(ValueError, match="future_actions: " + message):
+                imagine(
+                    box, box_guide, obs, torch.randn(2, 4, 1), 3,
+                    future_actions=future, num_samples=2, normalizer=normalizer,
+                )  # fmt: skip
+
+
+def test_a_callable_must_return_one_action_per_particle_and_episode():
+    model, guide = small(ActionSpace.box(1))
+    obs, actions = torch.randn(2, 4, 3), torch.randn(2, 4, 1)
+    norm = Normalizer(torch.zeros(3), torch.ones(3), torch.tensor([1.0]), torch.tensor([2.0]))
+
+    def per_episode(z):  # (2, 1, 1): the same action for every sample, broadcast before
+        return torch.zeros(2, 1, 1)
+
+    shape = r"expected the callable to return shape \(3, 2, 1, 1\) for its input of shape \(3, 2, 1, 2\)"
+    with pytest.raises(ValueError, match=f"future_actions: {shape} at imagined step 0, got \\(2, 1, 1\\)"):
+        imagine(model, guide, obs, actions, 3, future_actions=per_episode, num_samples=3)
+    # Through the normaliser, whose broadcasting would widen a (..., 1) action to A dims.
+    with pytest.raises(ValueError, match=f"future_actions: {shape}, got \\(2, 1, 1\\)"):
+        imagine(model, guide, obs, actions, 3, future_actions=per_episode, num_samples=3, normalizer=norm)
+    calls = []
+
+    def nan_at_step_2(z):  # each run of the model calls it once per step, in order
+        calls.append(None)
+        a = torch.zeros(*z.shape[:-1], 1)
+        if (len(calls) - 1) % 3 == 2:
+            a[..., 1, :, :] = torch.nan
+        return a
+
+    for normalizer in (None, norm):  # the model checks values after the map, naming the step
+        calls.clear()
+        with pytest.raises(
+            ValueError,
+            match=r"future_actions: expected the callable to return finite values at imagined step 2,"
+            r" got \[nan\] for episode 1",
+        ):
+            imagine(
+                model, guide, obs, actions, 3,
+                future_actions=nan_at_step_2, num_samples=3, normalizer=normalizer,
+            )  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"future_actions: expected the callable to return a tensor .*got str"
+    ):
+        imagine(model, guide, obs, actions, 3, future_actions=lambda z: "left", num_samples=3)
+
+    discrete, discrete_guide = small(ActionSpace.discrete(2))
+    int_actions = torch.randint(2, (2, 4))
+    for act, message in (
+        (
+            lambda z: torch.full(z.shape[:-1], 7),
+            r"integers in \[0, 2\) at imagined step 0, got 7 for episode 0",
+        ),
+        (lambda z: torch.zeros(z.shape[:-1]), r"integers for .* at imagined step 0, got dtype torch.float32"),
+        (
+            lambda z: torch.zeros(*z.shape[:-1], 1, dtype=torch.long),
+            r"shape \(2, 1\) for its input of shape \(2, 1, 2\) .*got \(2, 1, 1\)",
+        ),
+    ):
+        with pytest.raises(ValueError, match="future_actions: expected the callable to return " + message):
+            imagine(discrete, discrete_guide, obs, int_actions, 2, future_actions=act, num_samples=3)
+    # A right one passes, its actions as given.
+    im = imagine(
+        discrete, discrete_guide, obs, int_actions, 2,
+        future_actions=lambda z: (z[..., 0] > 0).to(torch.int32), num_samples=3,
+    )  # fmt: skip
+    assert im.actions.dtype == torch.int64
+    assert torch.equal(im.actions, (im.latents[..., 0] > 0).long())

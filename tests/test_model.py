@@ -320,3 +320,64 @@ def test_the_dream_carries_h_on_from_the_context():
     torch.testing.assert_close(
         trace.nodes["x_future_mean"]["value"], model.emission(torch.cat(features, 1)).mean
     )
+
+
+def bernoulli_model(space=BOX):
+    from pyro_worldmodel.components import (
+        BernoulliEmission,
+        GaussianMLPTransition,
+        StandardNormalInit,
+        auto_policy,
+    )
+
+    model = WorldModel(
+        StandardNormalInit(2),
+        GaussianMLPTransition(2, space.feature_dim, hidden=(8,)),
+        BernoulliEmission(2, 3, hidden=(8,)),
+        auto_policy(2, space, hidden=(8,)),
+    )
+    return model, FilterGuide.for_model(model, rnn_dim=8, hidden=(8,))
+
+
+def test_check_inputs_asks_the_emission_to_check_its_observations():
+    model, _ = bernoulli_model()
+    binary, actions = (torch.rand(2, 5, 3) > 0.5).float(), torch.randn(2, 5, 2)
+    real = binary.clone()
+    real[1, 2, 0] = 0.7
+    message = r"obs: expected 0 or 1 on observed steps for a BernoulliEmission, got 0.7 at episode 1, step 2"
+    with pyro.validation_enabled(False):
+        with pytest.raises(ValueError, match=message):
+            model.check_inputs(real, actions, check_values=True)
+        model.check_inputs(real, actions)  # values unchecked: as asked, with validation off
+    with pytest.raises(ValueError, match=message):
+        model.check_inputs(real, actions)  # validation on, as in the suite
+    model.check_inputs(real, actions, check_values=False)
+    obs, _, _ = model.check_inputs(binary, actions, check_values=True)
+    torch.testing.assert_close(obs, binary)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 2:] = False  # the 0.7 is padding now
+    model.check_inputs(real, actions, mask, check_values=True)
+
+
+def test_fit_refuses_real_data_for_a_bernoulli_emission_before_any_step(tmp_path):
+    """Pyro's own check comes only inside the first SVI step, and not at all with validation off."""
+    model, guide = bernoulli_model()
+    obs, actions = torch.randn(4, 5, 3), torch.randn(4, 5, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = []
+    with (
+        pyro.validation_enabled(False),
+        pytest.raises(
+            ValueError, match=r"obs: expected 0 or 1 on observed steps for a BernoulliEmission, got"
+        ),
+    ):
+        fit(
+            model, guide, obs, actions, num_steps=3, checkpoint=tmp_path / "run.pt", checkpoint_every=1,
+            callback=lambda step, history: steps.append(step), progress=False,
+        )  # fmt: skip
+    assert steps == [] and not (tmp_path / "run.pt").exists()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert not list(pyro.get_param_store().keys())
+    # Binary data trains.
+    history = fit(model, guide, (obs > 0).float(), actions, num_steps=3, progress=False)
+    assert len(history.loss) == 3 and all(torch.isfinite(torch.tensor(history.loss)))

@@ -104,10 +104,40 @@ class StudentTEmission(LearnedDF, _MLPMean):
 
 
 class BernoulliEmission(_MLPMean):
-    """p(x_t | z_t) = Π_i Bernoulli(x_ti; sigmoid(W z_t + f(z_t))_i), for binary observations."""
+    """p(x_t | z_t) = Π_i Bernoulli(x_ti; sigmoid(W z_t + f(z_t))_i), for binary observations.
+
+    Observations must be 0 or 1 on observed steps; :meth:`check_obs` says which are not.
+    """
 
     def __init__(self, latent_dim: int, obs_dim: int, hidden: Sequence[int] = (64, 64)):
         super().__init__(latent_dim, obs_dim, hidden)
+
+    def check_obs(self, obs: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Refuse observed values other than 0 and 1.
+
+        Pyro's own check of the Bernoulli's support runs only while validation is
+        on, inside a step, and never on the batched training path
+        (:mod:`pyro_worldmodel.fast`), which builds its distributions from checked
+        inputs without validation; this one runs whenever
+        :meth:`WorldModel.check_inputs <pyro_worldmodel.model.WorldModel.check_inputs>`
+        checks values, e.g. in :func:`~pyro_worldmodel.fit` before the first step.
+        Normalised observations fail it: a Bernoulli emission reads raw binary data.
+
+        :param obs: ``(B, T, X)``; :param mask: ``(B, T)`` bool, all True if None.
+        """
+        bad_value = (obs != 0) & (obs != 1)  # (B, T, X)
+        bad = bad_value.any(-1)  # (B, T)
+        if mask is not None:
+            bad = bad & mask
+        if bad.any():
+            b, t = bad.nonzero()[0].tolist()
+            d = int(bad_value[b, t].nonzero()[0])
+            raise ValueError(
+                f"obs: expected 0 or 1 on observed steps for a {type(self).__name__}, got"
+                f" {obs[b, t, d].item():.6g} at episode {b}, step {t}, dimension {d}"
+                f" ({int(bad.sum())} steps with other values); a Bernoulli emission"
+                " reads raw binary observations, not normalised ones"
+            )
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: Bernoullis with event shape ``(X,)``; the mean is p."""
