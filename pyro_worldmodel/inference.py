@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,12 +13,15 @@ import pyro
 import pyro.optim
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, SVI
+from pyro.infer import ELBO
 from pyro.optim.optim import _get_state_dict  # handles optimisers and LR schedulers
 from tqdm.auto import tqdm
 
 from .elbos import TraceMeanField_ELBO
+from .errors import DivergenceError
 from .evaluate import elbo_terms
+from .io import atomic_write
+from .spaces import check_device
 
 MAX_PLATE_NESTING = 2  # episodes (dim -2) and time (dim -1)
 CHECKPOINT_FORMAT = "pyro_worldmodel.checkpoint/1"
@@ -117,30 +121,25 @@ def fit(
     elbo = default_elbo() if elbo is None else elbo
     if not isinstance(elbo, ELBO):
         raise ValueError(f"elbo: expected a pyro.infer.ELBO instance, got {type(elbo).__name__}")
-    optim = default_optim(lr) if optim is None else optim
+    if optim is None:
+        check_positive("lr", lr)
+        optim = default_optim(lr)
     if not isinstance(optim, pyro.optim.PyroOptim):
         raise ValueError(f"optim: expected a pyro.optim.PyroOptim, got {type(optim).__name__}")
+    optim_args = getattr(optim, "pt_optim_args", None)
+    if isinstance(optim_args, dict) and "lr" in optim_args:  # a callable gives per-parameter args
+        check_positive("optim's lr", optim_args["lr"])
     if resume and checkpoint is None:
         raise ValueError("resume: expected a checkpoint path to resume from, got checkpoint=None")
+    device = check_device(device)
 
     if device is not None:
         model.to(device)
         guide.to(device)
-    device = next(model.parameters()).device
-    obs, actions, mask = (None if x is None else torch.as_tensor(x).to(device) for x in (obs, actions, mask))
-    obs, actions, mask = model.check_inputs(obs, actions, mask, check_values=True)
-    if rewards is not None or continues is not None:
-        with pyro.validation_enabled(True):
-            rewards, continues = model.check_targets(rewards, continues, mask, obs.dtype)
-    targets = {k: v for k, v in (("rewards", rewards), ("continues", continues)) if v is not None}
-    if hasattr(guide, "check_inputs"):
-        guide.check_inputs(obs, actions, mask, check_values=False)
+    obs, actions, mask, targets = check_training_data(
+        model, guide, obs, actions, mask, rewards=rewards, continues=continues
+    )
     lengths = mask.sum(1).cpu()  # (N,)
-    if (lengths == 0).any():
-        raise ValueError(
-            f"mask: expected at least one observed step per episode, got none in episodes"
-            f" {(lengths == 0).nonzero().flatten().tolist()}"
-        )
     N = obs.shape[0]
     batch_size = min(batch_size, N)
 
@@ -165,9 +164,15 @@ def fit(
         model_fn = poutine.block(model_fn, hide_types=["param"])
     elif train == "model":
         guide_fn = poutine.block(guide_fn, hide_types=["param"])
-    svi = SVI(model_fn, guide_fn, optim, loss=elbo)
+    names = _parameter_names(model, guide)
+    params = list(names)  # every parameter of model and guide, each once
+    # Two snapshots, alternately overwritten: the parameters at the start of this step and
+    # of the last one. A non-finite loss condemns the parameters that produced it, so the
+    # last good ones are then the previous step's.
+    snapshots = ([p.detach().clone() for p in params], [p.detach().clone() for p in params])
+    last_saved = {"step": start if resume and Path(checkpoint).exists() else None}
 
-    def save(step):
+    def save(step, rng):
         save_checkpoint(
             checkpoint,
             model,
@@ -176,8 +181,26 @@ def fit(
             step=step,
             history=asdict(history),
             order_seed=order_seed,
-            rng=_get_rng_state(),
+            rng=rng,
             **(extra or {}),
+        )
+        last_saved["step"] = step
+
+    def diverged(step, what, good):
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in params], good)
+        if checkpoint is None:
+            where = "no checkpoint was asked for"
+        elif last_saved["step"] is None:
+            where = f"no checkpoint was written before it (the first is due at step {checkpoint_every})"
+        else:
+            where = f"the last good checkpoint is {checkpoint} (step {last_saved['step']})"
+        return DivergenceError(
+            f"training diverged at step {step}: {what}. The parameters are restored to those of"
+            f" the last step with a finite loss; {where}. Lower the learning rate (optim.lr) or"
+            " check the data",
+            step=step,
+            checkpoint=None if last_saved["step"] is None else Path(checkpoint),
         )
 
     bar = tqdm(range(start, num_steps), desc="SVI", disable=not progress, initial=start, total=num_steps)
@@ -188,21 +211,41 @@ def fit(
             on_device = idx.to(obs.device)
             batch = (obs[on_device, :T_b], actions[on_device, :T_b], mask[on_device, :T_b])
             batch_targets = {k: v[on_device, :T_b] for k, v in targets.items()}
-            loss = svi.step(*batch, **batch_targets) / float(lengths[idx].sum())
+            now, before = snapshots[step % 2], snapshots[(step + 1) % 2]
+            with torch.no_grad():
+                torch._foreach_copy_(now, [p.detach() for p in params])
+            due = checkpoint is not None and step > start and step % checkpoint_every == 0
+            rng = _get_rng_state() if due else None
+            with poutine.trace(param_only=True) as capture, warnings.catch_warnings():
+                # Pyro warns of a NaN loss; here it stops training with a DivergenceError instead.
+                warnings.filterwarnings("ignore", message=r"Encountered (NaN|[+-]?inf)", category=UserWarning)
+                loss = elbo.loss_and_grads(model_fn, guide_fn, *batch, **batch_targets)
+            loss = float(loss) / float(lengths[idx].sum())
+            touched = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
             if not math.isfinite(loss):
-                where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
-                raise FloatingPointError(f"loss: got {loss} at step {step}{where}")
+                pyro.infer.util.zero_grads(touched)
+                what = f"the loss is {loss}{_nonfinite_terms(model, guide, batch)}"
+                raise diverged(step, what, before if step > start else now)
+            if due:  # the parameters of this step gave a finite loss: a good checkpoint
+                save(step, rng)
+            grads = [p.grad for p in touched if p.grad is not None]
+            grads_ok = _all_finite(grads)
+            optim(touched)
+            ok = bool(grads_ok & _all_finite(list(touched)))  # one host-device sync
+            if not ok:
+                what = _first_nonfinite(names, grads_ok)
+                pyro.infer.util.zero_grads(touched)
+                raise diverged(step, what, now)
+            pyro.infer.util.zero_grads(touched)
             history.loss.append(loss)
             if terms_every and step % terms_every == 0:
                 history.terms.append({"step": step, **elbo_terms(model, guide, *batch).as_dict()})
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}")
-            if checkpoint is not None and (step + 1) % checkpoint_every == 0:
-                save(step + 1)
             if callback is not None:
                 callback(step, history)
         if checkpoint is not None and start < num_steps:
-            save(num_steps)
+            save(num_steps, _get_rng_state())
     finally:
         bar.close()
         if frozen is not None:
@@ -210,6 +253,92 @@ def fit(
             for p in frozen.parameters():
                 p.grad = None
     return history
+
+
+def check_training_data(model, guide, obs, actions, mask=None, *, rewards=None, continues=None):
+    """The checks :func:`fit` makes of its data, without training: shapes, dtypes, finite
+    values, masks, targets and every episode observed at least once.
+
+    Call it before writing anything that a refusal should not leave behind.
+
+    :returns: ``(obs, actions, mask, targets)`` on the model's device, ``targets`` a dict
+        of the ``rewards`` / ``continues`` given.
+    """
+    device = next(model.parameters()).device
+    obs, actions, mask = (None if x is None else _as_tensor(x, device) for x in (obs, actions, mask))
+    obs, actions, mask = model.check_inputs(obs, actions, mask, check_values=True)
+    if rewards is not None or continues is not None:
+        with pyro.validation_enabled(True):
+            rewards, continues = model.check_targets(rewards, continues, mask, obs.dtype)
+    targets = {k: v for k, v in (("rewards", rewards), ("continues", continues)) if v is not None}
+    if hasattr(guide, "check_inputs"):
+        guide.check_inputs(obs, actions, mask, check_values=False)
+    lengths = mask.sum(1).cpu()  # (N,)
+    if (lengths == 0).any():
+        raise ValueError(
+            f"mask: expected at least one observed step per episode, got none in episodes"
+            f" {(lengths == 0).nonzero().flatten().tolist()}"
+        )
+    return obs, actions, mask, targets
+
+
+def _as_tensor(x, device):
+    if torch.is_tensor(x):
+        return x.to(device)
+    try:
+        return torch.as_tensor(x).to(device)
+    except (TypeError, ValueError, RuntimeError):
+        return x  # check_inputs names what it got
+
+
+def check_positive(name: str, value) -> float:
+    """``value`` as a float if it is a finite number > 0, else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _parameter_names(model, guide) -> dict:
+    """``{parameter: "model.transition.net.0.weight", ...}``, each parameter once."""
+    names = {}
+    for owner, module in (("model", model), ("guide", guide)):
+        for name, p in module.named_parameters():
+            names.setdefault(p, f"{owner}.{name}")
+    return names
+
+
+def _all_finite(tensors) -> torch.Tensor:
+    """A 0-d bool tensor: every element of ``tensors`` is finite. One fused reduction (the
+    infinity norm propagates NaN) and no host-device sync."""
+    tensors = [t.detach() for t in tensors if t.numel()]
+    if not tensors:
+        return torch.tensor(True)
+    norms = torch._foreach_norm(tensors, float("inf"))
+    return torch.stack(norms).isfinite().all()
+
+
+def _first_nonfinite(names: dict, grads_ok: torch.Tensor) -> str:
+    """Which tensor went non-finite, for the error message (only on failure: syncs freely)."""
+    if not bool(grads_ok):
+        for p, name in names.items():
+            if p.grad is not None and not bool(p.grad.isfinite().all()):
+                return f"the gradient of {name} is not finite"
+    for p, name in names.items():
+        if not bool(p.isfinite().all()):
+            return f"{name} is not finite after the optimiser's update (is the learning rate finite?)"
+    return "a parameter outside the model and guide is not finite"
+
+
+def _nonfinite_terms(model, guide, batch) -> str:
+    """``" (log p(x|z) is nan)"``: which term of the bound is not finite, where it can be told."""
+    labels = {"log_px": "log p(x|z)", "log_pa": "log π(a|z)", "kl": "the KL"}
+    try:
+        with pyro.validation_enabled(True):
+            terms = elbo_terms(model, guide, *batch).as_dict()
+    except (ValueError, RuntimeError) as e:
+        return f" ({str(e).splitlines()[0]})"
+    bad = [f"{labels[k]} is {terms[k]}" for k in labels if not math.isfinite(terms[k])]
+    return f" ({', '.join(bad)})" if bad else " (a reward or continue term, or a Monte Carlo draw)"
 
 
 def _minibatch(step, N, batch_size, seed):
@@ -248,7 +377,8 @@ def save_checkpoint(path, model, guide, optim=None, **extra) -> Path:
     The file is written beside ``path`` and renamed over it, so a crash
     leaves either the old file or the new one, never half of one. Optimiser
     state is stored by parameter name relative to its module, so it loads
-    into a model whose param-store prefix differs.
+    into a model whose param-store prefix differs. A state with a NaN or an
+    infinity is refused (``DivergenceError``): it is never a good checkpoint.
 
     :param extra: further tensors, numbers, strings, lists and dicts to store.
     """
@@ -260,66 +390,110 @@ def save_checkpoint(path, model, guide, optim=None, **extra) -> Path:
         "optim": _relative_optim_state(optim, model, guide) if optim is not None else None,
         "extra": extra,
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    bad = _nonfinite_entries({k: state[k] for k in ("model", "guide", "optim")})
+    if bad:
+        raise DivergenceError(
+            f"checkpoint: refusing to write {path}: {bad[0]} holds a NaN or an infinity"
+            + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""),
+            step=extra.get("step", -1),
+        )
+    # Serialised in memory first: a full disk then fails in a plain write (OSError), not
+    # inside torch's zip writer, which reports it as a RuntimeError.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     return path
 
 
-def atomic_write(path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+def _nonfinite_entries(tree, prefix="") -> list[str]:
+    """Dotted names of the floating tensors in nested dicts and lists that are not all finite."""
+    if torch.is_tensor(tree):
+        if tree.is_floating_point() or tree.is_complex():
+            return [] if bool(tree.isfinite().all()) else [prefix or "a tensor"]
+        return []
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return []
+    out = []
+    for k, v in items:
+        out += _nonfinite_entries(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
 
 
 def load_checkpoint(path, model, guide, optim=None) -> dict:
     """Load a :func:`save_checkpoint` file into ``model``, ``guide`` and ``optim``.
 
     Uses ``torch.load(weights_only=True)``: nothing but tensors and plain
-    containers is ever unpickled.
+    containers is ever unpickled. A checkpoint with a NaN or an infinity in
+    its weights or optimiser state is refused.
 
     :returns: the ``extra`` entries that were saved.
     """
     device = next(model.parameters()).device
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(f"path: {path} is not a readable pyro_worldmodel checkpoint: {e}") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file, got {path}")
+    state = read_checkpoint(path, map_location=device)
+    bad = _nonfinite_entries({k: state[k] for k in ("model", "guide", "optim")})
+    if bad:
+        raise ValueError(f"path: {path} holds non-finite values (in {bad[0]}); it is not a good checkpoint")
     for key, module in (("model", model), ("guide", guide)):
         try:
             module.load_state_dict(state[key])
-        except RuntimeError as e:
-            raise ValueError(f"{key}: the checkpoint's {key} does not fit this one: {e}") from e
+        except (RuntimeError, TypeError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{key}: the checkpoint's {key} does not fit this one: {first}") from None
     if optim is not None and state["optim"] is not None:
-        optim.set_state(
-            {
-                f"{owner.name}$$${rel}": value
-                for key, owner in (("model", model), ("guide", guide))
-                for rel, value in state["optim"][key].items()
-            }
-        )
+        try:
+            optim.set_state(
+                {
+                    f"{owner.name}$$${rel}": value
+                    for key, owner in (("model", model), ("guide", guide))
+                    for rel, value in state["optim"][key].items()
+                }
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"path: {path} holds an optimiser state that does not fit ({e!r})") from None
     return state["extra"]
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """The contents of a :func:`save_checkpoint` file, checked for its format.
+
+    ``torch.load(weights_only=True)``: a file that needs anything else to load (a
+    pickled object, which could run code) is refused, not retried unsafely.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path: expected a checkpoint file, got the directory {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        # torch's own message suggests weights_only=False, which would run the file's code.
+        kind = (
+            "holds objects other than tensors and plain containers"
+            if _is_unpickling(e)
+            else "is truncated or corrupted"
+        )
+        raise ValueError(f"path: {path} is not a readable pyro_worldmodel checkpoint: it {kind}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file, got {path}")
+    missing = [k for k in ("model", "guide", "optim", "extra") if k not in state]
+    if missing or not isinstance(state["model"], dict) or not isinstance(state["guide"], dict):
+        raise ValueError(
+            f"path: {path} is an incomplete {CHECKPOINT_FORMAT} file (lacks {missing or 'weights'})"
+        )
+    if not isinstance(state["extra"], dict):
+        raise ValueError(f"path: {path} has a malformed 'extra' entry")
+    return state
+
+
+def _is_unpickling(e: Exception) -> bool:
+    import pickle
+
+    return isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e)
 
 
 def _relative_optim_state(optim, model, guide):
@@ -335,4 +509,6 @@ def _relative_optim_state(optim, model, guide):
         if id(param) in owners:
             key, rel = owners[id(param)]
             out[key][rel] = _get_state_dict(optimizer)
-    return out
+    # Sorted: Pyro creates an optimiser per parameter in the order of a set, which varies
+    # between processes, and the same state should make the same file.
+    return {key: dict(sorted(states.items())) for key, states in out.items()}

@@ -16,6 +16,7 @@ from pyro_worldmodel import (
     load_checkpoint,
     save_checkpoint,
 )
+from pyro_worldmodel.errors import DivergenceError
 
 
 def small(seed=0):
@@ -202,21 +203,148 @@ def test_a_nan_mid_training_stops_with_the_last_good_checkpoint(data, tmp_path):
     )
     with torch.no_grad():
         model.emission.linear.weight.fill_(1e38)  # the next loss overflows
-    with pytest.raises(
-        FloatingPointError, match=r"loss: got (nan|inf) at step 0; the last good checkpoint is"
-    ):
+    with pytest.raises(DivergenceError, match=r"training diverged at step 0: the loss is (nan|inf)") as e:
         fit(model, guide, obs, actions, mask, num_steps=20, batch_size=4, checkpoint=path, progress=False)
+    assert "no checkpoint was written before it" in str(e.value) and e.value.checkpoint is None
     model2, guide2 = small()
-    assert load_checkpoint(path, model2, guide2)["step"] == 10
+    assert load_checkpoint(path, model2, guide2)["step"] == 10  # the earlier run's, untouched
     assert model2.emission.linear.weight.abs().max() < 100
+
+
+def _state(model, guide):
+    return {k: v.clone() for m in (model, guide) for k, v in m.state_dict().items()}
+
+
+def test_a_loss_that_diverges_restores_the_last_parameters_with_a_finite_loss(data, tmp_path):
+    """lr = 1e6 takes the parameters to about 1e6 in one step, and the next loss is not
+    finite: those parameters are condemned too, and the ones before the first update return."""
+    obs, actions, mask = data
+    model, guide = small()
+    start = _state(model, guide)
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(DivergenceError, match=r"training diverged at step 1: the loss is (nan|inf)") as e:
+        fit(
+            model,
+            guide,
+            obs,
+            actions,
+            mask,
+            num_steps=10,
+            batch_size=4,
+            lr=1e6,
+            checkpoint=path,
+            checkpoint_every=1,
+            progress=False,
+        )
+    assert e.value.step == 1
+    assert all(torch.equal(v, start[k]) for k, v in _state(model, guide).items())
+    assert not path.exists()  # step 1's parameters never reached a checkpoint
+    assert "no checkpoint was written before it" in str(e.value)
+
+
+def test_a_later_divergence_keeps_the_last_good_checkpoint_and_names_it(data, tmp_path):
+    obs, actions, mask = data
+    model, guide = small()
+    path = tmp_path / "run.ckpt"
+    seen = {}
+
+    def poison(step, history):  # after step 6's update, make the next loss infinite
+        seen[step] = _state(model, guide)
+        if step == 6:
+            with torch.no_grad():
+                model.emission.linear.weight.fill_(1e38)
+
+    with pytest.raises(DivergenceError, match=r"at step 7: the loss is (nan|inf) \(log p\(x\|z\)") as e:
+        fit(
+            model,
+            guide,
+            obs,
+            actions,
+            mask,
+            num_steps=20,
+            batch_size=4,
+            checkpoint=path,
+            checkpoint_every=3,
+            progress=False,
+            callback=poison,
+        )
+    assert f"the last good checkpoint is {path} (step 6)" in str(e.value) and e.value.checkpoint == path
+    model2, guide2 = small(seed=1)
+    assert load_checkpoint(path, model2, guide2)["step"] == 6
+    # in memory: step 6's parameters, before the update whose result gave the bad loss
+    assert all(torch.equal(v, seen[5][k]) for k, v in _state(model, guide).items())
+    assert all(torch.equal(v, seen[5][k]) for k, v in _state(model2, guide2).items())
+
+
+def test_a_non_finite_learning_rate_is_caught_after_the_update(data, tmp_path):
+    """Per-parameter optimiser arguments (a callable) are not seen before training: the
+    update itself gives the non-finite parameters, and they are put back."""
+    obs, actions, mask = data
+    model, guide = small()
+    start = _state(model, guide)
+    optim = pyro.optim.ClippedAdam(lambda module, name: {"lr": float("nan")})  # torch's Adam would refuse
+    with pytest.raises(
+        DivergenceError, match=r"at step 0: (model|guide)\.\S+ is not finite after the optimiser's update"
+    ):
+        fit(model, guide, obs, actions, mask, num_steps=5, batch_size=4, optim=optim, progress=False)
+    assert all(torch.equal(v, start[k]) for k, v in _state(model, guide).items())
+    with pytest.raises(ValueError, match=r"optim's lr: expected a finite number > 0, got nan"):
+        fit(model, guide, obs, actions, mask, num_steps=5, optim=pyro.optim.ClippedAdam({"lr": float("nan")}))
+
+
+def test_a_non_finite_gradient_is_named(data):
+    obs, actions, mask = data
+    model, guide = small()
+    start = _state(model, guide)
+    model.emission.linear.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(
+        DivergenceError, match=r"at step 0: the gradient of model\.emission\.linear\.weight is not finite"
+    ):
+        fit(model, guide, obs, actions, mask, num_steps=5, batch_size=4, progress=False)
+    assert all(torch.equal(v, start[k]) for k, v in _state(model, guide).items())
+
+
+def test_a_checkpoint_with_a_nan_is_never_written_nor_loaded(tmp_path):
+    model, guide = small()
+    path = tmp_path / "run.ckpt"
+    save_checkpoint(path, model, guide, step=3)
+    good = path.read_bytes()
+    with torch.no_grad():
+        guide.combiner.linear.weight[0, 0] = float("nan")
+    with pytest.raises(
+        DivergenceError, match=r"refusing to write .*: guide\.combiner\.linear\.weight holds a NaN"
+    ):
+        save_checkpoint(path, model, guide, step=4)
+    assert path.read_bytes() == good
+    state = torch.load(path, weights_only=True)
+    state["model"]["emission.linear.bias"][0] = float("inf")
+    torch.save(state, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"holds non-finite values \(in model\.emission\.linear\.bias\)"):
+        load_checkpoint(tmp_path / "bad.ckpt", *small())
+
+
+@pytest.mark.parametrize("lr", [-1.0, 0.0, float("nan"), float("inf"), "1e-3", True])
+def test_a_learning_rate_that_makes_no_sense_is_refused(data, lr):
+    with pytest.raises(ValueError, match=r"lr: expected a finite number > 0, got"):
+        fit(*small(), *data, num_steps=1, lr=lr, progress=False)
+
+
+def test_a_device_this_machine_lacks_is_refused_by_name(data):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match=r"device: expected a device this machine has, got 'cuda'"):
+        fit(*small(), *data, num_steps=1, device="cuda", progress=False)
 
 
 def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     model, guide = small()
     path = tmp_path / "evil.ckpt"
     torch.save({"format": "pyro_worldmodel.checkpoint/1", "payload": ActionSpace.box(1)}, path)
-    with pytest.raises(ValueError, match=r"path: .* is not a readable pyro_worldmodel checkpoint"):
+    with pytest.raises(
+        ValueError, match=r"path: .* is not a readable pyro_worldmodel checkpoint: it holds objects"
+    ) as e:
         load_checkpoint(path, model, guide)
+    assert "weights_only" not in str(e.value)  # torch's advice to load unsafely is not repeated
     other = tmp_path / "other.ckpt"
     torch.save({"weights": torch.ones(2)}, other)
     with pytest.raises(ValueError, match=r"path: expected a pyro_worldmodel.checkpoint/1 file"):
