@@ -1,4 +1,4 @@
-"""The ``pyro-worldmodel`` command: collect, train, evaluate, imagine and compare.
+"""The ``pyro-worldmodel`` command: collect, train, evaluate, imagine, compare and loop.
 
 Every subcommand works in a run directory::
 
@@ -7,20 +7,29 @@ Every subcommand works in a run directory::
       model.ckpt       model, guide, optimiser and what rebuilds them
       metrics.json     held-out bounds and open-loop prediction against the baselines
       figures/         training.png, kl_per_t.png, open_loop.png, imagination.png
+      run.json         the manifest: every file of the run with its SHA-256, written last
 
 ``pyro-worldmodel train`` with no arguments is the default job: collect
 Pendulum-v1 with random actions, train the default model, evaluate it and
 draw the figures. ``pyro-worldmodel compare`` compares ELBO estimators on one
 model and dataset and writes ``compare/`` (compare.md, compare.json, figures/).
+
+A run directory is written as a transaction (:class:`pyro_worldmodel.io.RunDirectory`):
+every input is checked before anything is written, one process at a time holds
+the directory's lock, and what a command writes becomes the run at one commit,
+so a crash or a refusal leaves the previous run whole. A user error is printed
+as one line with exit status 2; a bug shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +37,14 @@ import pyro
 import torch
 
 from .baselines import CopyLast, LinearLeastSquares
-from .config import Built, Spec, build
+from .config import Built, Spec, build, load_yaml, yaml_value
 from .data import Episodes, Normalizer, collect
+from .errors import RunDirectoryError, WorldModelError
 from .evaluate import elbo_terms, heldout_bounds, open_loop
 from .imagine import imagine
-from .inference import atomic_write, fit, load_checkpoint
-from .spaces import ActionSpace
+from .inference import check_training_data, fit, load_checkpoint, read_checkpoint
+from .io import LOCK, RunDirectory, check_env_id, check_free_space, physical_memory, strict_json
+from .spaces import ActionSpace, check_device
 from .warm_start import linear_warm_start, why_no_linear_warm_start
 
 DEFAULT_ENV = "Pendulum-v1"
@@ -43,6 +54,8 @@ RUN_FORMAT = "pyro_worldmodel.run/1"
 # The default job's model: the default spec with an 8-dimensional latent.
 DEFAULT_SPEC = Spec(latent_dim=8, optim={"name": "ClippedAdam", "lr": 1e-3, "clip_norm": 10.0})
 DEFAULT_STEPS, DEFAULT_BATCH_SIZE, DEFAULT_LR_DECAY = 1500, 32, 0.01
+MAX_OBS_DIM = 2**16
+FIGURES_BYTES = 8 * 2**20  # what a command's figures and JSON need on disk, with room to spare
 
 
 @dataclass
@@ -66,6 +79,29 @@ class Architecture:
         space = ActionSpace(**self.action_space)
         return f"{self.env_id or 'unknown env'} (obs_dim {self.obs_dim}, actions {space})"
 
+    @classmethod
+    def from_dict(cls, data, where: str) -> Architecture:
+        """From a checkpoint's stored dict, every entry checked: nothing read from a file is trusted."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected an architecture dict, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in data if k not in known]
+        if unknown or "obs_dim" not in data or "action_space" not in data:
+            raise ValueError(f"{where}: expected architecture keys {known}, got {sorted(map(str, data))}")
+        obs_dim = data["obs_dim"]
+        if not isinstance(obs_dim, int) or isinstance(obs_dim, bool) or not 1 <= obs_dim <= MAX_OBS_DIM:
+            raise ValueError(f"{where}: obs_dim: expected an int in [1, {MAX_OBS_DIM}], got {obs_dim!r}")
+        space = data["action_space"]
+        if not isinstance(space, dict) or set(space) != {"kind", "dim", "low", "high"}:
+            raise ValueError(f"{where}: action_space: expected kind, dim, low and high, got {space!r}")
+        try:
+            ActionSpace(**space)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: action_space: {e}") from None
+        env_id = check_env_id(data.get("env_id", ""), f"{where}: env_id")
+        spec = Spec.from_dict(data.get("spec", DEFAULT_SPEC.to_dict())).to_dict()
+        return cls(obs_dim, space, env_id, spec)
+
 
 def _space_dict(space: ActionSpace) -> dict:
     return {
@@ -83,16 +119,44 @@ def _normalizer_dict(n: Normalizer) -> dict:
     return {k: v for k, v in asdict(n).items() if v is not None}
 
 
-def _load_run(run: Path, device: str):
+def _normalizer_from(data, arch: Architecture, where: str) -> Normalizer:
+    """The checkpoint's normaliser, its shapes checked against the architecture."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: normalizer: expected a dict of tensors, got {type(data).__name__}")
+    A = arch.action_space["dim"]
+    shapes = {"obs_loc": (arch.obs_dim,), "obs_scale": (arch.obs_dim,), "reward_loc": (), "reward_scale": ()}
+    if arch.action_space["kind"] == "box":
+        shapes.update(action_loc=(A,), action_scale=(A,))
+    unknown = [k for k in data if k not in shapes]
+    if unknown or "obs_loc" not in data or "obs_scale" not in data:
+        raise ValueError(f"{where}: normalizer: expected keys {sorted(shapes)}, got {sorted(map(str, data))}")
+    for key, value in data.items():
+        if not torch.is_tensor(value) or not value.is_floating_point() or tuple(value.shape) != shapes[key]:
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(
+                f"{where}: normalizer.{key}: expected a float tensor of shape {shapes[key]}, got {got}"
+            )
+        if not bool(value.isfinite().all()) or (key.endswith("scale") and not bool((value > 0).all())):
+            raise ValueError(
+                f"{where}: normalizer.{key}: expected finite values (scales > 0), got {value.tolist()}"
+            )
+    return Normalizer(**data)
+
+
+def _load_run(run: Path, device: str, *, files: RunDirectory | None = None):
     """Model, guide, architecture, normalizer and split of a trained run."""
-    ckpt = run / "model.ckpt" if run.is_dir() else run
-    if not ckpt.exists():
-        raise FileNotFoundError(
-            f"run: expected a checkpoint at {ckpt}; train one with `pyro-worldmodel train`"
-        )
+    if run.is_file():
+        ckpt = run
+    else:
+        files = files or RunDirectory(run)
+        if not files.has("model.ckpt"):
+            raise FileNotFoundError(
+                f"run: expected a checkpoint at {run / 'model.ckpt'}; train one with `pyro-worldmodel train`"
+            )
+        ckpt = files.file("model.ckpt")
     info = _read_run_info(ckpt)
-    arch = Architecture(**info["architecture"])
-    normalizer = Normalizer(**info["normalizer"])
+    arch = Architecture.from_dict(info["architecture"], f"{ckpt}")
+    normalizer = _normalizer_from(info["normalizer"], arch, f"{ckpt}")
     built = arch.build(normalizer)
     model, guide = built.model, built.guide
     model.to(device)
@@ -102,13 +166,18 @@ def _load_run(run: Path, device: str):
 
 
 def _read_run_info(ckpt: Path) -> dict:
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"run: {ckpt} is not a readable checkpoint (truncated or corrupted: {e})") from e
-    info = state.get("extra", {}).get("run") if isinstance(state, dict) else None
+    state = read_checkpoint(ckpt)
+    info = state["extra"].get("run")
     if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
         raise ValueError(f"run: {ckpt} was not written by `pyro-worldmodel train`")
+    for key, check in (
+        ("val_fraction", lambda v: isinstance(v, float) and 0 < v < 1),
+        ("seed", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+        ("architecture", lambda v: isinstance(v, dict)),
+        ("normalizer", lambda v: isinstance(v, dict)),
+    ):
+        if key not in info or not check(info[key]):
+            raise ValueError(f"run: {ckpt} has a missing or malformed {key!r} entry: {info.get(key)!r}")
     return info
 
 
@@ -128,30 +197,68 @@ def _check_compatible(arch: Architecture, episodes: Episodes, what: str):
         )
 
 
-def _write_json(path: Path, obj) -> None:
-    """Strict JSON: a NaN (a horizon no window reached) is written as null."""
-
-    def strict(x):
-        if isinstance(x, float) and x != x:
-            return None
-        if isinstance(x, dict):
-            return {k: strict(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [strict(v) for v in x]
-        return x
-
-    text = json.dumps(strict(obj), indent=2, allow_nan=False) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
 def _splits(episodes: Episodes, info: dict) -> tuple[Episodes, Episodes]:
     return episodes.split(info["val_fraction"], seed=info["seed"])
+
+
+def _load_episodes(path: Path, what: str = "data") -> Episodes:
+    """An episodes file named on the command line; every value checked (see :class:`Episodes`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what}: expected an episodes .npz file, got the directory {path}")
+    return Episodes.load(path)
+
+
+@contextmanager
+def _writing(path: Path, command: str):
+    """Hold ``path``'s lock for this command (one writer per run directory).
+
+    A directory this command created and left without a run or a resumable
+    transaction is removed again, so a refusal leaves nothing behind.
+    """
+    path = Path(path)
+    created = not path.exists()
+    run = RunDirectory.open(path, f"pyro-worldmodel {command}")
+    try:
+        yield run
+    finally:
+        if created and not run.files and run.staged_transaction() is None:
+            shutil.rmtree(run.staging, ignore_errors=True)
+            (path / LOCK).unlink(missing_ok=True)
+            run.close()
+            try:
+                path.rmdir()
+            except OSError:  # something else appeared there
+                pass
+        else:
+            run.close()
+
+
+def _refuse_replacing(run: RunDirectory, command: str, keep: tuple[str, ...] = ()) -> None:
+    """A run or dataset already in the directory is replaced only when asked (``--overwrite``)."""
+    held = sorted((name for name in run.files if name not in keep), key=lambda n: (n != "model.ckpt", n))
+    if held:
+        what = "a trained run" if "model.ckpt" in held else "files of another run"
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise RunDirectoryError(
+            f"out: {run.path} already holds {what} ({shown}); pass --overwrite to replace it"
+            + (", --resume to continue it" if command in ("train", "loop") else "")
+            + ", or choose another --out"
+        )
+
+
+def _checkpoint_bytes(model, guide) -> int:
+    n = sum(p.numel() * p.element_size() for m in (model, guide) for p in m.state_dict().values())
+    return 3 * n + 2**20  # weights, two Adam moments, and the rest
 
 
 # ---------------------------------------------------------------- subcommands
 
 
 def cmd_collect(args) -> Path:
+    out = args.out
+    if not args.overwrite and out.is_dir():  # refused before collecting; checked again under the lock
+        _refuse_replacing(RunDirectory(out), "collect")
     episodes = collect(
         args.env,
         args.episodes,
@@ -159,50 +266,57 @@ def cmd_collect(args) -> Path:
         num_envs=args.num_envs,
         max_episode_steps=args.max_episode_steps,
     )
-    out = episodes.save(args.out / "episodes.npz")
+    check_free_space(out, 2 * _episodes_bytes(episodes), "collect")
+    with _writing(out, "collect") as run:
+        if not args.overwrite:
+            _refuse_replacing(run, "collect")
+        tx = run.transaction("collect", replace=True)
+        episodes.save(tx.path("episodes.npz"))
+        tx.commit()
+    path = out / "episodes.npz"
     print(f"collected {len(episodes)} episodes ({int(episodes.lengths.sum())} steps) of {episodes.env_id}")
-    print(f"dataset: {out}")
-    return out
+    print(f"dataset: {path}")
+    return path
+
+
+def _episodes_bytes(episodes: Episodes) -> int:
+    return sum(
+        getattr(episodes, k).numel() * getattr(episodes, k).element_size()
+        for k in ("obs", "actions", "rewards", "mask")
+    )
 
 
 def cmd_train(args) -> dict:
+    # 1. Everything that can be refused is checked before the run directory is touched.
+    spec = _train_spec(args)
     _set_seed(args.seed)
     if args.data is not None:
-        episodes = Episodes.load(args.data)
+        episodes = _load_episodes(args.data)
     else:
         episodes = collect(args.env, args.episodes, seed=args.seed, num_envs=args.num_envs)
     out = args.out
     if out is None:  # named after the data's environment, not --env's default
         out = args.out = Path("runs") / (episodes.env_id or Path(args.data).stem)
     train, val = episodes.split(args.val_fraction, seed=args.seed)
-    spec = _train_spec(args)
     steps = spec.train.get("num_steps", DEFAULT_STEPS)
     batch_size = spec.train.get("batch_size", DEFAULT_BATCH_SIZE)
     arch = Architecture(train.obs_dim, _space_dict(train.action_space), episodes.env_id, spec.to_dict())
     normalizer = train.fit_normalizer().normalizer  # the model's action bounds are in its units
     _set_seed(args.seed)
-    built = arch.build(normalizer)  # a bad spec fails here, before any file is written
+    built = arch.build(normalizer)
     if args.init == "linear" and why_no_linear_warm_start(built.model, built.guide):
         raise ValueError(f"init: {why_no_linear_warm_start(built.model, built.guide)}")
-    # Everything that can fail is checked before anything is written.
     if not args.no_evaluate:
         _check_evaluable(train, val, args.context, args.horizon)
-    if args.resume:
-        _check_resumable(out / "model.ckpt", arch, args)
+        _check_evaluation_memory(args, arch, len(val) * int(val.lengths.max()), int(val.lengths.max()))
     episodes = replace(episodes, normalizer=normalizer)
     train = replace(train, normalizer=normalizer)
     obs, actions, mask, rewards, continues = _training_windows(
         train, args.window, steps * batch_size, args.seed
     )
-    episodes.save(out / "episodes.npz")
     model, guide = built.model, built.guide
     targets = model.targets(rewards, continues)  # a spec with reward / continue heads trains them too
-    if args.init != "random":
-        reason = why_no_linear_warm_start(model, guide)
-        if reason is None:
-            linear_warm_start(model, guide, obs, actions, mask)
-        else:
-            print(f"starting at random: no linear warm start for this spec ({reason})")
+    check_training_data(model, guide, obs, actions, mask, **targets)  # what fit would refuse
     info = {
         "format": RUN_FORMAT,
         "architecture": asdict(arch),
@@ -219,50 +333,99 @@ def cmd_train(args) -> dict:
         "checkpoint_every": max(steps // 10, 1),
         **spec.train,
     }
-    start = time.perf_counter()
-    with pyro.validation_enabled(False):  # inputs are checked once, up front, by fit
-        history = fit(
-            model,
-            guide,
-            obs,
-            actions,
-            mask,
-            **targets,
-            elbo=built.elbo,
-            optim=built.optim,
-            device=args.device,
-            seed=args.seed,
-            checkpoint=out / "model.ckpt",
-            resume=args.resume,
-            extra={"run": info},
-            **settings,
-        )
-    seconds = time.perf_counter() - start
-    from .plots import plot_training
+    same_data = args.data is not None and (out / "episodes.npz").resolve() == Path(args.data).resolve()
+    needed = 2 * (_episodes_bytes(episodes) + _checkpoint_bytes(model, guide)) + FIGURES_BYTES
+    check_free_space(out, needed, "train")
 
-    plot_training(history, out / "figures" / "training.png")
-    print(f"trained {len(history.loss)} steps in {seconds:.0f} s; checkpoint: {out / 'model.ckpt'}")
-    if args.no_evaluate:
-        return {}
-    eval_args = argparse.Namespace(
-        run=out,
-        data=None,
+    # 2. One writer: the directory's lock, then what is already there.
+    with _writing(out, "train") as run:
+        staged = run.staged_transaction()
+        resumable = run.staging / "model.ckpt"
+        source = None
+        if args.resume:  # an interrupted train's last good checkpoint, else the finished run's
+            candidates = (
+                [resumable] if staged and staged.get("command") == "train" and resumable.exists() else []
+            )
+            candidates += [run.file("model.ckpt")] if run.has("model.ckpt") else []
+            for candidate in candidates:
+                try:
+                    _check_resumable(candidate, arch, args)
+                except ValueError:
+                    if not args.overwrite:  # with --overwrite, another run's is replaced
+                        raise
+                    continue
+                source = candidate
+                break
+        if source is None and not args.overwrite:
+            _refuse_replacing(run, "train", keep=("episodes.npz",) if same_data else ())
+        if staged and source is None:
+            print(
+                f"note: discarding what an interrupted `{staged.get('command', 'pyro-worldmodel')}`"
+                f" (pid {staged.get('pid', '?')}, started {staged.get('started', '?')}) left unfinished in {run.staging}"
+            )
+
+        # 3. Everything is written into the transaction, which becomes the run at its commit.
+        tx = run.transaction("train", replace=True, keep_staged=source is resumable)
+        checkpoint = tx.path("model.ckpt")
+        if source is not None and source != resumable:
+            shutil.copyfile(source, checkpoint)
+        episodes.save(tx.path("episodes.npz"))
+        if args.init != "random" and source is None:
+            reason = why_no_linear_warm_start(model, guide)
+            if reason is None:
+                linear_warm_start(model, guide, obs, actions, mask)
+            else:
+                print(f"starting at random: no linear warm start for this spec ({reason})")
+        start = time.perf_counter()
+        with pyro.validation_enabled(False):  # inputs were checked once, up front
+            history = fit(
+                model,
+                guide,
+                obs,
+                actions,
+                mask,
+                **targets,
+                elbo=built.elbo,
+                optim=built.optim,
+                device=args.device,
+                seed=args.seed,
+                checkpoint=checkpoint,
+                resume=source is not None,
+                extra={"run": info},
+                **settings,
+            )
+        seconds = time.perf_counter() - start
+        from .plots import plot_training, save_figure
+
+        save_figure(plot_training(history), tx.path("figures/training.png"))
+        print(f"trained {len(history.loss)} steps in {seconds:.0f} s")
+        metrics = {}
+        if not args.no_evaluate:
+            metrics = _evaluate(
+                model, guide, arch, normalizer, info, episodes, None, _eval_settings(args), tx
+            )
+        tx.commit()
+    print(f"checkpoint: {out / 'model.ckpt'}")
+    if metrics:
+        _print_metrics(metrics, out, args)
+    return metrics
+
+
+def _eval_settings(args) -> argparse.Namespace:
+    return argparse.Namespace(
         context=args.context,
         horizon=args.horizon,
         num_samples=args.num_samples,
         iwae_particles=args.iwae_particles,
         seed=args.seed,
-        device=args.device,
         max_windows=args.max_windows,
-        episode=None,
+        episode=getattr(args, "episode", None),
     )
-    metrics = cmd_evaluate(eval_args)
-    return metrics
 
 
 def _train_spec(args) -> Spec:
     """The spec of a train run: --config, then --set, then the explicit flags, over the default."""
-    spec = Spec.from_yaml(args.config) if args.config is not None else DEFAULT_SPEC
+    spec = _config(args.config, DEFAULT_SPEC)
     overrides = dict(args.set or [])
     flags = {
         "latent_dim": args.latent_dim,
@@ -285,19 +448,56 @@ def _train_spec(args) -> Spec:
     return spec
 
 
-def _key_value(text: str) -> tuple[str, object]:
-    """``key.path=value`` with the value read as YAML: ``[128, 128]``, ``0.5``, ``filter``."""
-    import yaml
+def _config(path, default: Spec) -> Spec:
+    """``--config``: always a file, whatever its name; errors name the option."""
+    if path is None:
+        return default
+    try:
+        return Spec.from_file(path)
+    except ValueError as e:
+        raise ValueError(f"--config: {e}") from None
 
+
+def _check_sampling_memory(what: str, value: int, at_once: int, unit: str, steps: int, width: int) -> None:
+    """Refuse, before anything is written, sample counts whose tensors cannot fit in memory.
+
+    ``value`` draws for each of ``at_once`` windows (or episodes), of ``steps`` steps of
+    ``width`` numbers, are held at once, several times over (observations, their means,
+    latents, the traces' copies).
+    """
+    memory = physical_memory()
+    need = 8 * 4 * value * at_once * steps * max(width, 1)
+    if memory is not None and need > memory:
+        raise ValueError(
+            f"{what}: {value} draws for each of {at_once} {unit} at once, of {steps} steps, need"
+            f" about {need / 2**30:.0f} GiB, more than this machine's {memory / 2**30:.0f} GiB"
+        )
+
+
+def _check_evaluation_memory(args, arch: Architecture, num_windows: int, max_length: int) -> None:
+    spec = Spec.from_dict(arch.spec)
+    deter = int(spec.transition.get("deter_dim", 0) or 0)
+    width = arch.obs_dim + 2 * spec.latent_dim + deter + arch.action_space["dim"]
+    at_once = min(num_windows, args.max_windows, 256)  # open_loop imagines 256 windows at a time
+    _check_sampling_memory(
+        "num_samples", args.num_samples, at_once, "windows", args.context + args.horizon, width
+    )
+    _check_sampling_memory(
+        "iwae_particles", min(args.iwae_particles, 250), num_windows, "episode steps", 1, width
+    )
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """``key.path=value`` with the value read as YAML: ``[128, 128]``, ``0.5``, ``1e-4``, ``filter``."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(
             f"expected KEY=VALUE such as transition.hidden=[128,128], got {text!r}"
         )
     key, value = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise argparse.ArgumentTypeError(f"expected a YAML value after '=', got {value!r} ({e})") from None
+        return key.strip(), yaml_value(value, f"--set {key.strip()}")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _check_evaluable(train: Episodes, val: Episodes, context: int, horizon: int) -> None:
@@ -315,8 +515,6 @@ def _check_evaluable(train: Episodes, val: Episodes, context: int, horizon: int)
 
 def _check_resumable(ckpt: Path, arch: Architecture, args) -> None:
     """--resume continues only the run that was started: same data, model, split and seed."""
-    if not ckpt.exists():
-        return
     info = _read_run_info(ckpt)
     asked = {"architecture": asdict(arch), "val_fraction": args.val_fraction, "seed": args.seed}
     differs = [f"{key} {info[key]!r} vs {value!r}" for key, value in asked.items() if info.get(key) != value]
@@ -339,28 +537,58 @@ def _training_windows(train: Episodes, window: int, draws: int, seed: int):
 
 
 def cmd_evaluate(args) -> dict:
+    run = Path(args.run)
+    _require_run(run)
+    val = None
+    if args.data is not None:
+        val = _load_episodes(args.data)
+    arch = Architecture.from_dict(_read_run_info(run / "model.ckpt")["architecture"], str(run / "model.ckpt"))
+    sizes = val if val is not None else _load_episodes(run / "episodes.npz")
+    _check_evaluation_memory(args, arch, len(sizes) * int(sizes.lengths.max()), int(sizes.lengths.max()))
+    check_free_space(run, FIGURES_BYTES, "evaluate")
+    with _writing(run, "evaluate") as files:
+        model, guide, arch, normalizer, info = _load_run(run, args.device, files=files)
+        episodes = Episodes.load(files.file("episodes.npz"))
+        _check_compatible(arch, episodes, f"the run's {run / 'episodes.npz'}")
+        if val is not None:
+            _check_compatible(arch, val, f"data {args.data}")
+        tx = files.transaction("evaluate")
+        metrics = _evaluate(model, guide, arch, normalizer, info, episodes, val, args, tx)
+        tx.commit()
+    _print_metrics(metrics, run, args)
+    return metrics
+
+
+def _require_run(run: Path) -> None:
+    """Before taking a lock (which would create the directory): is there a run to read?"""
+    if run.is_file():
+        raise ValueError(f"run: expected a run directory, got the file {run}")
+    if not RunDirectory(run).has("model.ckpt"):
+        raise FileNotFoundError(
+            f"run: expected a checkpoint at {run / 'model.ckpt'}; train one with `pyro-worldmodel train`"
+        )
+
+
+def _evaluate(model, guide, arch, normalizer, info, episodes, val, args, tx) -> dict:
+    """Held-out bounds, open-loop prediction against the baselines and the figures, computed
+    in full, then staged in ``tx``: ``metrics.json`` and ``figures/``."""
     from .plots import plot_imagination, plot_kl_per_t, plot_open_loop, save_figure
 
-    run = Path(args.run)
-    model, guide, arch, normalizer, info = _load_run(run, args.device)
-    episodes = Episodes.load(run / "episodes.npz")
-    _check_compatible(arch, episodes, f"the run's {run / 'episodes.npz'}")
-    train, val = _splits(episodes, info)
-    if args.data is not None:
-        val = Episodes.load(args.data)
-        _check_compatible(arch, val, f"data {args.data}")
+    train, heldout = _splits(episodes, info)
+    if val is None:
+        val = heldout
     val = replace(val, normalizer=normalizer)
     train = replace(train, normalizer=normalizer)
-    if args.episode is None:  # draw the longest held-out episode
-        args.episode = int(val.lengths.argmax())
-    L = int(val.lengths[args.episode]) if 0 <= args.episode < len(val) else 0
+    episode = args.episode
+    if episode is None:  # draw the longest held-out episode
+        episode = int(val.lengths.argmax())
+    L = int(val.lengths[episode]) if 0 <= episode < len(val) else 0
     if L <= args.context:
         raise ValueError(
             f"episode: expected a held-out episode longer than context={args.context} to draw,"
-            f" got episode {args.episode} of {L} steps among {len(val)}"
+            f" got episode {episode} of {L} steps among {len(val)}"
         )
     _set_seed(args.seed)
-    figures = run / "figures"
     obs, actions, mask = val.normalized()
     bounds = heldout_bounds(model, guide, obs, actions, mask, iwae_particles=args.iwae_particles)
     kl_terms = elbo_terms(model, guide, obs, actions, mask, num_particles=8)
@@ -387,17 +615,13 @@ def cmd_evaluate(args) -> dict:
     )
     drawn = min(args.horizon, L - args.context)
     im, future = _imagine_episode(
-        model, guide, val, normalizer, args.episode, 0, args.context, drawn, args.num_samples
+        model, guide, val, normalizer, episode, 0, args.context, drawn, args.num_samples
     )
-    drawn_figures = {
+    figures = {
         "kl_per_t.png": plot_kl_per_t(kl_per_t, monte_carlo=bool(kl_terms.monte_carlo_kl)),
         "open_loop.png": plot_open_loop(ol),
         "imagination.png": plot_imagination(im, future),
     }
-    # Everything is computed; only now are files written.
-    for name, fig in drawn_figures.items():
-        save_figure(fig, figures / name)
-
     metrics = {
         "env_id": arch.env_id,
         "num_episodes": len(val),
@@ -405,15 +629,28 @@ def cmd_evaluate(args) -> dict:
         "kl_per_t": kl_per_t.tolist(),
         "open_loop": asdict(ol),
     }
-    _write_json(run / "metrics.json", metrics)
-    print(
-        f"held-out, nats per timestep: ELBO {bounds['elbo']:.3f}  IWAE-{args.iwae_particles} {bounds['iwae']:.3f}"
-    )
-    print(f"  log p(x|z) {bounds['log_px']:.3f}  log π(a|z) {bounds['log_pa']:.3f}  KL {bounds['kl']:.3f}")
-    print(f"open loop after {args.context} context steps, {ol.num_windows} windows (MSE in real units):")
-    print(ol.table())
-    print(f"metrics: {run / 'metrics.json'}\nfigures: {figures}/")
+    text = strict_json(metrics)  # a value JSON cannot hold fails here, before a file is staged
+    for name, fig in figures.items():
+        save_figure(fig, tx.path(f"figures/{name}"))
+    tx.write("metrics.json", lambda f: f.write(text.encode()))
     return metrics
+
+
+def _print_metrics(metrics: dict, run: Path, args) -> None:
+    bounds, ol = metrics["heldout"], metrics["open_loop"]
+
+    def num(x):
+        return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+    print(
+        f"held-out, nats per timestep: ELBO {num(bounds['elbo'])}  IWAE-{args.iwae_particles} {num(bounds['iwae'])}"
+    )
+    print(f"  log p(x|z) {num(bounds['log_px'])}  log π(a|z) {num(bounds['log_pa'])}  KL {num(bounds['kl'])}")
+    print(f"open loop after {args.context} context steps, {ol['num_windows']} windows (MSE in real units):")
+    from .evaluate import OpenLoop
+
+    print(OpenLoop(**ol).table())
+    print(f"metrics: {run / 'metrics.json'}\nfigures: {run / 'figures'}/")
 
 
 def _imagine_episode(
@@ -456,44 +693,54 @@ def _imagine_episode(
 
 
 def cmd_imagine(args) -> Path:
-    from .plots import plot_imagination
+    from .plots import plot_imagination, save_figure
 
     run = Path(args.run)
-    model, guide, arch, normalizer, info = _load_run(run, args.device)
+    _require_run(run)
+    episodes = None
     if args.data is not None:
-        episodes = Episodes.load(args.data)
-        _check_compatible(arch, episodes, f"data {args.data}")
-    else:
-        episodes = Episodes.load(run / "episodes.npz")
-        _check_compatible(arch, episodes, f"the run's {run / 'episodes.npz'}")
-        _, episodes = _splits(episodes, info)
-    _set_seed(args.seed)
-    im, future = _imagine_episode(
-        model,
-        guide,
-        episodes,
-        normalizer,
-        args.episode,
-        args.start,
-        args.context,
-        args.horizon,
-        args.num_samples,
-        policy=args.policy == "model",
-    )
-    path = run / "imagination.npz"
-    arrays = {
-        k: getattr(im, k).cpu().numpy() for k in ("latents", "actions", "obs_mean", "obs", "context_obs")
-    }
-    if future is not None:
-        arrays["future_obs"] = future.numpy()
-    atomic_write(path, lambda f: np.savez(f, **arrays))
-    fig_path = run / "figures" / "imagination.png"
-    plot_imagination(im, future, path=fig_path)
+        episodes = _load_episodes(args.data)
+    arch = Architecture.from_dict(_read_run_info(run / "model.ckpt")["architecture"], str(run / "model.ckpt"))
+    spec = Spec.from_dict(arch.spec)
+    width = arch.obs_dim + 2 * spec.latent_dim + arch.action_space["dim"]
+    _check_sampling_memory("num_samples", args.num_samples, 1, "episode", args.context + args.horizon, width)
+    check_free_space(run, FIGURES_BYTES + 4 * 4 * args.num_samples * args.horizon * width, "imagine")
+    with _writing(run, "imagine") as files:
+        model, guide, arch, normalizer, info = _load_run(run, args.device, files=files)
+        if episodes is not None:
+            _check_compatible(arch, episodes, f"data {args.data}")
+        else:
+            episodes = Episodes.load(files.file("episodes.npz"))
+            _check_compatible(arch, episodes, f"the run's {run / 'episodes.npz'}")
+            _, episodes = _splits(episodes, info)
+        _set_seed(args.seed)
+        im, future = _imagine_episode(
+            model,
+            guide,
+            episodes,
+            normalizer,
+            args.episode,
+            args.start,
+            args.context,
+            args.horizon,
+            args.num_samples,
+            policy=args.policy == "model",
+        )
+        arrays = {
+            k: getattr(im, k).cpu().numpy() for k in ("latents", "actions", "obs_mean", "obs", "context_obs")
+        }
+        if future is not None:
+            arrays["future_obs"] = future.numpy()
+        fig = plot_imagination(im, future)
+        tx = files.transaction("imagine")
+        tx.write("imagination.npz", lambda f: np.savez(f, **arrays))
+        save_figure(fig, tx.path("figures/imagination.png"))
+        tx.commit()
     print(
         f"imagined {args.num_samples} futures of {args.horizon} steps after {args.context} steps of episode {args.episode}"
     )
-    print(f"samples: {path}\nfigure: {fig_path}")
-    return path
+    print(f"samples: {run / 'imagination.npz'}\nfigure: {run / 'figures' / 'imagination.png'}")
+    return run / "imagination.npz"
 
 
 def cmd_compare(args) -> dict:
@@ -510,11 +757,10 @@ def cmd_compare(args) -> dict:
         estimators = _estimators_option(args.estimators)
     for estimator in estimators:  # a bad name or keyword fails before any data is collected
         make_estimator(estimator)
-    spec = Spec.from_yaml(args.config) if args.config is not None else DEFAULT_SPEC
-    spec = spec.with_overrides(dict(args.set or []))
+    spec = _config(args.config, DEFAULT_SPEC).with_overrides(dict(args.set or []))
     _set_seed(args.seed)
     if args.data is not None:
-        episodes = Episodes.load(args.data)
+        episodes = _load_episodes(args.data)
     else:
         episodes = collect(
             args.env,
@@ -537,8 +783,7 @@ def cmd_compare(args) -> dict:
         raise ValueError(f"init: {reason}")
     window = args.window if args.window is not None else (10 if args.smoke else 30)
     obs, actions, mask, _, _ = _training_windows(train, window, steps * batch_size, args.seed)
-    if args.init != "random" and reason is None:
-        linear_warm_start(built.model, built.guide, obs, actions, mask)
+    check_training_data(built.model, built.guide, obs, actions, mask)
     info = {
         "env_id": episodes.env_id,
         "data": str(args.data) if args.data is not None else f"collected {len(episodes)} episodes",
@@ -546,35 +791,41 @@ def cmd_compare(args) -> dict:
         "init": args.init if args.init != "auto" else ("linear" if reason is None else "random"),
         "spec": spec.to_dict(),
     }
-    with pyro.validation_enabled(False):  # inputs are checked once, up front, by compare_estimators
-        result = compare_estimators(
-            obs,
-            actions,
-            mask,
-            heldout=val.normalized(),
-            estimators=estimators,
-            model=built.model,
-            guide=built.guide,
-            repeats=args.repeats,
-            num_steps=steps,
-            batch_size=batch_size,
-            iwae_particles=args.iwae_particles,
-            optim=spec.optim,
-            seed=args.seed,
-            device=args.device,
-            smoke=args.smoke,
-            info=info,
-        )
-    figures = {
-        "estimators.png": plot_estimator_comparison(result),
-        "learning_curves.png": plot_learning_curves(result),
-    }
-    # Everything is computed; only now are files written.
-    for name, fig in figures.items():
-        save_figure(fig, out / "figures" / name)
-    report = result.markdown()
-    atomic_write(out / "compare.md", lambda f: f.write(report.encode()))
-    _write_json(out / "compare.json", result.to_dict())
+    check_free_space(out, FIGURES_BYTES, "compare")
+    with _writing(out, "compare") as files:
+        if args.init != "random" and reason is None:
+            linear_warm_start(built.model, built.guide, obs, actions, mask)
+        with pyro.validation_enabled(False):  # inputs are checked once, up front, by compare_estimators
+            result = compare_estimators(
+                obs,
+                actions,
+                mask,
+                heldout=val.normalized(),
+                estimators=estimators,
+                model=built.model,
+                guide=built.guide,
+                repeats=args.repeats,
+                num_steps=steps,
+                batch_size=batch_size,
+                iwae_particles=args.iwae_particles,
+                optim=spec.optim,
+                seed=args.seed,
+                device=args.device,
+                smoke=args.smoke,
+                info=info,
+            )
+        figures = {
+            "estimators.png": plot_estimator_comparison(result),
+            "learning_curves.png": plot_learning_curves(result),
+        }
+        report = result.markdown()
+        text = strict_json(result.to_dict())
+        tx = files.transaction("compare", replace=True)
+        for name, fig in figures.items():
+            save_figure(fig, tx.path(f"figures/{name}"))
+        tx.write("compare.md", lambda f: f.write(report.encode()))
+        tx.write("compare.json", lambda f: f.write(text.encode()))
+        tx.commit()
     print(result.table())
     for note in result.notes():
         print(f"  {note}")
@@ -584,9 +835,8 @@ def cmd_compare(args) -> dict:
 
 def cmd_loop(args) -> dict:
     from .loop import DEFAULT_LOOP_SPEC, model_based_loop
-    from .plots import plot_loop
 
-    spec = Spec.from_yaml(args.config) if args.config is not None else DEFAULT_LOOP_SPEC
+    spec = _config(args.config, DEFAULT_LOOP_SPEC)
     if spec.planner is None:
         spec = replace(spec, planner={"name": "cem"})
     if args.planner is not None and args.planner != spec.planner["name"]:  # another planner: its defaults
@@ -613,13 +863,21 @@ def cmd_loop(args) -> dict:
         if spec.planner and spec.planner.get("name") == "actor_critic":
             spec = spec.with_overrides({"planner.updates": 5, "planner.horizon": 5})
     out = args.out if args.out is not None else Path("runs") / args.env / "loop"
-    result = model_based_loop(args.env, spec, seed=args.seed, out=out, device=args.device, **settings)
-    plot_loop(result, out / "loop.png")
+    result = model_based_loop(
+        args.env,
+        spec,
+        seed=args.seed,
+        out=out,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        **settings,
+    )
     best = max((r["eval_return"] for r in result.iterations if r["eval_return"] is not None), default=None)
     print(
         f"{result.env_id} with the {result.planner} planner: {len(result.iterations)} iterations,"
-        f" {result.env_steps[-1]} environment steps, best evaluation return {best:.1f},"
-        f" {result.seconds:.0f} s"
+        f" {result.env_steps[-1]} environment steps, best evaluation return"
+        f" {'n/a' if best is None else f'{best:.1f}'}, {result.seconds:.0f} s"
     )
     print(f"results: {out / 'loop.json'}; figure: {out / 'loop.png'}; checkpoint: {out / 'model.ckpt'}")
     return result.as_dict()
@@ -627,14 +885,13 @@ def cmd_loop(args) -> dict:
 
 def _estimators_option(text: str) -> list:
     """``--estimators``: a YAML list (or a .yaml file of one) of names and spec dicts."""
-    import yaml
-
     if "\n" not in text and Path(text).suffix in (".yaml", ".yml"):
-        text = Path(text).read_text(encoding="utf-8")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"estimators: expected a YAML list, got {text!r} ({e})") from None
+        path = Path(text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"estimators: cannot read {path}: {e}") from None
+    value = load_yaml(text, "estimators")
     if isinstance(value, (str, dict)):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -653,12 +910,10 @@ def _set_seed(seed: int) -> None:
 
 
 def _device(value: str) -> str:
-    if value.startswith("cuda") and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"expected a device this machine has, got {value!r} (no CUDA here)")
     try:
-        torch.device(value)
-    except RuntimeError as e:
-        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda, got {value!r}") from e
+        check_device(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("device: ")) from None
     return value
 
 
@@ -709,6 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=positive_int, default=50, help="episodes to collect (default: 50)")
     p.add_argument("--num-envs", type=positive_int, default=8, help="vector environments (default: 8)")
     p.add_argument("--max-episode-steps", type=positive_int, default=None, help="override the time limit")
+    _overwrite_option(p)
     common(p)
     p.set_defaults(func=cmd_collect)
 
@@ -766,7 +1022,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start at the least-squares linear system of the data (see warm_start.py), or at random;"
         " auto (default) is linear wherever the spec's components allow it",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run: an interrupted train from its last good checkpoint, same settings",
+    )
+    _overwrite_option(p)
     p.add_argument("--no-evaluate", action="store_true", help="skip evaluation and its figures")
     _eval_options(p)
     common(p)
@@ -941,9 +1202,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stop-at", type=float, default=None, help="stop once an evaluation return reaches this")
     p.add_argument("--smoke", action="store_true", help="tiny settings that finish in seconds")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed loop from its last complete iteration (same settings and seed)",
+    )
+    _overwrite_option(p)
     common(p)
     p.set_defaults(func=cmd_loop)
     return parser
+
+
+def _overwrite_option(p):
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run or dataset already in the directory (refused without it)",
+    )
 
 
 def _eval_options(p):
@@ -967,13 +1242,43 @@ def main(argv=None) -> int:
         args.out = Path("runs") / args.env  # train --data names it after the data's env
     if getattr(args, "run", "unset") is None:
         args.run = Path("runs") / args.env
-    torch.set_num_threads(1)  # faster at these sizes, and no spinning threads fighting (PYRO_NOTES §6)
+    torch.set_num_threads(1)  # faster at these sizes, and no spinning threads fighting
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pyro-worldmodel {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise  # a bug: its traceback
+        print(f"pyro-worldmodel {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def user_error(e: BaseException) -> str | None:
+    """One line for an error the user can act on, or None for a bug.
+
+    User errors are bad input (``ValueError``, with the argument named), the
+    package's named errors, the file system's (a missing, read-only or full
+    disk) and memory that cannot be allocated.
+    """
+    if isinstance(e, (ValueError, WorldModelError)):
+        text = str(e)
+    elif isinstance(e, OSError):
+        text = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else (e.strerror or str(e))
+    elif isinstance(e, MemoryError) or _is_out_of_memory(e):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        text = f"memory: the sizes asked for cannot be allocated ({first})"
+    else:
+        return None
+    # Pyro appends its "Trace Shapes:" table to errors raised inside a model or guide.
+    text = text.split("\nTrace Shapes:")[0]
+    return " ".join(line.strip() for line in text.strip().splitlines()) or type(e).__name__
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e))
 
 
 if __name__ == "__main__":

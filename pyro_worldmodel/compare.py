@@ -75,11 +75,11 @@ from pyro.util import get_rng_state, set_rng_state
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import REGISTRY, _check_kwargs, build, resolve
+from .config import REGISTRY, build, resolve, typed_kwargs
 from .evaluate import elbo_terms, iwae_log_likelihood
 from .inference import MAX_PLATE_NESTING, _minibatch, fit
 from .profiling import PeakMemory
-from .spaces import ActionSpace
+from .spaces import ActionSpace, check_device
 
 # What the default comparison and the smoke setting use where an argument is None.
 DEFAULTS = {
@@ -287,7 +287,7 @@ def make_estimator(spec: dict | str) -> pyro.infer.ELBO:
     spec = _as_spec(spec)
     cls = resolve("elbo", spec["name"])
     kwargs = {k: v for k, v in spec.items() if k not in ("name", "label")}
-    _check_kwargs("elbo", cls, kwargs)
+    kwargs = typed_kwargs("elbo", cls, kwargs)  # names, types and ranges, as a spec's are checked
     params = inspect.signature(cls).parameters
     accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
     if kwargs.get("num_particles", _default_particles(cls)) > 1 and (
@@ -405,6 +405,7 @@ def compare_estimators(
         pyro.set_rng_seed(seed)
         built = build(spec, obs.shape[-1], action_space)
         model, guide = built.model, built.guide
+    device = check_device(device)
     if device is not None:
         model.to(device)
         guide.to(device)

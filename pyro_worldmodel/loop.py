@@ -17,10 +17,11 @@ evaluation episodes are not training data and are not counted.
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyro
@@ -28,9 +29,11 @@ import torch
 
 from .config import Spec, build
 from .data import Episodes, Normalizer, collect, observation_scale_floor, play
-from .inference import _check_int, atomic_write, fit, save_checkpoint
+from .errors import RunDirectoryError
+from .inference import _check_int, fit, load_checkpoint, read_checkpoint, save_checkpoint
+from .io import RunDirectory, check_free_space, strict_json
 from .planning import CEMPlanner, LatentState, belief, box_centre, clip_to_space, posterior_states
-from .spaces import ActionSpace
+from .spaces import ActionSpace, check_device
 from .warm_start import linear_warm_start, why_no_linear_warm_start
 
 LOOP_FORMAT = "pyro_worldmodel.loop/1"
@@ -181,6 +184,8 @@ def model_based_loop(
     seed: int = 0,
     device: str | torch.device | None = None,
     out: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log=print,
 ) -> LoopResult:
@@ -201,8 +206,13 @@ def model_based_loop(
     :param max_env_steps: stop before an iteration would collect past this many steps.
     :param stop_at: stop once an evaluation's mean return reaches this.
     :param device: where the model, guide and planner live and plan, e.g. ``"cuda"``.
-    :param out: a directory for ``loop.json``, ``loop.png``, ``model.ckpt`` and
-        ``episodes.npz``, each rewritten atomically after every iteration.
+    :param out: a run directory for ``loop.json``, ``loop.png``, ``model.ckpt`` and
+        ``episodes.npz``. It is locked while the loop runs, and after every iteration
+        the four files are committed together (:class:`~pyro_worldmodel.io.RunDirectory`),
+        so a crash leaves the last complete iteration.
+    :param resume: continue the loop in ``out`` from its last complete iteration; the
+        result is the one an uninterrupted run with the same settings and seed gives.
+    :param overwrite: replace a loop already in ``out`` (refused otherwise).
     :param log: called with one line per iteration (None: silent).
     """
     for arg, value, low in (
@@ -217,6 +227,17 @@ def model_based_loop(
         ("context", context, 1),
     ):
         _check_int(arg, value, low)
+    if max_env_steps is not None:
+        _check_int("max_env_steps", max_env_steps, 1)
+    if isinstance(explore, bool) or not isinstance(explore, (int, float)) or not 0 <= explore < math.inf:
+        raise ValueError(f"explore: expected a finite number >= 0, got {explore!r}")
+    if stop_at is not None and (
+        isinstance(stop_at, bool) or not isinstance(stop_at, (int, float)) or math.isnan(stop_at)
+    ):
+        raise ValueError(f"stop_at: expected a number, got {stop_at!r}")
+    if resume and out is None:
+        raise ValueError("resume: expected an out directory to resume from, got out=None")
+    device = check_device(device)
     spec = DEFAULT_LOOP_SPEC if spec is None else spec
     spec = Spec.from_yaml(spec) if isinstance(spec, (str, Path)) else Spec.from_dict(spec)
     if spec.reward is None:
@@ -226,16 +247,57 @@ def model_based_loop(
         )
     if spec.planner is None:
         spec = replace(spec, planner={"name": "cem"})
-    out = None if out is None else Path(out)
+    settings = dict(
+        iterations=iterations,
+        seed_episodes=seed_episodes,
+        episodes_per_iteration=episodes_per_iteration,
+        train_steps=train_steps,
+        batch_size=batch_size,
+        window=window,
+        eval_episodes=eval_episodes,
+        eval_every=eval_every,
+        context=context,
+        explore=explore,
+        max_env_steps=max_env_steps,
+        stop_at=stop_at,
+        seed=seed,
+    )
     log = log or (lambda line: None)
+    run = None
+    if out is not None:
+        # a checkpoint, the dataset and the figure, staged beside the last iteration's
+        check_free_space(out, 64 * 2**20, "loop")
+        run = RunDirectory.open(Path(out), "pyro-worldmodel loop")
+    try:
+        return _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log)
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log) -> LoopResult:
+    s = SimpleNamespace(**settings)
+    seed = s.seed
+    saved = None
+    if run is not None:
+        if resume and run.has("model.ckpt"):
+            saved = _read_loop_state(run, spec, settings)
+        elif run.files and not overwrite:
+            raise RunDirectoryError(
+                f"out: {run.path} already holds a loop ({', '.join(list(run.files)[:4])}); pass"
+                " --overwrite (overwrite=True) to replace it, --resume (resume=True) to continue it,"
+                " or choose another directory"
+            )
     pyro.set_rng_seed(seed)
     start = time.perf_counter()
-
-    data = collect(env_id, seed_episodes, seed=seed, progress=progress)
+    if saved is None:
+        data = collect(env_id, s.seed_episodes, seed=seed, progress=progress)
+        # Fixed from here, so the model's units never move; floored by the observation space's
+        # bounds, as the planner will go where random actions did not.
+        normalizer = data.fit_normalizer(observation_scale_floor(env_id)).normalizer
+    else:
+        data, normalizer = saved["data"], saved["normalizer"]
     real_space = data.action_space
-    # Fixed from here, so the model's units never move; floored by the observation space's
-    # bounds, as the planner will go where random actions did not.
-    normalizer = data.fit_normalizer(observation_scale_floor(env_id)).normalizer
     pyro.set_rng_seed(seed)
     built = build(spec, data.obs_dim, normalizer.action_space(real_space))
     model, guide, planner = built.model, built.guide, built.planner
@@ -248,31 +310,33 @@ def model_based_loop(
             "note: episodes terminate but the spec has no continuation head; planners will ignore termination"
         )
     result = LoopResult(
-        env_id=data.env_id,
-        planner=spec.planner["name"],
-        spec=spec.to_dict(),
-        settings=dict(
-            iterations=iterations,
-            seed_episodes=seed_episodes,
-            episodes_per_iteration=episodes_per_iteration,
-            train_steps=train_steps,
-            batch_size=batch_size,
-            window=window,
-            eval_episodes=eval_episodes,
-            eval_every=eval_every,
-            context=context,
-            explore=explore,
-            max_env_steps=max_env_steps,
-            seed=seed,
-        ),
+        env_id=data.env_id, planner=spec.planner["name"], spec=spec.to_dict(), settings=settings
     )
     generator = torch.Generator().manual_seed(seed)
-    ep_seed = seed + 1000  # episode seeds never repeat those of the random episodes
-    for it in range(iterations):
+    first = 0
+    if saved is not None:
+        load_checkpoint(saved["checkpoint"], model, guide, built.optim)
+        state = saved["state"]
+        if callable(getattr(planner, "load_training_state", None)):
+            planner.load_training_state(state.get("planner"))
+        generator.set_state(state["generator"])
+        if isinstance(getattr(built.elbo, "step", None), int):  # a schedule over SVI steps
+            built.elbo.step = int(state["elbo_step"])
+        result.iterations = saved["rows"]
+        first = len(result.iterations)
+        start -= result.iterations[-1]["seconds"]
+        if state.get("finished"):
+            log(f"the loop in {run.path} is complete ({first} iterations); nothing to resume")
+            result.seconds = result.iterations[-1]["seconds"]
+            return result
+        log(f"resuming the loop in {run.path} at iteration {first}")
+    # Episode seeds never repeat those of the random episodes.
+    ep_seed = seed + 1000 + first * s.episodes_per_iteration
+    for it in range(first, s.iterations):
         units = replace(data, normalizer=normalizer).in_model_units()
-        num = max(int(units.lengths.sum()) // window, 1) * 4
+        num = max(int(units.lengths.sum()) // s.window, 1) * 4
         obs, actions, mask, rewards, continues = units.windows(
-            min(window, int(units.lengths.max())), num, generator=generator, targets=True
+            min(s.window, int(units.lengths.max())), num, generator=generator, targets=True
         )
         if it == 0 and why_no_linear_warm_start(model, guide) is None:
             linear_warm_start(model, guide, obs, actions, mask)
@@ -285,8 +349,8 @@ def model_based_loop(
                 actions,
                 mask,
                 **model.targets(rewards, continues),  # a spec may have a reward head only
-                num_steps=train_steps,
-                batch_size=batch_size,
+                num_steps=s.train_steps,
+                batch_size=s.batch_size,
                 elbo=built.elbo,
                 optim=built.optim,
                 seed=seed + it,
@@ -305,26 +369,26 @@ def model_based_loop(
                 planner,
                 normalizer,
                 real_space,
-                context=context,
+                context=s.context,
                 explore=noise,
                 generator=generator,
             )
 
-        new = play(env_id, agent(explore), episodes_per_iteration, seed=ep_seed, progress=False)
-        ep_seed += episodes_per_iteration
+        new = play(env_id, agent(s.explore), s.episodes_per_iteration, seed=ep_seed, progress=False)
+        ep_seed += s.episodes_per_iteration
         data = data + new
         env_steps = int(data.lengths.sum())
-        last = it == iterations - 1 or (
-            max_env_steps is not None and env_steps + _expected(new) > max_env_steps
+        last = it == s.iterations - 1 or (
+            s.max_env_steps is not None and env_steps + _expected(new) > s.max_env_steps
         )
         eval_return = eval_std = None
-        if (it + 1) % eval_every == 0 or last:
+        if (it + 1) % s.eval_every == 0 or last:
             evaluation = play(
                 env_id,
                 agent(0.0),
-                eval_episodes,
-                seed=10**6 + it * eval_episodes,
-                num_envs=eval_episodes,
+                s.eval_episodes,
+                seed=10**6 + it * s.eval_episodes,
+                num_envs=s.eval_episodes,
                 progress=False,
             )
             eval_return, eval_std = (
@@ -338,7 +402,7 @@ def model_based_loop(
             "collect_return": float(new.returns.mean()),
             "eval_return": eval_return,
             "eval_return_std": eval_std,
-            "loss": float(np.mean(history.loss[-max(1, train_steps // 10) :])),
+            "loss": float(np.mean(history.loss[-max(1, s.train_steps // 10) :])),
             "train_seconds": train_seconds,
             "seconds": time.perf_counter() - start,
             **({"planner": planner_stats} if planner_stats else {}),
@@ -350,9 +414,17 @@ def model_based_loop(
             + ("" if eval_return is None else f", evaluation return {eval_return:.1f} ± {eval_std:.1f}")
             + f", loss {row['loss']:.3f}, {row['seconds']:.0f} s"
         )
-        if out is not None:
-            _write(out, result, model, guide, built.optim, planner, data, normalizer)
-        if last or (stop_at is not None and eval_return is not None and eval_return >= stop_at):
+        finished = last or (s.stop_at is not None and eval_return is not None and eval_return >= s.stop_at)
+        if run is not None:
+            state = {
+                "generator": generator.get_state(),
+                "elbo_step": int(getattr(built.elbo, "step", 0) or 0),
+                "finished": bool(finished),
+            }
+            if callable(getattr(planner, "training_state", None)):
+                state["planner"] = planner.training_state()
+            _write(run, result, model, guide, built.optim, state, data, normalizer)
+        if finished:
             break
     return result
 
@@ -378,20 +450,59 @@ def _reward_units(normalizer, model):
     return {"reward_scale": normalizer.reward_scale.to(ref), "reward_loc": normalizer.reward_loc.to(ref)}
 
 
-def _write(out: Path, result: LoopResult, model, guide, optim, planner, data: Episodes, normalizer) -> None:
-    from .plots import plot_loop
+def _write(
+    run: RunDirectory, result: LoopResult, model, guide, optim, state, data: Episodes, normalizer
+) -> None:
+    """One iteration's files, committed together: a reader sees this iteration or the last, whole."""
+    from .plots import plot_loop, save_figure
 
-    out.mkdir(parents=True, exist_ok=True)
+    fig = plot_loop(result)
+    text = strict_json(result.as_dict())
+    tx = run.transaction("loop", replace=True)
     save_checkpoint(
-        out / "model.ckpt",
+        tx.path("model.ckpt"),
         model,
         guide,
         optim,
         loop=result.as_dict(),
         normalizer={k: v for k, v in asdict(normalizer).items() if v is not None},
-        **({"planner": planner.state_dict()} if isinstance(planner, torch.nn.Module) else {}),
+        loop_state=state,
     )
-    replace(data, normalizer=normalizer).save(out / "episodes.npz")
-    text = json.dumps(result.as_dict(), indent=2)
-    atomic_write(out / "loop.json", lambda f: f.write(text.encode()))
-    plot_loop(result, out / "loop.png")
+    replace(data, normalizer=normalizer).save(tx.path("episodes.npz"))
+    tx.write("loop.json", lambda f: f.write(text.encode()))
+    save_figure(fig, tx.path("loop.png"))
+    tx.commit()
+
+
+def _read_loop_state(run: RunDirectory, spec: Spec, settings: dict) -> dict:
+    """What a resumed loop continues from, checked against the settings it is resumed with."""
+    ckpt = run.file("model.ckpt")
+    extra = read_checkpoint(ckpt)["extra"]
+    loop, state = extra.get("loop"), extra.get("loop_state")
+    if not isinstance(loop, dict) or loop.get("format") != LOOP_FORMAT or not isinstance(state, dict):
+        raise RunDirectoryError(f"resume: {ckpt} was not written by the model-based loop")
+    differs = [
+        f"{key} {loop['settings'].get(key)!r} vs {value!r}"
+        for key, value in settings.items()
+        if loop.get("settings", {}).get(key) != value
+    ]
+    if loop.get("spec") != spec.to_dict():
+        differs.append("the spec")
+    if differs:
+        raise ValueError(
+            f"resume: the loop in {run.path} was run with other settings; it differs in"
+            f" {'; '.join(differs)}. Resume with the same settings, or pass --overwrite"
+        )
+    data = Episodes.load(run.file("episodes.npz"))
+    if data.normalizer is None:
+        raise RunDirectoryError(f"resume: {run.path / 'episodes.npz'} has no normaliser")
+    rows = loop.get("iterations")
+    if not isinstance(rows, list) or not rows:
+        raise RunDirectoryError(f"resume: {ckpt} records no iteration")
+    return {
+        "checkpoint": ckpt,
+        "state": state,
+        "data": replace(data, normalizer=None),
+        "normalizer": data.normalizer,
+        "rows": rows,
+    }

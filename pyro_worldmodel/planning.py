@@ -255,6 +255,20 @@ class CEMPlanner:
                 )
             self.critic = ActorCriticPlanner(latent_dim, action_space, updates=value_updates)
 
+    def training_state(self) -> dict | None:
+        """The terminal value's critic and its optimisers (None without ``terminal_value``)."""
+        return None if self.critic is None else self.critic.training_state()
+
+    def load_training_state(self, state: dict | None) -> None:
+        """Restore what :meth:`training_state` returned."""
+        if (state is None) != (self.critic is None):
+            raise ValueError(
+                f"state: expected {'no' if self.critic is None else 'a'} terminal-value critic's state,"
+                f" got {'none' if state is None else 'one'}"
+            )
+        if self.critic is not None:
+            self.critic.load_training_state(state)
+
     def update(self, model, starts: LatentState, *, reward_scale=1.0, reward_loc=0.0) -> dict | None:
         """Train the terminal value's critic in imagination (nothing without ``terminal_value``)."""
         if self.critic is None:
@@ -427,6 +441,24 @@ class ActorCriticPlanner(nn.Module):
 
     def value(self, f: torch.Tensor) -> torch.Tensor:
         return self.critic(f).squeeze(-1)
+
+    def training_state(self) -> dict:
+        """Weights and both optimisers' state: all that a resumed loop needs to go on exactly."""
+        return {
+            "weights": self.state_dict(),
+            "actor_optim": self._actor_optim.state_dict(),
+            "critic_optim": self._critic_optim.state_dict(),
+        }
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore what :meth:`training_state` returned."""
+        try:
+            self.load_state_dict(state["weights"])
+            self._actor_optim.load_state_dict(state["actor_optim"])
+            self._critic_optim.load_state_dict(state["critic_optim"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"state: the planner's saved state does not fit this planner: {first}") from None
 
     @torch.no_grad()
     def plan(self, model, state: LatentState, **_) -> torch.Tensor:

@@ -331,7 +331,7 @@ def test_collect_rejects_observations_that_are_not_a_vector(env_id, space, tmp_p
     assert rc == 2
     assert err.startswith("pyro-worldmodel collect: error:")
     assert "rank-1 Box observation space" in err and space in err and env_id in err
-    assert "Supported: rank-1 Box observations with rank-1 Box or Discrete actions" in err
+    assert "whose action space is a rank-1 Box or a Discrete, e.g. Pendulum-v1" in err  # what is supported
     assert not (tmp_path / "x").exists()
 
 
@@ -501,8 +501,16 @@ def test_a_run_whose_data_was_swapped_is_rejected(pendulum_run, cartpole_data, t
     shutil.copy(cartpole_data, run / "episodes.npz")
     before = snapshot(run)
     rc, _, err = cli(capsys, "evaluate", "--run", run, *EVAL)
-    assert rc == 2 and "the checkpoint was made for Pendulum-v1" in err and "obs_dim 3 vs 4" in err
+    assert rc == 2 and "episodes.npz: does not match the run's manifest" in err
     assert snapshot(run) == before
+    # A directory written before manifests: the contents still have to agree.
+    (run / "run.json").unlink()
+    before = snapshot(run)
+    rc, _, err = cli(capsys, "evaluate", "--run", run, *EVAL)
+    assert rc == 2 and "the checkpoint was made for Pendulum-v1" in err and "obs_dim 3 vs 4" in err
+    assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
 
 
 def test_train_on_data_names_the_run_after_its_environment(cartpole_data, tmp_path, capsys, monkeypatch):

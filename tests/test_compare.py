@@ -536,5 +536,7 @@ def test_compare_rejects_an_unknown_estimator_and_writes_nothing(pendulum_data, 
     assert not out.exists()
 
     rc = main(["compare", "--data", str(pendulum_data), "--out", str(out), "--estimators", "{name: [oops"])
+    assert rc == 2 and "estimators: expected valid YAML, got" in capsys.readouterr().err
+    rc = main(["compare", "--data", str(pendulum_data), "--out", str(out), "--estimators", "3"])
     assert rc == 2 and "estimators: expected a YAML list" in capsys.readouterr().err
     assert not out.exists()
