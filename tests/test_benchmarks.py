@@ -46,3 +46,17 @@ def test_model_based_loop_benchmark_prints_a_row_per_environment(tmp_path):
     assert [r["env"] for r in saved] == ["Pendulum-v1", "CartPole-v1"]
     assert all(r["final_env_steps"] > 0 and r["seconds"] > 0 for r in saved)
     assert (tmp_path / "CartPole-v1" / "loop.png").exists()
+
+
+def test_fit_checks_benchmark_prints_both_paths_and_their_ratio():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fit_checks.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    times = dict(re.findall(r"\| (fit|SVI\.step)\S* .*?\| ([\d.]+) \|", result.stdout))
+    assert set(times) == {"fit", "SVI.step"} and all(float(t) > 0 for t in times.values())
+    ratio = float(re.search(r"fit / SVI\.step: ([\d.]+)", result.stdout).group(1))
+    assert abs(ratio - float(times["fit"]) / float(times["SVI.step"])) < 0.01
