@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -43,7 +43,14 @@ from .errors import RunDirectoryError, WorldModelError
 from .evaluate import elbo_terms, heldout_bounds, open_loop
 from .imagine import imagine
 from .inference import check_training_data, fit, load_checkpoint, read_checkpoint
-from .io import LOCK, RunDirectory, check_env_id, check_free_space, physical_memory, strict_json
+from .io import (
+    RunDirectory,
+    check_env_id,
+    check_free_space,
+    check_unlocked,
+    physical_memory,
+    strict_json,
+)
 from .spaces import ActionSpace, check_device
 from .warm_start import linear_warm_start, why_no_linear_warm_start
 
@@ -201,6 +208,18 @@ def _splits(episodes: Episodes, info: dict) -> tuple[Episodes, Episodes]:
     return episodes.split(info["val_fraction"], seed=info["seed"])
 
 
+def _default_out(episodes: Episodes, data) -> Path:
+    """``runs/<env id>``, or ``runs/<the data file's name>`` when the data names no
+    environment and that name is a plain one, else ``runs/data``: never a path made of text."""
+    name = episodes.env_id
+    if not name and data is not None:
+        try:
+            name = check_env_id(Path(data).stem)
+        except ValueError:
+            name = ""
+    return Path("runs") / (name or "data")
+
+
 def _load_episodes(path: Path, what: str = "data") -> Episodes:
     """An episodes file named on the command line; every value checked (see :class:`Episodes`)."""
     path = Path(path)
@@ -209,29 +228,10 @@ def _load_episodes(path: Path, what: str = "data") -> Episodes:
     return Episodes.load(path)
 
 
-@contextmanager
-def _writing(path: Path, command: str):
-    """Hold ``path``'s lock for this command (one writer per run directory).
-
-    A directory this command created and left without a run or a resumable
-    transaction is removed again, so a refusal leaves nothing behind.
-    """
-    path = Path(path)
-    created = not path.exists()
-    run = RunDirectory.open(path, f"pyro-worldmodel {command}")
-    try:
-        yield run
-    finally:
-        if created and not run.files and run.staged_transaction() is None:
-            shutil.rmtree(run.staging, ignore_errors=True)
-            (path / LOCK).unlink(missing_ok=True)
-            run.close()
-            try:
-                path.rmdir()
-            except OSError:  # something else appeared there
-                pass
-        else:
-            run.close()
+def _writing(path: Path, command: str) -> RunDirectory:
+    """Hold ``path``'s lock for this command (one writer per run directory); a directory
+    this creates and leaves without a run is removed again when it is closed."""
+    return RunDirectory.open(Path(path), f"pyro-worldmodel {command}")
 
 
 def _refuse_replacing(run: RunDirectory, command: str, keep: tuple[str, ...] = ()) -> None:
@@ -257,6 +257,7 @@ def _checkpoint_bytes(model, guide) -> int:
 
 def cmd_collect(args) -> Path:
     out = args.out
+    check_unlocked(out)  # before collecting, which a busy directory would waste
     if not args.overwrite and out.is_dir():  # refused before collecting; checked again under the lock
         _refuse_replacing(RunDirectory(out), "collect")
     episodes = collect(
@@ -288,6 +289,8 @@ def _episodes_bytes(episodes: Episodes) -> int:
 
 def cmd_train(args) -> dict:
     # 1. Everything that can be refused is checked before the run directory is touched.
+    if args.out is not None:
+        check_unlocked(args.out)  # before collecting or building, which a busy directory would waste
     spec = _train_spec(args)
     _set_seed(args.seed)
     if args.data is not None:
@@ -296,7 +299,7 @@ def cmd_train(args) -> dict:
         episodes = collect(args.env, args.episodes, seed=args.seed, num_envs=args.num_envs)
     out = args.out
     if out is None:  # named after the data's environment, not --env's default
-        out = args.out = Path("runs") / (episodes.env_id or Path(args.data).stem)
+        out = args.out = _default_out(episodes, args.data)
     train, val = episodes.split(args.val_fraction, seed=args.seed)
     steps = spec.train.get("num_steps", DEFAULT_STEPS)
     batch_size = spec.train.get("batch_size", DEFAULT_BATCH_SIZE)
@@ -339,13 +342,11 @@ def cmd_train(args) -> dict:
 
     # 2. One writer: the directory's lock, then what is already there.
     with _writing(out, "train") as run:
-        staged = run.staged_transaction()
-        resumable = run.staging / "model.ckpt"
+        staged = run.staged_transaction("train")
+        resumable = run.staging_of("train") / "model.ckpt"
         source = None
         if args.resume:  # an interrupted train's last good checkpoint, else the finished run's
-            candidates = (
-                [resumable] if staged and staged.get("command") == "train" and resumable.exists() else []
-            )
+            candidates = [resumable] if staged is not None and resumable.exists() else []
             candidates += [run.file("model.ckpt")] if run.has("model.ckpt") else []
             for candidate in candidates:
                 try:
@@ -358,14 +359,15 @@ def cmd_train(args) -> dict:
                 break
         if source is None and not args.overwrite:
             _refuse_replacing(run, "train", keep=("episodes.npz",) if same_data else ())
-        if staged and source is None:
+        if staged is not None and source is None and resumable.exists():
             print(
-                f"note: discarding what an interrupted `{staged.get('command', 'pyro-worldmodel')}`"
-                f" (pid {staged.get('pid', '?')}, started {staged.get('started', '?')}) left unfinished in {run.staging}"
+                f"note: discarding the checkpoint of an interrupted train (pid {staged.get('pid', '?')},"
+                f" started {staged.get('started', '?')}), {resumable}"
             )
 
         # 3. Everything is written into the transaction, which becomes the run at its commit.
-        tx = run.transaction("train", replace=True, keep_staged=source is resumable)
+        # Of an interrupted train's files only its checkpoint is kept, and only to resume it.
+        tx = run.transaction("train", replace=True, keep=("model.ckpt",) if source == resumable else ())
         checkpoint = tx.path("model.ckpt")
         if source is not None and source != resumable:
             shutil.copyfile(source, checkpoint)
@@ -563,6 +565,10 @@ def _require_run(run: Path) -> None:
     """Before taking a lock (which would create the directory): is there a run to read?"""
     if run.is_file():
         raise ValueError(f"run: expected a run directory, got the file {run}")
+    if RunDirectory(run).pending() is not None:  # a crash after a commit point: finish it first
+        check_unlocked(run)
+        RunDirectory.open(run, "pyro-worldmodel recover").close()
+    check_unlocked(run)
     if not RunDirectory(run).has("model.ckpt"):
         raise FileNotFoundError(
             f"run: expected a checkpoint at {run / 'model.ckpt'}; train one with `pyro-worldmodel train`"
@@ -769,7 +775,7 @@ def cmd_compare(args) -> dict:
             num_envs=args.num_envs,
             max_episode_steps=50 if args.smoke else None,
         )
-    out = args.compare_out or Path("runs") / (episodes.env_id or Path(args.data).stem) / "compare"
+    out = args.compare_out or _default_out(episodes, args.data) / "compare"
     train, val = episodes.split(args.val_fraction, seed=args.seed)
     normalizer = train.fit_normalizer().normalizer
     train, val = replace(train, normalizer=normalizer), replace(val, normalizer=normalizer)
@@ -820,7 +826,7 @@ def cmd_compare(args) -> dict:
         }
         report = result.markdown()
         text = strict_json(result.to_dict())
-        tx = files.transaction("compare", replace=True)
+        tx = files.transaction("compare")  # its own files: anything else in the directory stays
         for name, fig in figures.items():
             save_figure(fig, tx.path(f"figures/{name}"))
         tx.write("compare.md", lambda f: f.write(report.encode()))
@@ -1245,10 +1251,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # faster at these sizes, and no spinning threads fighting
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        print(
+            f"pyro-worldmodel {args.command}: interrupted; the directory holds its last complete run"
+            " (train --resume and loop --resume continue from where they were)",
+            file=sys.stderr,
+        )
+        return 130
     except Exception as e:
         message = user_error(e)
-        if message is None:
-            raise  # a bug: its traceback
+        if message is None or os.environ.get("PYRO_WORLDMODEL_TRACEBACK"):
+            raise  # a bug (or a user who asked): the traceback
         print(f"pyro-worldmodel {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0

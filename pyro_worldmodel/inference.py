@@ -164,13 +164,26 @@ def fit(
         model_fn = poutine.block(model_fn, hide_types=["param"])
     elif train == "model":
         guide_fn = poutine.block(guide_fn, hide_types=["param"])
-    names = _parameter_names(model, guide)
-    params = list(names)  # every parameter of model and guide, each once
+    names = _parameter_names(model, guide)  # {parameter: name}, in the order first seen
+    params = list(names)
     # Two snapshots, alternately overwritten: the parameters at the start of this step and
     # of the last one. A non-finite loss condemns the parameters that produced it, so the
     # last good ones are then the previous step's.
     snapshots = ([p.detach().clone() for p in params], [p.detach().clone() for p in params])
     last_saved = {"step": start if resume and Path(checkpoint).exists() else None}
+    # Whether the parameters the last update wrote are finite: a 0-d tensor, read at the next
+    # step's one synchronisation rather than at a second one of its own.
+    after_update = None
+
+    def track(touched):
+        """Parameters Pyro created during this step (a guide that builds them on its first
+        call) join the snapshots, with their value before any update."""
+        for p in touched:
+            if p not in names:
+                names[p] = f"param {pyro.get_param_store().param_name(p)!r}"
+                params.append(p)
+                for snapshot in snapshots:
+                    snapshot.append(p.detach().clone())
 
     def save(step, rng):
         save_checkpoint(
@@ -216,26 +229,47 @@ def fit(
                 torch._foreach_copy_(now, [p.detach() for p in params])
             due = checkpoint is not None and step > start and step % checkpoint_every == 0
             rng = _get_rng_state() if due else None
-            with poutine.trace(param_only=True) as capture, warnings.catch_warnings():
-                # Pyro warns of a NaN loss; here it stops training with a DivergenceError instead.
-                warnings.filterwarnings("ignore", message=r"Encountered (NaN|[+-]?inf)", category=UserWarning)
-                loss = elbo.loss_and_grads(model_fn, guide_fn, *batch, **batch_targets)
+            try:
+                with poutine.trace(param_only=True) as capture, warnings.catch_warnings():
+                    # Pyro warns of a NaN loss; here it stops training with a DivergenceError instead.
+                    warnings.filterwarnings(
+                        "ignore", message=r"Encountered (NaN|[+-]?inf)", category=UserWarning
+                    )
+                    loss = elbo.loss_and_grads(model_fn, guide_fn, *batch, **batch_targets)
+            except ValueError:
+                # With Pyro's validation on, a distribution refuses a NaN parameter before
+                # any loss exists: that is divergence too, when a parameter is not finite.
+                cause = _nonfinite_parameter(names, step - 1 if step > start else None)
+                if not cause:
+                    raise
+                for p in params:
+                    p.grad = None
+                raise diverged(
+                    step, f"the loss is not finite{cause}", before if step > start else now
+                ) from None
             loss = float(loss) / float(lengths[idx].sum())
-            touched = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+            touched = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+            track(touched)
             if not math.isfinite(loss):
                 pyro.infer.util.zero_grads(touched)
-                what = f"the loss is {loss}{_nonfinite_terms(model, guide, batch)}"
-                raise diverged(step, what, before if step > start else now)
-            if due:  # the parameters of this step gave a finite loss: a good checkpoint
-                save(step, rng)
-            grads = [p.grad for p in touched if p.grad is not None]
-            grads_ok = _all_finite(grads)
-            optim(touched)
-            ok = bool(grads_ok & _all_finite(list(touched)))  # one host-device sync
-            if not ok:
-                what = _first_nonfinite(names, grads_ok)
+                cause = _nonfinite_parameter(names, step - 1 if step > start else None)
+                cause = cause or _nonfinite_terms(model, guide, batch)
+                raise diverged(step, f"the loss is {loss}{cause}", before if step > start else now)
+            # Before the update, so that a bad gradient never reaches the optimiser's state; and
+            # the last update's parameters with it: one host-device sync for both.
+            graded = [p for p in touched if p.grad is not None]
+            finite = _finite_flags([p.grad for p in graded])  # (n,) bool, no sync
+            ok = finite.all() if after_update is None else finite.all() & after_update
+            if not bool(ok):
                 pyro.infer.util.zero_grads(touched)
-                raise diverged(step, what, now)
+                if after_update is not None and not bool(after_update):
+                    raise diverged(step - 1, _nonfinite_parameter(names, step - 1)[2:-1], before)
+                first = graded[int((~finite).nonzero()[0])]
+                raise diverged(step, f"the gradient of {names.get(first, 'a parameter')} is not finite", now)
+            if due:  # the parameters of this step are finite and gave a finite loss: a good checkpoint
+                save(step, rng)
+            optim(set(touched))
+            after_update = _finite_flags(touched).all()
             pyro.infer.util.zero_grads(touched)
             history.loss.append(loss)
             if terms_every and step % terms_every == 0:
@@ -244,6 +278,9 @@ def fit(
                 bar.set_postfix(loss=f"{loss:.3f}")
             if callback is not None:
                 callback(step, history)
+        if after_update is not None and not bool(after_update):
+            last = num_steps - 1
+            raise diverged(last, _nonfinite_parameter(names, last)[2:-1], snapshots[last % 2])
         if checkpoint is not None and start < num_steps:
             save(num_steps, _get_rng_state())
     finally:
@@ -307,33 +344,35 @@ def _parameter_names(model, guide) -> dict:
     return names
 
 
-def _all_finite(tensors) -> torch.Tensor:
-    """A 0-d bool tensor: every element of ``tensors`` is finite. One fused reduction (the
-    infinity norm propagates NaN) and no host-device sync."""
-    tensors = [t.detach() for t in tensors if t.numel()]
-    if not tensors:
-        return torch.tensor(True)
-    norms = torch._foreach_norm(tensors, float("inf"))
-    return torch.stack(norms).isfinite().all()
+def _finite_flags(tensors) -> torch.Tensor:
+    """``(n,)`` bool: whether each tensor is all finite. One fused reduction (the infinity
+    norm propagates NaN) and no host-device sync."""
+    tensors = [t.detach() for t in tensors]
+    full = [i for i, t in enumerate(tensors) if t.numel()]
+    flags = torch.ones(len(tensors), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
+    if full:
+        norms = torch._foreach_norm([tensors[i] for i in full], float("inf"))
+        flags[full] = torch.stack(norms).isfinite()
+    return flags
 
 
-def _first_nonfinite(names: dict, grads_ok: torch.Tensor) -> str:
-    """Which tensor went non-finite, for the error message (only on failure: syncs freely)."""
-    if not bool(grads_ok):
-        for p, name in names.items():
-            if p.grad is not None and not bool(p.grad.isfinite().all()):
-                return f"the gradient of {name} is not finite"
+def _nonfinite_parameter(names: dict, step: int | None) -> str:
+    """``" (X is not finite after the optimiser's update at step k)"``, or ``""``; ``step`` None:
+    before any update of this run. Syncs freely: it runs only on failure."""
     for p, name in names.items():
-        if not bool(p.isfinite().all()):
-            return f"{name} is not finite after the optimiser's update (is the learning rate finite?)"
-    return "a parameter outside the model and guide is not finite"
+        if not bool(p.detach().isfinite().all()):
+            if step is None:
+                return f" ({name} is not finite)"
+            return f" ({name} is not finite after the optimiser's update at step {step}; is the learning rate finite?)"
+    return ""
 
 
 def _nonfinite_terms(model, guide, batch) -> str:
     """``" (log p(x|z) is nan)"``: which term of the bound is not finite, where it can be told."""
     labels = {"log_px": "log p(x|z)", "log_pa": "log π(a|z)", "kl": "the KL"}
-    try:
-        with pyro.validation_enabled(True):
+    try:  # without validation, a NaN shows up in its term instead of as a distribution's complaint
+        with pyro.validation_enabled(False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             terms = elbo_terms(model, guide, *batch).as_dict()
     except (ValueError, RuntimeError) as e:
         return f" ({str(e).splitlines()[0]})"

@@ -238,7 +238,6 @@ class RunLock:
         return self.directory / LOCK
 
     def acquire(self) -> RunLock:
-        import fcntl
 
         from .errors import RunLockedError
 
@@ -246,7 +245,7 @@ class RunLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_briefly(fd)
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
@@ -307,6 +306,51 @@ class RunLock:
         self.release()
 
 
+def _flock_briefly(fd: int, tries: int = 5, wait: float = 0.02) -> None:
+    """An exclusive flock, retried for a moment: :func:`check_unlocked` holds a shared one
+    for microseconds, which must not turn a writer away. A real holder is still refused
+    within a tenth of a second."""
+    import fcntl
+    import time
+
+    for i in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if i == tries - 1:
+                raise
+            time.sleep(wait)
+
+
+def check_unlocked(directory) -> None:
+    """Refuse at once, without waiting or writing, if another process holds ``directory``'s lock:
+    a command checks this before long work (collecting data) that the lock would then waste."""
+    import fcntl
+
+    from .errors import RunLockedError
+
+    path = Path(directory) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file (or none that can be read): nobody holds it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        pid = holder.get("pid")
+        who = f"pid {pid}" if pid else "another process"
+        what = f" ({holder['command']}, since {holder['since']})" if "command" in holder else ""
+        raise RunLockedError(
+            f"{Path(directory)}: in use by {who}{what}, which holds its lock {path};"
+            " wait for it to finish, or write to another directory",
+            pid=pid,
+        ) from None
+    finally:
+        os.close(fd)
+
+
 def _read_holder(fd: int) -> dict:
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
@@ -329,19 +373,36 @@ class RunDirectory:
 
     @classmethod
     def open(cls, path, command: str = "pyro_worldmodel") -> RunDirectory:
-        """Lock ``path`` for this process (creating it) and recover it; use as a context manager."""
+        """Lock ``path`` for this process and recover it; use as a context manager.
+
+        A directory this call creates is removed again at :meth:`close` if it is then
+        still empty of a run and of staged files, so a refusal leaves nothing behind.
+        """
+        path = Path(path)
+        created = not path.exists()
         lock = RunLock(path, command).acquire()
         run = cls(path, lock)
+        run._created = created
         try:
             run.recover()
         except BaseException:
-            lock.release()
+            run.close()
             raise
         return run
 
     def close(self) -> None:
-        if self.lock is not None:
+        if self.lock is None or not self.lock.held:
+            return
+        if getattr(self, "_created", False) and not self.files and self.staged_transaction() is None:
+            _remove_tree(self.staging)
+            (self.path / LOCK).unlink(missing_ok=True)
             self.lock.release()
+            try:
+                self.path.rmdir()
+            except OSError:  # something else appeared there
+                pass
+            return
+        self.lock.release()
 
     def __enter__(self) -> RunDirectory:
         return self
@@ -353,7 +414,15 @@ class RunDirectory:
 
     @property
     def staging(self) -> Path:
+        """The folder of every command's staging area, ``.staging/<command>/``."""
         return self.path / STAGING
+
+    def staging_of(self, command: str) -> Path:
+        """Where ``command`` stages its files: each command has its own area, so that one
+        command never discards what another left for a resume."""
+        if not re.fullmatch(r"[a-z_]+", command):
+            raise ValueError(f"command: expected a lower-case word, got {command!r}")
+        return self.staging / command
 
     def manifest(self) -> dict | None:
         """The committed manifest, or None where nothing was committed. A directory written
@@ -387,6 +456,16 @@ class RunDirectory:
             names += [f"figures/{n}" for n in LEGACY_FIGURES if (figures / n).is_file()]
         return sorted(names)
 
+    def pending(self) -> dict | None:
+        """The manifest of a commit that passed its commit point but was not finished (a
+        crash), or None. Any writer that opens the directory finishes it first."""
+        for commit in sorted(self.staging.glob(f"*/{_COMMIT}")) if self.staging.is_dir() else []:
+            try:
+                return json.loads(commit.read_text(encoding="utf-8"))
+            except (ValueError, OSError):
+                continue
+        return None
+
     @property
     def files(self) -> dict:
         """``{relative name: sha256 or None}`` of the committed run; empty if none."""
@@ -401,7 +480,7 @@ class RunDirectory:
         files = self.files
         path = self.path / name
         if name not in files:
-            if not files and (self.staging / _COMMIT).exists():
+            if self.pending() is not None:
                 raise _run_error(
                     f"{self.path}: a commit was interrupted; any pyro-worldmodel command that writes"
                     " here finishes it"
@@ -438,58 +517,75 @@ class RunDirectory:
         """
         self._require_lock()
         done = None
-        commit = self.staging / _COMMIT
-        if commit.exists():
-            new = json.loads(commit.read_text(encoding="utf-8"))
-            self._roll_forward(new)
+        for commit in sorted(self.staging.glob(f"*/{_COMMIT}")) if self.staging.is_dir() else []:
+            self._roll_forward(json.loads(commit.read_text(encoding="utf-8")), commit.parent)
             done = "rolled forward"
-        remove_stale_temporaries(self.path)
+        # The run's own folders only: a subdirectory may be another run (compare/, loop/),
+        # and --out may name a directory that holds a user's own files.
+        for folder, recursive in ((self.path, False), (self.path / "figures", False), (self.staging, True)):
+            if folder.is_dir():
+                remove_stale_temporaries(folder, recursive=recursive)
         return done
 
-    def _roll_forward(self, new: dict) -> None:
+    def _roll_forward(self, new: dict, area: Path) -> None:
         old = self.manifest()
+        touched = {self.path}
         for name in new["files"]:
-            staged = self.staging / name
+            staged = area / name
             if staged.exists():  # not yet moved
                 target = self.path / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staged, target)
+                touched.add(target.parent)
         for name in (old or {}).get("files", {}):
             if name not in new["files"]:
                 try:
                     (self.path / name).unlink()
+                    touched.add((self.path / name).parent)
                 except FileNotFoundError:
                     pass
+        for folder in touched:  # every rename durable before the manifest says it happened
+            fsync_directory(folder)
+        os.replace(area / _COMMIT, self.path / MANIFEST)
         fsync_directory(self.path)
-        os.replace(self.staging / _COMMIT, self.path / MANIFEST)
-        fsync_directory(self.path)
-        _remove_tree(self.staging)
+        if new.get("replace"):  # what other commands staged belonged to the run now replaced
+            _remove_tree(self.staging)
+        else:
+            _remove_tree(area)
+            try:
+                self.staging.rmdir()  # when no other command has anything staged
+            except OSError:
+                pass
 
-    def staged_transaction(self) -> dict | None:
-        """What an uncommitted transaction left in ``.staging`` (``command``, ``pid``, ``started``), or None."""
-        info = self.staging / _TXN
-        if not info.exists():
-            return None
-        try:
-            data = json.loads(info.read_text(encoding="utf-8"))
-            return data if isinstance(data, dict) else {}
-        except (ValueError, OSError):
-            return {}
+    def staged_transaction(self, command: str | None = None) -> dict | None:
+        """What an uncommitted transaction of ``command`` (by default, of any command) left
+        staged: its ``command``, ``pid`` and ``started``; None if nothing."""
+        areas = [self.staging_of(command)] if command else sorted(self.staging.glob("*"))
+        for area in areas:
+            info = area / _TXN
+            if info.exists():
+                try:
+                    data = json.loads(info.read_text(encoding="utf-8"))
+                    return data if isinstance(data, dict) else {}
+                except (ValueError, OSError):
+                    return {}
+        return None
 
-    def transaction(self, command: str, *, replace: bool = False, keep_staged: bool = False) -> Transaction:
+    def transaction(self, command: str, *, replace: bool = False, keep: tuple[str, ...] = ()) -> Transaction:
         """Begin writing a new version of the run.
 
         :param replace: the new run is only what this transaction writes: files of the old
             run it does not write again are removed at the commit.
-        :param keep_staged: keep what an interrupted transaction of the same ``command``
-            staged (a resumed training's checkpoint); otherwise it is discarded.
+        :param keep: files of an interrupted transaction of the same ``command`` to keep (a
+            resumed training's checkpoint); everything else it staged is discarded.
         """
         self._require_lock()
-        staged = self.staged_transaction()
-        if staged is not None and not (keep_staged and staged.get("command") == command):
-            _remove_tree(self.staging)
-        elif self.staging.exists() and staged is None:
-            _remove_tree(self.staging)
+        area = self.staging_of(command)
+        if area.exists():
+            for p in sorted(area.rglob("*"), reverse=True):
+                relative = str(p.relative_to(area)).replace(os.sep, "/")
+                if p.is_file() and relative not in keep and p.name != _TXN:
+                    p.unlink()
         return Transaction(self, command, replace=replace)
 
 
@@ -500,28 +596,27 @@ class Transaction:
         import datetime
 
         self.run, self.command, self.replace = run, command, replace
+        self.area = run.staging_of(command)
         self.committed = False
-        run.staging.mkdir(parents=True, exist_ok=True)
-        info = run.staging / _TXN
-        if not info.exists():
-            write_json(
-                info,
-                {
-                    "command": command,
-                    "pid": os.getpid(),
-                    "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                },
-            )
+        self.area.mkdir(parents=True, exist_ok=True)
+        write_json(
+            self.area / _TXN,
+            {
+                "command": command,
+                "pid": os.getpid(),
+                "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            },
+        )
 
     def path(self, name: str) -> Path:
         """Where to stage the file ``name`` (relative to the run); its folder exists."""
         _check_relative(name, self.run.path)
-        path = self.run.staging / name
+        path = self.area / name
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
     def write(self, name: str, write) -> Path:
-        """Stage ``name``: ``write(file)`` on a temporary file, renamed into the staging folder."""
+        """Stage ``name``: ``write(file)`` on a temporary file, renamed into the staging area."""
         path = self.path(name)
         atomic_write(path, write)
         return path
@@ -531,10 +626,9 @@ class Transaction:
         return self.write(name, lambda f: f.write(text))
 
     def staged(self) -> list[str]:
-        root = self.run.staging
         return sorted(
-            str(p.relative_to(root)).replace(os.sep, "/")
-            for p in root.rglob("*")
+            str(p.relative_to(self.area)).replace(os.sep, "/")
+            for p in self.area.rglob("*")
             if p.is_file() and p.name not in (_TXN, _COMMIT) and not p.name.endswith(_TMP_SUFFIX)
         )
 
@@ -548,7 +642,7 @@ class Transaction:
         old = self.run.manifest() or {"files": {}}
         files = {} if self.replace else dict(old["files"])
         for name in self.staged():
-            files[name] = sha256_of(self.run.staging / name)
+            files[name] = sha256_of(self.area / name)
         for name, digest in list(files.items()):
             if digest is None:  # a file of a run written before manifests: checksum it now
                 files[name] = sha256_of(self.run.path / name)
@@ -556,11 +650,12 @@ class Transaction:
             "format": MANIFEST_FORMAT,
             "command": self.command,
             "committed": datetime.datetime.now().isoformat(timespec="seconds"),
+            "replace": self.replace,
             "files": dict(sorted(files.items())),
             **info,
         }
-        write_json(self.run.staging / _COMMIT, manifest)  # the commit point
-        self.run._roll_forward(manifest)
+        write_json(self.area / _COMMIT, manifest)  # the commit point
+        self.run._roll_forward(manifest, self.area)
         self.committed = True
         return manifest
 

@@ -31,7 +31,7 @@ from .config import Spec, build
 from .data import Episodes, Normalizer, collect, observation_scale_floor, play
 from .errors import RunDirectoryError
 from .inference import _check_int, fit, load_checkpoint, read_checkpoint, save_checkpoint
-from .io import RunDirectory, check_free_space, strict_json
+from .io import RunDirectory, check_free_space, check_unlocked, strict_json
 from .planning import CEMPlanner, LatentState, belief, box_centre, clip_to_space, posterior_states
 from .spaces import ActionSpace, check_device
 from .warm_start import linear_warm_start, why_no_linear_warm_start
@@ -263,19 +263,23 @@ def model_based_loop(
         seed=seed,
     )
     log = log or (lambda line: None)
+    # The environment is made once before anything is written: an unknown id, a missing
+    # optional dependency or an unsupported space is refused here.
+    floor = observation_scale_floor(env_id)
     run = None
     if out is not None:
+        check_unlocked(out)
         # a checkpoint, the dataset and the figure, staged beside the last iteration's
         check_free_space(out, 64 * 2**20, "loop")
         run = RunDirectory.open(Path(out), "pyro-worldmodel loop")
     try:
-        return _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log)
+        return _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log, floor)
     finally:
         if run is not None:
             run.close()
 
 
-def _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log) -> LoopResult:
+def _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log, floor) -> LoopResult:
     s = SimpleNamespace(**settings)
     seed = s.seed
     saved = None
@@ -294,7 +298,7 @@ def _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log)
         data = collect(env_id, s.seed_episodes, seed=seed, progress=progress)
         # Fixed from here, so the model's units never move; floored by the observation space's
         # bounds, as the planner will go where random actions did not.
-        normalizer = data.fit_normalizer(observation_scale_floor(env_id)).normalizer
+        normalizer = data.fit_normalizer(floor).normalizer
     else:
         data, normalizer = saved["data"], saved["normalizer"]
     real_space = data.action_space

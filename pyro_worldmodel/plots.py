@@ -203,8 +203,13 @@ def plot_kl_per_t(
         raise ValueError(f"kl_per_t: expected shape (T,) with T >= 1, got {tuple(kl.shape)}")
     fig = _Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
-    ax.bar(np.arange(kl.size), kl, width=0.8, color="C0", gid="kl")
+    finite = np.isfinite(kl)
+    # An infinite bar cannot be drawn (a diverged model's KL can be one): those are left
+    # out, and the title counts them.
+    ax.bar(np.arange(kl.size), np.where(finite, kl, np.nan), width=0.8, color="C0", gid="kl")
     title = f"KL per time index (sum over t {kl.sum():.3g} nats)"
+    if not finite.all():
+        title += f"\n{int((~finite).sum())} time indices not finite, not drawn"
     if monte_carlo:
         title += "\nMonte Carlo estimate: no analytic KL for this pair"
     ax.set(xlabel="t", ylabel="KL(q ‖ p) nats", title=title)

@@ -73,6 +73,21 @@ def _inject(faults: dict) -> None:
             return real(src, dst, **kw)
 
         os.replace = replace
+    if "nan_after_update" in faults:  # a blow-up in the optimiser's k-th update, as training can have
+        import pyro.optim.optim
+        import torch
+
+        real_call, updates = pyro.optim.optim.PyroOptim.__call__, [0]
+
+        def call(self, params, *args, **kwargs):
+            real_call(self, params, *args, **kwargs)
+            updates[0] += 1
+            if updates[0] == faults["nan_after_update"]:
+                with torch.no_grad():
+                    for p in params:
+                        p.fill_(float("nan"))
+
+        pyro.optim.optim.PyroOptim.__call__ = call
     if "fail_at_fsync" in faults:
         real_fsync, count_fsync = os.fsync, [0]
         code = {"full": errno.ENOSPC, "read-only": errno.EROFS}[faults.get("disk", "full")]

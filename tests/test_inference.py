@@ -278,30 +278,67 @@ def test_a_later_divergence_keeps_the_last_good_checkpoint_and_names_it(data, tm
 
 def test_a_non_finite_learning_rate_is_caught_after_the_update(data, tmp_path):
     """Per-parameter optimiser arguments (a callable) are not seen before training: the
-    update itself gives the non-finite parameters, and they are put back."""
+    update itself gives the non-finite parameters, found at the next step's check (or at
+    the end), and the parameters before that update are put back."""
     obs, actions, mask = data
     model, guide = small()
     start = _state(model, guide)
-    optim = pyro.optim.ClippedAdam(lambda module, name: {"lr": float("nan")})  # torch's Adam would refuse
+    optim = pyro.optim.ClippedAdam(lambda module, name: {"lr": float("nan")})  # torch's Adam would refuse it
+    with pytest.raises(
+        DivergenceError,
+        match=r"at step 1: the loss is nan \((model|guide)\.\S+ is not finite after the optimiser's update at step 0",
+    ):
+        fit(model, guide, obs, actions, mask, num_steps=5, batch_size=4, optim=optim, progress=False)
+    assert all(torch.equal(v, start[k]) for k, v in _state(model, guide).items())
+    optim = pyro.optim.ClippedAdam(lambda module, name: {"lr": float("nan")})
     with pytest.raises(
         DivergenceError, match=r"at step 0: (model|guide)\.\S+ is not finite after the optimiser's update"
     ):
-        fit(model, guide, obs, actions, mask, num_steps=5, batch_size=4, optim=optim, progress=False)
+        fit(model, guide, obs, actions, mask, num_steps=1, batch_size=4, optim=optim, progress=False)
     assert all(torch.equal(v, start[k]) for k, v in _state(model, guide).items())
     with pytest.raises(ValueError, match=r"optim's lr: expected a finite number > 0, got nan"):
         fit(model, guide, obs, actions, mask, num_steps=5, optim=pyro.optim.ClippedAdam({"lr": float("nan")}))
 
 
-def test_a_non_finite_gradient_is_named(data):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_is_named_and_never_reaches_the_optimiser(data, bad):
+    """ClippedAdam clamps gradients in place, so they are checked before the update; the
+    update is skipped, so the optimiser's moments stay finite."""
     obs, actions, mask = data
     model, guide = small()
+    optim = pyro.optim.ClippedAdam({"lr": 1e-3})
+    fit(model, guide, obs, actions, mask, num_steps=2, batch_size=4, optim=optim, progress=False)
     start = _state(model, guide)
-    model.emission.linear.weight.register_hook(lambda g: g * float("nan"))
+    model.emission.linear.weight.register_hook(lambda g: g * bad)
     with pytest.raises(
         DivergenceError, match=r"at step 0: the gradient of model\.emission\.linear\.weight is not finite"
     ):
-        fit(model, guide, obs, actions, mask, num_steps=5, batch_size=4, progress=False)
+        fit(model, guide, obs, actions, mask, num_steps=4, batch_size=4, optim=optim, progress=False,
+            checkpoint=None, resume=False)  # fmt: skip
     assert all(torch.equal(v, start[k]) for k, v in _state(model, guide).items())
+    moments = [s for o in optim.optim_objs.values() for s in o.state.values()]
+    assert moments and all(
+        bool(t.isfinite().all()) for m in moments for t in m.values() if torch.is_tensor(t)
+    )
+
+
+def test_parameters_a_guide_creates_on_its_first_call_are_restored_too(data):
+    """An autoguide makes its parameters inside the first loss: they are snapshotted then."""
+    from pyro.infer.autoguide import AutoNormal
+
+    obs, actions, mask = data
+    model, _ = small()
+    guide = AutoNormal(model.model)
+    optim = pyro.optim.ClippedAdam(
+        lambda module, name: {"lr": float("nan") if "AutoNormal" in module else 1e-3}
+    )
+    with pytest.raises(
+        DivergenceError, match=r"param 'AutoNormal\.\S+' is not finite after the optimiser's update"
+    ):
+        fit(model, guide, obs, actions, mask, num_steps=3, batch_size=4, optim=optim, progress=False)
+    store = pyro.get_param_store()
+    assert any(name.startswith("AutoNormal") for name in store.keys())
+    assert all(bool(store[name].isfinite().all()) for name in store.keys())
 
 
 def test_a_checkpoint_with_a_nan_is_never_written_nor_loaded(tmp_path):

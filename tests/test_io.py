@@ -196,7 +196,7 @@ def test_an_uncommitted_transaction_changes_nothing_a_reader_sees(tmp_path):
         assert reader.file("episodes.npz").read_bytes() == b"d1"
     # abandoned: the old run stands, the staged files wait for a resume or the next writer
     assert RunDirectory(tmp_path / "run").file("model.ckpt").read_bytes() == b"v1"
-    assert (tmp_path / "run" / ".staging" / "model.ckpt").read_bytes() == b"v2"
+    assert (tmp_path / "run" / ".staging" / "train" / "model.ckpt").read_bytes() == b"v2"
 
 
 def test_replace_removes_what_the_new_run_does_not_write_and_a_partial_commit_keeps_it(tmp_path):
@@ -254,14 +254,38 @@ def test_a_crash_at_any_rename_of_a_commit_leaves_the_old_run_or_the_new_one(tmp
 
 def test_resume_keeps_what_an_interrupted_transaction_of_the_same_command_staged(tmp_path):
     with RunDirectory.open(tmp_path / "run", "train") as run:
-        run.transaction("train").write("model.ckpt", lambda f: f.write(b"step 30"))
-    with RunDirectory.open(tmp_path / "run", "train") as run:
-        assert run.staged_transaction()["command"] == "train"
-        run.transaction("train", keep_staged=True)
-        assert (run.staging / "model.ckpt").read_bytes() == b"step 30"
+        tx = run.transaction("train")
+        tx.write("model.ckpt", lambda f: f.write(b"step 30"))
+        tx.write("metrics.json", lambda f: f.write(b"{}"))
     with RunDirectory.open(tmp_path / "run", "evaluate") as run:
-        run.transaction("evaluate", keep_staged=True)  # another command's: discarded
-        assert not (run.staging / "model.ckpt").exists()
+        assert run.staged_transaction("train")["command"] == "train"
+        run.transaction("evaluate")  # another command's staging area: the train's stays
+        assert (run.staging_of("train") / "model.ckpt").read_bytes() == b"step 30"
+    with RunDirectory.open(tmp_path / "run", "train") as run:
+        tx = run.transaction("train", keep=("model.ckpt",))  # a resume keeps the checkpoint only
+        assert tx.staged() == ["model.ckpt"]
+    with RunDirectory.open(tmp_path / "run", "train") as run:
+        assert run.transaction("train").staged() == []  # a fresh train discards it
+
+
+def test_a_directory_the_writer_created_and_left_empty_is_removed(tmp_path):
+    with RunDirectory.open(tmp_path / "new", "train"):
+        assert (tmp_path / "new" / ".lock").exists()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    with RunDirectory.open(tmp_path / "mine", "train"):
+        pass
+    assert (tmp_path / "mine").is_dir()  # not created by it: left, with its lock file
+
+
+def test_a_probe_refuses_a_held_directory_at_once_and_never_turns_a_writer_away(tmp_path):
+    io.check_unlocked(tmp_path / "nothing-here")
+    with RunLock(tmp_path / "run", "pyro-worldmodel train"):
+        with pytest.raises(RunLockedError, match=f"in use by pid {os.getpid()}"):
+            io.check_unlocked(tmp_path / "run")
+    io.check_unlocked(tmp_path / "run")  # released: passes, and takes nothing
+    with RunLock(tmp_path / "run"):
+        pass
 
 
 def test_a_directory_written_before_manifests_is_read_as_a_run_of_its_known_files(tmp_path):
