@@ -239,24 +239,15 @@ class RunLock:
 
     def acquire(self) -> RunLock:
 
-        from .errors import RunLockedError
-
         self.directory.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 _flock_briefly(fd)
             except BlockingIOError:
-                holder = _read_holder(fd)
+                error = _locked(self.directory, fd)
                 os.close(fd)
-                pid = holder.get("pid")
-                who = f"pid {pid}" if pid else "another process"
-                what = f" ({holder['command']}, since {holder['since']})" if "command" in holder else ""
-                raise RunLockedError(
-                    f"{self.directory}: in use by {who}{what}, which holds its lock {self.path};"
-                    " wait for it to finish, or write to another directory",
-                    pid=pid,
-                ) from None
+                raise error from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -328,8 +319,6 @@ def check_unlocked(directory) -> None:
     a command checks this before long work (collecting data) that the lock would then waste."""
     import fcntl
 
-    from .errors import RunLockedError
-
     path = Path(directory) / LOCK
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -338,17 +327,24 @@ def check_unlocked(directory) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _read_holder(fd)
-        pid = holder.get("pid")
-        who = f"pid {pid}" if pid else "another process"
-        what = f" ({holder['command']}, since {holder['since']})" if "command" in holder else ""
-        raise RunLockedError(
-            f"{Path(directory)}: in use by {who}{what}, which holds its lock {path};"
-            " wait for it to finish, or write to another directory",
-            pid=pid,
-        ) from None
+        raise _locked(directory, fd) from None
     finally:
         os.close(fd)
+
+
+def _locked(directory, fd: int):
+    """The error for a directory whose lock (open as ``fd``) another process holds."""
+    from .errors import RunLockedError
+
+    holder = _read_holder(fd)
+    pid = holder.get("pid")
+    who = f"pid {pid}" if pid else "another process"
+    what = f" ({holder['command']}, since {holder['since']})" if "command" in holder else ""
+    return RunLockedError(
+        f"{Path(directory)}: in use by {who}{what}, which holds its lock {Path(directory) / LOCK};"
+        " wait for it to finish, or write to another directory",
+        pid=pid,
+    )
 
 
 def _read_holder(fd: int) -> dict:
