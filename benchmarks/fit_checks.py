@@ -23,7 +23,7 @@ import pyro
 import torch
 
 from pyro_worldmodel import ActionSpace, FilterGuide, WorldModel, default_elbo, fit
-from pyro_worldmodel.inference import default_optim
+from pyro_worldmodel.infer import default_optim
 
 
 def build(device, latent, hidden, obs_dim=8, action_dim=2):

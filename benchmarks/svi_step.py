@@ -9,7 +9,7 @@ One step is the loss, its backward and the optimiser's step (ClippedAdam, as
 (WorldModel.default and FilterGuide). Three ways of computing the same ELBO:
 
 - library: what `pyro_worldmodel.fit` runs by default, SVI with
-  `default_elbo()` (the batched mean-field path, `pyro_worldmodel.fast`);
+  `default_elbo()` (the batched mean-field path, `pyro_worldmodel.infer.batched`);
 - reference: hand-written PyTorch on the same modules, the guide's recurrence
   step by step and every model term batched over time;
 - stock: SVI with Pyro's own `TraceMeanField_ELBO`, eager, validation on (Pyro's default).
@@ -39,8 +39,8 @@ from pyro.optim.clipped_adam import ClippedAdam
 from torch.distributions import Normal, kl_divergence
 
 from pyro_worldmodel import ActionSpace, FilterGuide, WorldModel
-from pyro_worldmodel.inference import MAX_PLATE_NESTING, default_elbo, default_optim
-from pyro_worldmodel.profiling import peak_memory
+from pyro_worldmodel.evaluate.profiling import peak_memory
+from pyro_worldmodel.infer import MAX_PLATE_NESTING, default_elbo, default_optim
 
 OBS_DIM, ACTION_DIM, LATENT, HIDDEN = 8, 2, 16, 64
 

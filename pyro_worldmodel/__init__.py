@@ -1,21 +1,31 @@
 """Latent world models as probabilistic programs in Pyro."""
 
-from .anchors import LinearGaussianSSM
 from .compare import EstimatorComparison, compare_estimators
 from .config import Spec, build, register, spec_of
-from .elbos import (
+from .evaluate import (
+    ELBOTerms,
+    Imagination,
+    LinearGaussianSSM,
+    OpenLoop,
+    elbo_terms,
+    heldout_bounds,
+    imagine,
+    iwae_log_likelihood,
+    open_loop,
+)
+from .infer import (
     FreeNats_ELBO,
+    History,
     JitTraceMeanField_ELBO,
     KLAnnealing_ELBO,
     KLBalancing_ELBO,
     MonteCarloKLWarning,
     TraceMeanField_ELBO,
+    default_elbo,
+    fit,
 )
-from .evaluate import ELBOTerms, OpenLoop, elbo_terms, heldout_bounds, iwae_log_likelihood, open_loop
-from .guides import FilterGuide
-from .imagine import Imagination, imagine
-from .inference import History, default_elbo, fit, load_checkpoint, save_checkpoint
-from .model import WorldModel
+from .io import load_checkpoint, save_checkpoint
+from .model import FilterGuide, WorldModel
 from .spaces import ActionSpace
 
 __all__ = [

@@ -36,23 +36,28 @@ import numpy as np
 import pyro
 import torch
 
-from .baselines import CopyLast, LinearLeastSquares
 from .config import Built, Spec, build, load_yaml, yaml_value
 from .data import Episodes, Normalizer, collect
 from .errors import RunDirectoryError, WorldModelError
-from .evaluate import elbo_terms, heldout_bounds, open_loop
-from .imagine import imagine
-from .inference import check_training_data, fit, load_checkpoint, read_checkpoint
+from .evaluate import CopyLast, LinearLeastSquares, heldout_bounds, imagine, open_loop
+from .infer import (
+    check_training_data,
+    elbo_terms,
+    fit,
+    linear_warm_start,
+    why_no_linear_warm_start,
+)
 from .io import (
     RunDirectory,
     check_env_id,
     check_free_space,
     check_unlocked,
+    load_checkpoint,
     physical_memory,
+    read_checkpoint,
     strict_json,
 )
 from .spaces import ActionSpace, check_device
-from .warm_start import linear_warm_start, why_no_linear_warm_start
 
 DEFAULT_ENV = "Pendulum-v1"
 RUN_FORMAT = "pyro_worldmodel.run/1"
@@ -1150,7 +1155,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, out=False)
     p.set_defaults(func=cmd_compare)
 
-    from .planning import PLANNERS
+    from .act import PLANNERS
 
     p = sub.add_parser(
         "loop",

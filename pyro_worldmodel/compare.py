@@ -76,9 +76,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import REGISTRY, build, resolve, typed_kwargs
-from .evaluate import elbo_terms, iwae_log_likelihood
-from .inference import MAX_PLATE_NESTING, _minibatch, fit
-from .profiling import PeakMemory
+from .evaluate import iwae_log_likelihood
+from .evaluate.profiling import PeakMemory
+from .infer import MAX_PLATE_NESTING, elbo_terms, fit, minibatch_indices
 from .spaces import ActionSpace, check_device
 
 # What the default comparison and the smoke setting use where an argument is None.
@@ -696,7 +696,7 @@ def _check_jit(specs, labels, lengths, num_steps, batch_size, seed, train):
     if not jit:
         return
     N = len(lengths)
-    seen = {int(lengths[_minibatch(step, N, batch_size, seed)].max()) for step in range(num_steps)}
+    seen = {int(lengths[minibatch_indices(step, N, batch_size, seed)].max()) for step in range(num_steps)}
     if len(seen) > 1:
         raise ValueError(
             f"estimators: {jit} compile once per argument count, not per shape, but the training"

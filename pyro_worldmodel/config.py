@@ -53,7 +53,17 @@ import yaml
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .components import (
+from .act.planners import PLANNERS
+from .infer.elbos import (
+    FreeNats_ELBO,
+    JitTraceMeanField_ELBO,
+    KLAnnealing_ELBO,
+    KLBalancing_ELBO,
+    TraceMeanField_ELBO,
+)
+from .infer.training import MAX_PLATE_NESTING, fit
+from .io import physical_memory
+from .model.components import (
     BernoulliContinue,
     BernoulliEmission,
     CategoricalPolicy,
@@ -72,18 +82,8 @@ from .components import (
     StudentTMLPTransition,
     TanhNormalPolicy,
 )
-from .elbos import (
-    FreeNats_ELBO,
-    JitTraceMeanField_ELBO,
-    KLAnnealing_ELBO,
-    KLBalancing_ELBO,
-    TraceMeanField_ELBO,
-)
-from .guides import FilterGuide, IAFFilterGuide, MeanFieldGuide, SmoothingGuide
-from .inference import MAX_PLATE_NESTING, fit
-from .io import physical_memory
-from .model import WorldModel
-from .planning import PLANNERS
+from .model.guides import FilterGuide, IAFFilterGuide, MeanFieldGuide, SmoothingGuide
+from .model.world_model import WorldModel
 from .spaces import ActionSpace
 
 # Optional parts: absent (None) unless the spec names them.

@@ -1,11 +1,13 @@
-"""Files: atomic writes, strict JSON, safe names.
+"""Files: atomic writes, checkpoints, strict JSON, safe names and run directories.
 
-Nothing here knows about models or data; every other module writes through it.
+Nothing here knows about models or data (a checkpoint holds any two modules and
+a Pyro optimiser); every other module writes through it.
 """
 
 from __future__ import annotations
 
 import errno
+import io as _io
 import json
 import math
 import os
@@ -13,6 +15,11 @@ import re
 import socket
 import tempfile
 from pathlib import Path
+
+import torch
+from pyro.optim.optim import _get_state_dict  # handles optimisers and LR schedulers
+
+from .errors import DivergenceError
 
 # A gymnasium id, optionally with one namespace ("ALE/Pong-v5"), each part starting with a
 # letter, digit or underscore: never absolute, never "..", never more than one level deep.
@@ -692,3 +699,151 @@ def check_free_space(directory, needed: int, what: str) -> None:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------- checkpoints
+
+CHECKPOINT_FORMAT = "pyro_worldmodel.checkpoint/1"
+
+
+def save_checkpoint(path, model, guide, optim=None, **extra) -> Path:
+    """Save model, guide and optimiser state to ``path``, atomically.
+
+    The file is written beside ``path`` and renamed over it, so a crash
+    leaves either the old file or the new one, never half of one. Optimiser
+    state is stored by parameter name relative to its module, so it loads
+    into a model whose param-store prefix differs. A state with a NaN or an
+    infinity is refused (``DivergenceError``): it is never a good checkpoint.
+
+    :param extra: further tensors, numbers, strings, lists and dicts to store.
+    """
+    path = Path(path)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "guide": guide.state_dict(),
+        "optim": _relative_optim_state(optim, model, guide) if optim is not None else None,
+        "extra": extra,
+    }
+    bad = _nonfinite_entries({k: state[k] for k in ("model", "guide", "optim")})
+    if bad:
+        raise DivergenceError(
+            f"checkpoint: refusing to write {path}: {bad[0]} holds a NaN or an infinity"
+            + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""),
+            step=extra.get("step", -1),
+        )
+    # Serialised in memory first: a full disk then fails in a plain write (OSError), not
+    # inside torch's zip writer, which reports it as a RuntimeError.
+    buffer = _io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    return path
+
+
+def _nonfinite_entries(tree, prefix="") -> list[str]:
+    """Dotted names of the floating tensors in nested dicts and lists that are not all finite."""
+    if torch.is_tensor(tree):
+        if tree.is_floating_point() or tree.is_complex():
+            return [] if bool(tree.isfinite().all()) else [prefix or "a tensor"]
+        return []
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return []
+    out = []
+    for k, v in items:
+        out += _nonfinite_entries(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def load_checkpoint(path, model, guide, optim=None) -> dict:
+    """Load a :func:`save_checkpoint` file into ``model``, ``guide`` and ``optim``.
+
+    Uses ``torch.load(weights_only=True)``: nothing but tensors and plain
+    containers is ever unpickled. A checkpoint with a NaN or an infinity in
+    its weights or optimiser state is refused.
+
+    :returns: the ``extra`` entries that were saved.
+    """
+    device = next(model.parameters()).device
+    state = read_checkpoint(path, map_location=device)
+    bad = _nonfinite_entries({k: state[k] for k in ("model", "guide", "optim")})
+    if bad:
+        raise ValueError(f"path: {path} holds non-finite values (in {bad[0]}); it is not a good checkpoint")
+    for key, module in (("model", model), ("guide", guide)):
+        try:
+            module.load_state_dict(state[key])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{key}: the checkpoint's {key} does not fit this one: {first}") from None
+    if optim is not None and state["optim"] is not None:
+        try:
+            optim.set_state(
+                {
+                    f"{owner.name}$$${rel}": value
+                    for key, owner in (("model", model), ("guide", guide))
+                    for rel, value in state["optim"][key].items()
+                }
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"path: {path} holds an optimiser state that does not fit ({e!r})") from None
+    return state["extra"]
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """The contents of a :func:`save_checkpoint` file, checked for its format.
+
+    ``torch.load(weights_only=True)``: a file that needs anything else to load (a
+    pickled object, which could run code) is refused, not retried unsafely.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path: expected a checkpoint file, got the directory {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        # torch's own message suggests weights_only=False, which would run the file's code.
+        kind = (
+            "holds objects other than tensors and plain containers"
+            if _is_unpickling(e)
+            else "is truncated or corrupted"
+        )
+        raise ValueError(f"path: {path} is not a readable pyro_worldmodel checkpoint: it {kind}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file, got {path}")
+    missing = [k for k in ("model", "guide", "optim", "extra") if k not in state]
+    if missing or not isinstance(state["model"], dict) or not isinstance(state["guide"], dict):
+        raise ValueError(
+            f"path: {path} is an incomplete {CHECKPOINT_FORMAT} file (lacks {missing or 'weights'})"
+        )
+    if not isinstance(state["extra"], dict):
+        raise ValueError(f"path: {path} has a malformed 'extra' entry")
+    return state
+
+
+def _is_unpickling(e: Exception) -> bool:
+    import pickle
+
+    return isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e)
+
+
+def _relative_optim_state(optim, model, guide):
+    # Keyed by the parameter objects, not by param-store names, so a cleared
+    # store (pyro.clear_param_store() in a notebook) loses nothing.
+    owners = {
+        id(p): (key, rel)
+        for key, owner in (("model", model), ("guide", guide))
+        for rel, p in owner.named_parameters()
+    }
+    out = {"model": {}, "guide": {}}
+    for param, optimizer in optim.optim_objs.items():
+        if id(param) in owners:
+            key, rel = owners[id(param)]
+            out[key][rel] = _get_state_dict(optimizer)
+    # Sorted: Pyro creates an optimiser per parameter in the order of a set, which varies
+    # between processes, and the same state should make the same file.
+    return {key: dict(sorted(states.items())) for key, states in out.items()}

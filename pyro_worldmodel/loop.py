@@ -27,14 +27,21 @@ import numpy as np
 import pyro
 import torch
 
+from .act import Agent, CEMPlanner, posterior_states, reward_units
 from .config import Spec, build
-from .data import Episodes, Normalizer, collect, observation_scale_floor, play
+from .data import Episodes, collect, observation_scale_floor, play
 from .errors import RunDirectoryError
-from .inference import _check_int, fit, load_checkpoint, read_checkpoint, save_checkpoint
-from .io import RunDirectory, check_free_space, check_unlocked, strict_json
-from .planning import CEMPlanner, LatentState, belief, box_centre, clip_to_space, posterior_states
-from .spaces import ActionSpace, check_device
-from .warm_start import linear_warm_start, why_no_linear_warm_start
+from .infer import fit, linear_warm_start, why_no_linear_warm_start
+from .io import (
+    RunDirectory,
+    check_free_space,
+    check_unlocked,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    strict_json,
+)
+from .spaces import check_device, check_int
 
 LOOP_FORMAT = "pyro_worldmodel.loop/1"
 
@@ -51,88 +58,6 @@ DEFAULT_LOOP_SPEC = Spec(
     continuation={"name": "bernoulli"},
     planner={"name": "cem"},
 )
-
-
-class Agent:
-    """Acts in real units with a planner: filters the episode so far into a
-    :class:`~pyro_worldmodel.planning.LatentState`, plans in model units, and maps back.
-
-    :param model: a :class:`~pyro_worldmodel.model.WorldModel` with a reward head
-        (for the planners that value futures).
-    :param guide: its guide, used as the filter.
-    :param planner: has ``plan(model, state, reward_scale=, reward_loc=)``.
-    :param normalizer: real ↔ model units; None if the model trains in real units.
-    :param action_space: the environment's action space (real units); planned
-        actions are clipped into it.
-    :param context: the guide filters the last this many steps.
-    :param explore: box: the standard deviation of Gaussian noise added to each
-        action (model units); discrete: the chance of a uniformly random action.
-    """
-
-    def __init__(
-        self,
-        model,
-        guide,
-        planner,
-        normalizer: Normalizer | None,
-        action_space: ActionSpace,
-        *,
-        context: int = 16,
-        explore: float = 0.0,
-        generator: torch.Generator | None = None,
-    ):
-        if not isinstance(context, int) or isinstance(context, bool) or context < 1:
-            raise ValueError(f"context: expected a positive int, got {context!r}")
-        if not isinstance(explore, (int, float)) or explore < 0:
-            raise ValueError(f"explore: expected a number >= 0, got {explore!r}")
-        self.model, self.guide, self.planner, self.normalizer = model, guide, planner, normalizer
-        self.action_space, self.context, self.explore = action_space, context, float(explore)
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self._ref = next(model.parameters())
-        self._reward_units = _reward_units(normalizer, model)
-        self.reset(None)
-
-    def reset(self, obs) -> None:
-        """Start new episodes (``obs`` is shown again to :meth:`act`)."""
-        self._obs: list[torch.Tensor] = []
-        self._actions: list[torch.Tensor] = []
-
-    def state(self) -> LatentState:
-        """The belief about the present from the steps seen so far."""
-        obs = torch.stack(self._obs[-self.context :], 1)  # (B, C, X)
-        B, C = obs.shape[:2]
-        space = self.model.action_space
-        if space.kind == "discrete":
-            placeholder = torch.zeros(B, dtype=torch.long, device=obs.device)
-        else:  # the box's centre: inside any bounded policy's box
-            placeholder = box_centre(space, obs).expand(B, space.dim)
-        past = self._actions[-(C - 1) :] if C > 1 else []
-        actions = torch.stack([*past, placeholder], 1)
-        return belief(self.model, self.guide, obs, actions)
-
-    @torch.no_grad()
-    def act(self, obs) -> np.ndarray:
-        """Actions ``(B, A)`` (or ``(B,)`` integers) in real units for observations ``(B, X)``."""
-        x = torch.as_tensor(np.array(obs)).to(self._ref)  # a copy: the caller may reuse its array
-        if self.normalizer is not None:
-            x = self.normalizer.obs(x)
-        self._obs.append(x)
-        a = self.planner.plan(self.model, self.state(), **self._reward_units)
-        space = self.model.action_space
-        if self.explore:
-            if space.kind == "discrete":
-                flip = torch.rand(a.shape, generator=self.generator) < self.explore
-                rand = torch.randint(space.dim, a.shape, generator=self.generator)
-                a = torch.where(flip.to(a.device), rand.to(a.device), a)
-            else:
-                noise = torch.randn(a.shape, generator=self.generator).to(a)
-                a = clip_to_space(a + self.explore * noise, space)
-        self._actions.append(a)
-        if space.kind == "discrete":
-            return a.cpu().numpy().astype(np.int64)
-        real = a if self.normalizer is None else self.normalizer.actions_inverse(a)
-        real = clip_to_space(real.double(), self.action_space)  # in the env's own box, despite rounding
-        return real.cpu().numpy().astype(np.float32)
 
 
 @dataclass
@@ -226,9 +151,9 @@ def model_based_loop(
         ("eval_every", eval_every, 1),
         ("context", context, 1),
     ):
-        _check_int(arg, value, low)
+        check_int(arg, value, low)
     if max_env_steps is not None:
-        _check_int("max_env_steps", max_env_steps, 1)
+        check_int("max_env_steps", max_env_steps, 1)
     if isinstance(explore, bool) or not isinstance(explore, (int, float)) or not 0 <= explore < math.inf:
         raise ValueError(f"explore: expected a finite number >= 0, got {explore!r}")
     if stop_at is not None and (
@@ -364,7 +289,7 @@ def _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log,
         planner_stats = None
         if _learns_in_imagination(planner):
             starts = posterior_states(model, guide, obs, actions, mask)
-            planner_stats = planner.update(model, starts, **_reward_units(normalizer, model))
+            planner_stats = planner.update(model, starts, **reward_units(normalizer, model))
 
         def agent(noise):
             return Agent(
@@ -444,14 +369,6 @@ def _learns_in_imagination(planner) -> bool:
     if isinstance(planner, CEMPlanner):
         return planner.critic is not None
     return callable(getattr(planner, "update", None))
-
-
-def _reward_units(normalizer, model):
-    """The planners' keywords that map the reward head's units to real ones."""
-    ref = next(model.parameters())
-    if normalizer is None or normalizer.reward_loc is None:
-        return {"reward_scale": 1.0, "reward_loc": 0.0}
-    return {"reward_scale": normalizer.reward_scale.to(ref), "reward_loc": normalizer.reward_loc.to(ref)}
 
 
 def _write(

@@ -24,9 +24,8 @@ from .io import atomic_write
 
 if TYPE_CHECKING:
     from .compare import EstimatorComparison
-    from .evaluate import OpenLoop
-    from .imagine import Imagination
-    from .inference import History
+    from .evaluate import Imagination, OpenLoop
+    from .infer import History
 
 DPI = 120
 

@@ -250,7 +250,7 @@ def check_inputs(
     actions = _as_tensor("actions", actions, device)
     if obs.dim() != 3 or obs.shape[-1] != obs_dim:
         raise ValueError(f"obs: expected shape (B, T, {obs_dim}), got {tuple(obs.shape)}")
-    if not (obs.is_floating_point() or obs.dtype in _INT_DTYPES):
+    if not (obs.is_floating_point() or obs.dtype in INT_DTYPES):
         raise ValueError(f"obs: expected a real dtype, got {obs.dtype}")
     B, T = obs.shape[:2]
     if B < 1 or T < 1:
@@ -263,7 +263,7 @@ def check_inputs(
                 f"actions: expected shape {expected} for {action_space.dim} discrete actions,"
                 f" got {tuple(actions.shape)}"
             )
-        if actions.dtype not in _INT_DTYPES:
+        if actions.dtype not in INT_DTYPES:
             raise ValueError(
                 f"actions: expected an integer dtype for a discrete action space, got {actions.dtype}"
             )
@@ -316,7 +316,7 @@ def check_inputs(
     return obs, actions, mask
 
 
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _as_tensor(name, value, device):
@@ -345,3 +345,16 @@ def _check_finite(name, value, mask):
             f"{name}: expected finite values where mask is True, got"
             f" {int(bad.sum())} steps with NaN or inf (first at episode {b}, step {t})"
         )
+
+
+def check_int(name: str, value, low: int) -> int:
+    """``value`` if it is an int (not a bool) >= ``low``, else ``ValueError`` naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return value
+
+
+def check_observed(mask) -> None:
+    """Refuse a mask with no observed step, where every figure per step would be 0 / 0."""
+    if not bool(mask.any()):
+        raise ValueError("mask: expected at least one observed step, got none")

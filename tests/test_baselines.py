@@ -4,7 +4,7 @@ exactly, noise variances they must estimate, and means computed by hand."""
 import pytest
 import torch
 
-from pyro_worldmodel.baselines import CopyLast, LinearLeastSquares
+from pyro_worldmodel.evaluate import CopyLast, LinearLeastSquares
 from pyro_worldmodel.spaces import ActionSpace
 
 JUNK = 1e6

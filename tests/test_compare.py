@@ -24,8 +24,8 @@ from pyro_worldmodel.compare import (
     make_estimator,
 )
 from pyro_worldmodel.config import REGISTRY
+from pyro_worldmodel.evaluate.profiling import PeakMemory, peak_memory
 from pyro_worldmodel.plots import _moving_average, plot_estimator_comparison, plot_learning_curves
-from pyro_worldmodel.profiling import PeakMemory, peak_memory
 
 # Pyro's JitTrace_ELBO and JitTraceGraph_ELBO call torch.jit.trace, deprecated in torch 2.13.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")

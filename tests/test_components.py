@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_worldmodel import ActionSpace
-from pyro_worldmodel.components import (
+from pyro_worldmodel.model.components import (
     BernoulliEmission,
     CategoricalPolicy,
     Combiner,

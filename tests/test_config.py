@@ -27,7 +27,7 @@ from pyro_worldmodel.config import (
     spec_of,
     yaml_value,
 )
-from pyro_worldmodel.elbos import MonteCarloKLWarning
+from pyro_worldmodel.infer.elbos import MonteCarloKLWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 BOX, DISCRETE = ActionSpace.box(2), ActionSpace.discrete(3)

@@ -9,10 +9,10 @@ import torch
 from worlds import X, Z, world
 
 from pyro_worldmodel import elbo_terms, fit
-from pyro_worldmodel.components import (
+from pyro_worldmodel.infer.elbos import MonteCarloKLWarning, TraceMeanField_ELBO
+from pyro_worldmodel.model.components import (
     StudentTMLPTransition,
 )
-from pyro_worldmodel.elbos import MonteCarloKLWarning, TraceMeanField_ELBO
 
 
 def data(B=4, T=6):

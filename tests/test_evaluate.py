@@ -11,7 +11,7 @@ from worlds import X, world
 
 from pyro_worldmodel import FilterGuide, LinearGaussianSSM, elbo_terms, fit, iwae_log_likelihood
 from pyro_worldmodel.evaluate import heldout_bounds, open_loop
-from pyro_worldmodel.guides import SmoothingGuide
+from pyro_worldmodel.model.guides import SmoothingGuide
 
 T = 25
 
@@ -206,8 +206,8 @@ def test_open_loop_checks_its_data_in_real_units():
             open_loop(model, guide, o, a, m, **kwargs)
     # Integer box actions are real numbers: the same figures as the same floats, the
     # baselines' normalised too.
-    from pyro_worldmodel.baselines import LinearLeastSquares
     from pyro_worldmodel.data import Normalizer
+    from pyro_worldmodel.evaluate import LinearLeastSquares
     from pyro_worldmodel.spaces import ActionSpace
 
     int_actions = torch.randint(-3, 4, (3, 8, 2))

@@ -8,8 +8,8 @@ import torch
 
 from pyro_worldmodel import ActionSpace, fit
 from pyro_worldmodel.config import build
-from pyro_worldmodel.elbos import FreeNats_ELBO, KLAnnealing_ELBO, KLBalancing_ELBO, TraceMeanField_ELBO
-from pyro_worldmodel.fast import _guide_draws
+from pyro_worldmodel.infer.batched import _guide_draws
+from pyro_worldmodel.infer.elbos import FreeNats_ELBO, KLAnnealing_ELBO, KLBalancing_ELBO, TraceMeanField_ELBO
 
 BOX, DISCRETE = ActionSpace.box(2), ActionSpace.discrete(3)
 
@@ -182,7 +182,7 @@ def test_mask_as_a_keyword_takes_the_batched_path_and_gives_the_same_loss():
 def test_subclasses_and_user_components_take_the_traces():
     """The batched path knows only the built-in classes: a subclass may compute something else."""
     from pyro_worldmodel import WorldModel
-    from pyro_worldmodel.components import Combiner, GaussianMLPEmission
+    from pyro_worldmodel.model.components import Combiner, GaussianMLPEmission
 
     class Doubled(WorldModel):
         @staticmethod

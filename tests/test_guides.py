@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pyro_worldmodel import ActionSpace, WorldModel
-from pyro_worldmodel.guides import FilterGuide, MeanFieldGuide, SmoothingGuide, _reverse_within
+from pyro_worldmodel.model.guides import FilterGuide, MeanFieldGuide, SmoothingGuide, _reverse_within
 
 
 def test_reverse_within_mirrors_each_episode_and_leaves_padding():

@@ -9,7 +9,7 @@ from pyro.infer import Trace_ELBO
 
 from pyro_worldmodel import ActionSpace, FilterGuide, LinearGaussianSSM, WorldModel, fit
 from pyro_worldmodel.evaluate import log_weights
-from pyro_worldmodel.guides import IAFFilterGuide
+from pyro_worldmodel.model.guides import IAFFilterGuide
 
 
 def perturbed_guide(latent_dim=2, num_iafs=2, dtype=torch.float64):

@@ -9,10 +9,8 @@ import pytest
 import torch
 
 from pyro_worldmodel import ActionSpace, FilterGuide, LinearGaussianSSM, WorldModel
-from pyro_worldmodel.baselines import CopyLast
 from pyro_worldmodel.data import Normalizer
-from pyro_worldmodel.evaluate import open_loop
-from pyro_worldmodel.imagine import imagine
+from pyro_worldmodel.evaluate import CopyLast, imagine, open_loop
 
 
 def brute_force_forecast(ssm, obs, actions, future_actions):
@@ -384,7 +382,7 @@ def test_the_context_is_checked_as_evaluation_checks_it(validation):
 
 def test_the_model_checks_the_context_in_its_own_units():
     """A Bernoulli emission reads {0, 1}: refused on real-valued context even with validation off."""
-    from pyro_worldmodel.components import (
+    from pyro_worldmodel.model.components import (
         BernoulliEmission,
         CategoricalPolicy,
         GaussianMLPTransition,

@@ -104,7 +104,7 @@ def test_resuming_from_a_checkpoint_equals_one_uninterrupted_run(data, tmp_path,
 
 def test_resuming_continues_a_kl_annealing_schedule(data, tmp_path):
     """β depends on the step: a resumed run must not restart the warm-up."""
-    from pyro_worldmodel.elbos import KLAnnealing_ELBO
+    from pyro_worldmodel.infer.elbos import KLAnnealing_ELBO
 
     def annealing():
         return KLAnnealing_ELBO(beta=1.0, warmup_steps=20, max_plate_nesting=2)

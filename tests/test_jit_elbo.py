@@ -9,8 +9,8 @@ import torch
 from worlds import X, world
 
 from pyro_worldmodel import fit
-from pyro_worldmodel.elbos import JitTraceMeanField_ELBO, TraceMeanField_ELBO
-from pyro_worldmodel.inference import _minibatch
+from pyro_worldmodel.infer import minibatch_indices as _minibatch
+from pyro_worldmodel.infer.elbos import JitTraceMeanField_ELBO, TraceMeanField_ELBO
 
 
 def data(lengths=(6, 6, 4, 2), T=6):

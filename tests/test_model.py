@@ -166,7 +166,7 @@ def test_a_name_taken_by_another_module_is_refused():
 
 
 def test_components_must_agree_on_sizes():
-    from pyro_worldmodel.components import (
+    from pyro_worldmodel.model.components import (
         GaussianMLPEmission,
         GaussianMLPTransition,
         NormalPolicy,
@@ -196,7 +196,7 @@ def test_a_component_swapped_in_after_training_began_is_refused():
     obs, actions = torch.randn(4, 3, 3), torch.randn(4, 3, 2)
     model, guide = small()
     fit(model, guide, obs, actions, num_steps=2, progress=False)
-    from pyro_worldmodel.components import GaussianMLPEmission
+    from pyro_worldmodel.model.components import GaussianMLPEmission
 
     model.emission = GaussianMLPEmission(2, 3, hidden=(8,))
     with pytest.raises(ValueError, match=r"name: the Pyro param store holds another tensor under .*emission"):
@@ -204,7 +204,7 @@ def test_a_component_swapped_in_after_training_began_is_refused():
 
 
 def rssm_model(D=5, space=BOX):
-    from pyro_worldmodel.components import (
+    from pyro_worldmodel.model.components import (
         GaussianMLPEmission,
         RSSMTransition,
         StandardNormalInit,
@@ -283,7 +283,7 @@ def test_an_rssm_world_model_trains_and_dreams():
 
 
 def test_readers_of_a_recurrent_transition_must_take_its_features():
-    from pyro_worldmodel.components import (
+    from pyro_worldmodel.model.components import (
         GaussianMLPEmission,
         NormalPolicy,
         RSSMTransition,
@@ -323,7 +323,7 @@ def test_the_dream_carries_h_on_from_the_context():
 
 
 def bernoulli_model(space=BOX):
-    from pyro_worldmodel.components import (
+    from pyro_worldmodel.model.components import (
         BernoulliEmission,
         GaussianMLPTransition,
         StandardNormalInit,

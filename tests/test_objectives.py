@@ -11,14 +11,14 @@ from pyro.infer import SVI
 from worlds import X, world
 
 from pyro_worldmodel import elbo_terms, fit
-from pyro_worldmodel.components import (
-    StudentTMLPTransition,
-)
-from pyro_worldmodel.elbos import (
+from pyro_worldmodel.infer.elbos import (
     FreeNats_ELBO,
     KLAnnealing_ELBO,
     KLBalancing_ELBO,
     TraceMeanField_ELBO,
+)
+from pyro_worldmodel.model.components import (
+    StudentTMLPTransition,
 )
 
 LENGTHS = (6, 6, 4, 2)  # episodes of different lengths: padded steps are masked out

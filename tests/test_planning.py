@@ -12,25 +12,26 @@ from pyro import poutine
 from torch import nn
 
 from pyro_worldmodel import ActionSpace, WorldModel, fit
-from pyro_worldmodel.cli import main
-from pyro_worldmodel.components import (
-    GaussianMLPEmission,
-    LinearGaussianTransition,
-    NormalPolicy,
-    StandardNormalInit,
-)
-from pyro_worldmodel.config import Spec, build, spec_of
-from pyro_worldmodel.data import collect, observation_scale_floor
-from pyro_worldmodel.elbos import TraceMeanField_ELBO
-from pyro_worldmodel.loop import DEFAULT_LOOP_SPEC, Agent, model_based_loop
-from pyro_worldmodel.planning import (
+from pyro_worldmodel.act import (
     ActorCriticPlanner,
+    Agent,
     CEMPlanner,
     LatentState,
     PolicyPlanner,
     belief,
     imagined_returns,
     lambda_returns,
+)
+from pyro_worldmodel.cli import main
+from pyro_worldmodel.config import Spec, build, spec_of
+from pyro_worldmodel.data import collect, observation_scale_floor
+from pyro_worldmodel.infer.elbos import TraceMeanField_ELBO
+from pyro_worldmodel.loop import DEFAULT_LOOP_SPEC, model_based_loop
+from pyro_worldmodel.model.components import (
+    GaussianMLPEmission,
+    LinearGaussianTransition,
+    NormalPolicy,
+    StandardNormalInit,
 )
 
 # ------------------------------------------------------------------ a hand-written linear-quadratic system
@@ -478,7 +479,7 @@ def test_the_agent_keeps_its_own_copy_of_each_observation():
 
 
 def test_targets_reach_the_jit_elbo_as_graph_inputs():
-    from pyro_worldmodel.elbos import JitTraceMeanField_ELBO
+    from pyro_worldmodel.infer.elbos import JitTraceMeanField_ELBO
 
     built = _small_world()
     obs, actions, mask = torch.randn(4, 5, 2), torch.rand(4, 5, 1) * 4 - 2, torch.ones(4, 5, dtype=torch.bool)

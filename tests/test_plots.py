@@ -8,9 +8,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from pyro_worldmodel.evaluate import OpenLoop
-from pyro_worldmodel.imagine import Imagination
-from pyro_worldmodel.inference import History
+from pyro_worldmodel.evaluate import Imagination, OpenLoop
+from pyro_worldmodel.infer import History
 from pyro_worldmodel.plots import DPI, plot_imagination, plot_kl_per_t, plot_open_loop, plot_training
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from pyro_worldmodel import ActionSpace, FilterGuide, WorldModel, fit
-from pyro_worldmodel.components import (
+from pyro_worldmodel.data import Normalizer
+from pyro_worldmodel.model.components import (
     GaussianMLPEmission,
     GaussianMLPTransition,
     StandardNormalInit,
     TanhNormalPolicy,
 )
-from pyro_worldmodel.data import Normalizer
 
 Z, X = 3, 4
 BOX = ActionSpace.box(2, [-1.0, 0.0], [3.0, 0.5])  # mid (1, 0.25), half (2, 0.25)

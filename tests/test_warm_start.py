@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pyro_worldmodel import ActionSpace, FilterGuide, LinearGaussianSSM, WorldModel, imagine
-from pyro_worldmodel.components import Combiner, GaussianMLPEmission, GaussianMLPTransition
-from pyro_worldmodel.warm_start import linear_warm_start
+from pyro_worldmodel.infer import linear_warm_start
+from pyro_worldmodel.model.components import Combiner, GaussianMLPEmission, GaussianMLPTransition
 
 
 def test_init_linear_sets_each_component_to_the_given_gaussian():

@@ -1,7 +1,7 @@
 """A small world model and its filter, shared by the ELBO tests."""
 
 from pyro_worldmodel import ActionSpace, FilterGuide, WorldModel
-from pyro_worldmodel.components import (
+from pyro_worldmodel.model.components import (
     GaussianMLPEmission,
     GaussianMLPTransition,
     NormalPolicy,

@@ -25,8 +25,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from torch.distributions import kl_divergence
 
-from ._naming import register
-from .components import (
+from ..model.components import (
     BernoulliContinue,
     BernoulliEmission,
     CategoricalPolicy,
@@ -44,9 +43,10 @@ from .components import (
     StudentTEmission,
     TanhNormalPolicy,
 )
-from .components._nets import positive
-from .guides import FilterGuide, MeanFieldGuide, SmoothingGuide
-from .model import WorldModel
+from ..model.components.nets import positive
+from ..model.guides import FilterGuide, MeanFieldGuide, SmoothingGuide
+from ..model.naming import register_module
+from ..model.world_model import WorldModel
 
 # Exactly these classes (not subclasses, which may change what the model or the
 # guide computes): the init and transition give Independent(Normal) factors, so
@@ -113,8 +113,8 @@ def mean_field_loss(
     obs, actions, mask = model.check_inputs(obs, actions, mask)
     rewards, continues = model.check_targets(rewards, continues, mask, obs.dtype)
     guide.check_inputs(obs, actions, mask, check_values=False)
-    register(model.name, model)
-    register(guide.name, guide)
+    register_module(model.name, model)
+    register_module(guide.name, guide)
     with pyro.validation_enabled(False):
         return _loss(elbo, model, guide, obs, actions, mask, rewards, continues)
 

@@ -6,7 +6,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._nets import check_dim
+from .nets import check_dim
 
 
 class StandardNormalInit(nn.Module):

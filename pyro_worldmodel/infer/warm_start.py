@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .baselines import LinearLeastSquares
+from ..model.baselines import LinearLeastSquares
 
 
 def linear_warm_start(

@@ -1,7 +1,7 @@
 """Components: small modules, each returning the distribution of one factor."""
 
+from .combiner import Combiner
 from .emission import BernoulliEmission, GaussianMLPEmission, LinearGaussianEmission, StudentTEmission
-from .encoders import Combiner
 from .heads import BernoulliContinue, GaussianReward
 from .init import LearnedGaussianInit, StandardNormalInit
 from .policy import CategoricalPolicy, LinearGaussianPolicy, NormalPolicy, TanhNormalPolicy, auto_policy

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import Normal
 
-from .spaces import ActionSpace, check_inputs
+from ..spaces import ActionSpace, check_inputs
 
 # Parameters and rollouts are computed in float64: the best baselines reach
 # MSEs near 1e-7, where float32 normal equations lose every digit.

@@ -1,54 +1,14 @@
-"""Evaluating a trained world model: ELBO terms and importance-weighted bounds."""
+"""Open-loop prediction: after a context, the model's imagined futures against baselines."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-import pyro
 import torch
-from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 
-from .elbos import analytic_kl
-from .imagine import imagine
-from .spaces import _INT_DTYPES, check_inputs
-
-# Our programs nest two plates (episodes at -2, time at -1); particles go left of both.
-_PARTICLE_DIM = -3
-
-
-@dataclass
-class ELBOTerms:
-    """The ELBO's terms in nats per observed timestep, as the DMM reports them.
-
-    ``kl_per_t`` is the KL at each time index, averaged over the episodes
-    observed there. ``monte_carlo_kl`` names the latent sites whose pair of
-    distributions has no analytic KL, where the KL is the Monte Carlo estimate
-    log q(z) − log p(z) at the guide's sample; it is empty when every KL is exact.
-    """
-
-    log_px: float
-    log_pa: float
-    kl: float
-    kl_per_t: torch.Tensor
-    num_timesteps: int
-    monte_carlo_kl: tuple[str, ...] = ()
-
-    @property
-    def elbo(self) -> float:
-        """log p(x|z) + log π(a|z) − KL, per observed timestep."""
-        return self.log_px + self.log_pa - self.kl
-
-    def as_dict(self) -> dict[str, float]:
-        """The four figures, and ``kl_monte_carlo_sites``: how many latent sites' KL is a Monte Carlo estimate."""
-        return {
-            "elbo": self.elbo,
-            "log_px": self.log_px,
-            "log_pa": self.log_pa,
-            "kl": self.kl,
-            "kl_monte_carlo_sites": len(self.monte_carlo_kl),
-        }
+from ..spaces import INT_DTYPES, check_inputs, check_observed
+from .imagination import imagine
 
 
 @dataclass
@@ -94,130 +54,6 @@ class OpenLoop:
         return "\n".join([head, rule, *rows])
 
 
-def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1) -> ELBOTerms:
-    """Σ log p(x|z), Σ log π(a|z) and the KL, per observed timestep.
-
-    Uses the analytic KL wherever the pair of distributions has one, and
-    log q(z) − log p(z) at the guide's sample where it has none (a Student-t
-    transition, a flow in the guide); those sites are listed in
-    ``ELBOTerms.monte_carlo_kl``.
-
-    :param model: a :class:`~pyro_worldmodel.model.WorldModel`.
-    :param guide: a guide over the same ``z_{t}`` sites.
-    :param num_particles: number of guide samples to average.
-    """
-    if not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles: expected a positive int, got {num_particles!r}")
-    obs, actions, mask = model.check_inputs(obs, actions, mask)
-    _check_observed(mask)
-    B, T = mask.shape
-    n = mask.sum()
-    log_lik = {"x": 0.0, "a": 0.0}
-    monte_carlo = {}  # an ordered set of site names
-    kl_t = torch.zeros(T, dtype=obs.dtype, device=obs.device)
-    with torch.no_grad():
-        for _ in range(num_particles):
-            guide_tr, model_tr = _traces(model, guide, obs, actions, mask)
-            for name, site in model_tr.nodes.items():
-                if site["type"] != "sample" or site_is_subsample(site):
-                    continue
-                if site["is_observed"]:
-                    log_lik[name] = log_lik.get(name, 0.0) + site["fn"].log_prob(site["value"]).sum()
-                else:
-                    t = int(name.split("_")[1])
-                    q, p = guide_tr.nodes[name]["fn"], site["fn"]
-                    kl = analytic_kl(q, p)
-                    if kl is None:
-                        value = site["value"]
-                        kl = q.log_prob(value) - p.log_prob(value)
-                        monte_carlo.setdefault(name, None)
-                    kl_t[t] += kl.sum()
-    per_step = num_particles * n
-    return ELBOTerms(
-        log_px=float(log_lik["x"] / per_step),
-        log_pa=float(log_lik["a"] / per_step),
-        kl=float(kl_t.sum() / per_step),
-        kl_per_t=(kl_t / (num_particles * mask.sum(0).clamp(min=1))).cpu(),
-        num_timesteps=int(n),
-        monte_carlo_kl=tuple(monte_carlo),
-    )
-
-
-def _traces(model, guide, *args):
-    """A guide trace, and the model's trace with its latents replayed from it."""
-    guide_tr = poutine.trace(guide).get_trace(*args)
-    return guide_tr, poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
-
-
-def log_weights(model, guide, obs, actions, mask=None, *, num_particles: int) -> torch.Tensor:
-    """log p(x, a, z) − log q(z | x, a) per episode for ``num_particles`` draws z ~ q.
-
-    :returns: ``(K, B)``.
-    """
-    with torch.no_grad(), pyro.plate("particles", num_particles, dim=_PARTICLE_DIM):
-        guide_tr, model_tr = _traces(model, guide, obs, actions, mask)
-    return _site_sum(model_tr) - _site_sum(guide_tr)
-
-
-def _site_sum(trace) -> torch.Tensor:
-    total = 0.0
-    for site in trace.nodes.values():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            log_p = site["fn"].log_prob(site["value"])  # (K, B, 1) or (K, B, T)
-            total = total + log_p.sum(-1)
-    return total  # (K, B)
-
-
-def iwae_log_likelihood(
-    model,
-    guide,
-    obs,
-    actions,
-    mask=None,
-    *,
-    num_particles: int = 1000,
-    chunk_size: int = 250,
-) -> torch.Tensor:
-    """The importance-weighted (IWAE) estimate of log p(x_{1:T}, a_{1:T}) per episode.
-
-    log (1/K) Σ_k p(x, a, z_k) / q(z_k | x, a), z_k ~ q. It is a lower bound
-    in expectation that tightens as K grows; at K = 1 it is the ELBO.
-
-    :param num_particles: K.
-    :param chunk_size: particles drawn at once, to bound memory.
-    :returns: ``(B,)`` nats per episode; divide by ``mask.sum(1)`` for per timestep.
-    """
-    for arg, value in (("num_particles", num_particles), ("chunk_size", chunk_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg}: expected a positive int, got {value!r}")
-    obs, actions, mask = model.check_inputs(obs, actions, mask)
-    _check_observed(mask)
-    chunks = []
-    with torch.no_grad():  # an estimate, not a loss: no graph kept for K particles
-        for start in range(0, num_particles, chunk_size):
-            k = min(chunk_size, num_particles - start)
-            chunks.append(log_weights(model, guide, obs, actions, mask, num_particles=k))
-    log_w = torch.cat(chunks)  # (K, B)
-    return torch.logsumexp(log_w, dim=0) - math.log(num_particles)
-
-
-def heldout_bounds(
-    model, guide, obs, actions, mask=None, *, num_particles: int = 8, iwae_particles: int = 100
-) -> dict[str, float]:
-    """Held-out ELBO and its terms, and the IWAE estimate, all in nats per observed timestep.
-
-    :param num_particles: guide draws averaged in the ELBO terms.
-    :param iwae_particles: K of the IWAE-K estimate.
-    :returns: ``elbo``, ``log_px``, ``log_pa``, ``kl``, ``kl_monte_carlo_sites`` (0 when
-        every KL is exact) and ``iwae``.
-    """
-    obs, actions, mask = model.check_inputs(obs, actions, mask)
-    _check_observed(mask)
-    terms = elbo_terms(model, guide, obs, actions, mask, num_particles=num_particles)
-    iwae = iwae_log_likelihood(model, guide, obs, actions, mask, num_particles=iwae_particles)
-    return {**terms.as_dict(), "iwae": float(iwae.sum() / mask.sum())}
-
-
 def open_loop(
     model,
     guide,
@@ -261,7 +97,7 @@ def open_loop(
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{arg}: expected an int >= {low}, got {value!r}")
     obs, actions, mask = _check_real_units(model, obs, actions, mask)
-    _check_observed(mask)
+    check_observed(mask)
     lengths = mask.sum(1)
     episode, start = _window_starts(lengths, context, max_windows, seed)
     if len(episode) == 0:
@@ -322,12 +158,6 @@ def open_loop(
     )
 
 
-def _check_observed(mask) -> None:
-    """Refuse a mask with no observed step, where every figure per step would be 0 / 0."""
-    if not bool(mask.any()):
-        raise ValueError("mask: expected at least one observed step, got none")
-
-
 def _check_real_units(model, obs, actions, mask):
     """``(obs, actions, mask)`` in real units as :func:`~pyro_worldmodel.spaces.check_inputs`
     checks them, values included: NaN inside the mask would reach the figures, and a
@@ -340,7 +170,7 @@ def _check_real_units(model, obs, actions, mask):
     ref = next(model.parameters())
     # Keep the data's precision, as the figures compare them in real units.
     dtype = obs.dtype if obs.is_floating_point() else ref.dtype
-    if model.action_space.kind == "box" and actions.dtype in _INT_DTYPES:
+    if model.action_space.kind == "box" and actions.dtype in INT_DTYPES:
         actions = actions.to(dtype)  # real actions, normalised like any other
     return check_inputs(
         obs,

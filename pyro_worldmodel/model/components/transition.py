@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._nets import (
+from .nets import (
     LearnedDF,
     cat_batched,
     check_dim,

@@ -36,7 +36,7 @@ from pyro.infer.util import check_fully_reparametrized, is_validation_enabled, t
 from pyro.util import warn_if_nan
 from torch.distributions import kl_divergence
 
-from . import fast
+from . import batched
 
 ANALYTIC, MONTE_CARLO = "analytic", "monte_carlo"
 
@@ -141,7 +141,7 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
                 f"{type(self).__name__} overrides _shape_kl, which the batched path calls once for all sites"
             )
         else:
-            why = fast.supports(model, guide, args, kwargs, vectorize_particles=self.vectorize_particles)
+            why = batched.supports(model, guide, args, kwargs, vectorize_particles=self.vectorize_particles)
         self.path = "batched" if why is None else f"pyro traces: {why}"
         return why is None
 
@@ -150,7 +150,7 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         targets = {k: kwargs[k] for k in ("rewards", "continues") if k in kwargs}
         loss = 0.0
         for _ in range(self.num_particles):
-            loss = loss + fast.mean_field_loss(self, model, guide, *args, **targets) / self.num_particles
+            loss = loss + batched.mean_field_loss(self, model, guide, *args, **targets) / self.num_particles
         return loss
 
     def loss(self, model, guide, *args, **kwargs):

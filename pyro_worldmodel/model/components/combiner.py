@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._nets import check_dim, check_hidden, check_min_scale, mlp, positive, set_linear_gaussian
+from .nets import check_dim, check_hidden, check_min_scale, mlp, positive, set_linear_gaussian
 
 
 class Combiner(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import warnings
@@ -14,17 +13,15 @@ import pyro.optim
 import torch
 from pyro import poutine
 from pyro.infer import ELBO
-from pyro.optim.optim import _get_state_dict  # handles optimisers and LR schedulers
 from tqdm.auto import tqdm
 
+from ..errors import DivergenceError
+from ..io import load_checkpoint, save_checkpoint
+from ..spaces import check_device, check_int
 from .elbos import TraceMeanField_ELBO
-from .errors import DivergenceError
-from .evaluate import elbo_terms
-from .io import atomic_write
-from .spaces import check_device
+from .terms import elbo_terms
 
 MAX_PLATE_NESTING = 2  # episodes (dim -2) and time (dim -1)
-CHECKPOINT_FORMAT = "pyro_worldmodel.checkpoint/1"
 
 
 @dataclass
@@ -110,10 +107,10 @@ def fit(
         a notebook.
     :returns: the :class:`History` of the run (of all runs, when resumed).
     """
-    _check_int("num_steps", num_steps, 1)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("terms_every", terms_every, 0)
-    _check_int("checkpoint_every", checkpoint_every, 1)
+    check_int("num_steps", num_steps, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("terms_every", terms_every, 0)
+    check_int("checkpoint_every", checkpoint_every, 1)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback: expected a callable f(step, history), got {type(callback).__name__}")
     if train not in ("all", "model", "guide"):
@@ -219,7 +216,7 @@ def fit(
     bar = tqdm(range(start, num_steps), desc="SVI", disable=not progress, initial=start, total=num_steps)
     try:
         for step in bar:
-            idx = _minibatch(step, N, batch_size, order_seed)  # on the CPU, like lengths
+            idx = minibatch_indices(step, N, batch_size, order_seed)  # on the CPU, like lengths
             T_b = int(lengths[idx].max())
             on_device = idx.to(obs.device)
             batch = (obs[on_device, :T_b], actions[on_device, :T_b], mask[on_device, :T_b])
@@ -380,7 +377,7 @@ def _nonfinite_terms(model, guide, batch) -> str:
     return f" ({', '.join(bad)})" if bad else " (a reward or continue term, or a Monte Carlo draw)"
 
 
-def _minibatch(step, N, batch_size, seed):
+def minibatch_indices(step: int, N: int, batch_size: int, seed: int) -> torch.Tensor:
     """The episodes of one step: each epoch a permutation drawn from (seed, epoch).
 
     A function of the step alone, so a run resumed mid-epoch sees the same batches.
@@ -403,151 +400,3 @@ def _set_rng_state(state):
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _check_int(name, value, low):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-
-
-def save_checkpoint(path, model, guide, optim=None, **extra) -> Path:
-    """Save model, guide and optimiser state to ``path``, atomically.
-
-    The file is written beside ``path`` and renamed over it, so a crash
-    leaves either the old file or the new one, never half of one. Optimiser
-    state is stored by parameter name relative to its module, so it loads
-    into a model whose param-store prefix differs. A state with a NaN or an
-    infinity is refused (``DivergenceError``): it is never a good checkpoint.
-
-    :param extra: further tensors, numbers, strings, lists and dicts to store.
-    """
-    path = Path(path)
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "guide": guide.state_dict(),
-        "optim": _relative_optim_state(optim, model, guide) if optim is not None else None,
-        "extra": extra,
-    }
-    bad = _nonfinite_entries({k: state[k] for k in ("model", "guide", "optim")})
-    if bad:
-        raise DivergenceError(
-            f"checkpoint: refusing to write {path}: {bad[0]} holds a NaN or an infinity"
-            + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""),
-            step=extra.get("step", -1),
-        )
-    # Serialised in memory first: a full disk then fails in a plain write (OSError), not
-    # inside torch's zip writer, which reports it as a RuntimeError.
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
-    return path
-
-
-def _nonfinite_entries(tree, prefix="") -> list[str]:
-    """Dotted names of the floating tensors in nested dicts and lists that are not all finite."""
-    if torch.is_tensor(tree):
-        if tree.is_floating_point() or tree.is_complex():
-            return [] if bool(tree.isfinite().all()) else [prefix or "a tensor"]
-        return []
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
-        return []
-    out = []
-    for k, v in items:
-        out += _nonfinite_entries(v, f"{prefix}.{k}" if prefix else str(k))
-    return out
-
-
-def load_checkpoint(path, model, guide, optim=None) -> dict:
-    """Load a :func:`save_checkpoint` file into ``model``, ``guide`` and ``optim``.
-
-    Uses ``torch.load(weights_only=True)``: nothing but tensors and plain
-    containers is ever unpickled. A checkpoint with a NaN or an infinity in
-    its weights or optimiser state is refused.
-
-    :returns: the ``extra`` entries that were saved.
-    """
-    device = next(model.parameters()).device
-    state = read_checkpoint(path, map_location=device)
-    bad = _nonfinite_entries({k: state[k] for k in ("model", "guide", "optim")})
-    if bad:
-        raise ValueError(f"path: {path} holds non-finite values (in {bad[0]}); it is not a good checkpoint")
-    for key, module in (("model", model), ("guide", guide)):
-        try:
-            module.load_state_dict(state[key])
-        except (RuntimeError, TypeError, AttributeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{key}: the checkpoint's {key} does not fit this one: {first}") from None
-    if optim is not None and state["optim"] is not None:
-        try:
-            optim.set_state(
-                {
-                    f"{owner.name}$$${rel}": value
-                    for key, owner in (("model", model), ("guide", guide))
-                    for rel, value in state["optim"][key].items()
-                }
-            )
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"path: {path} holds an optimiser state that does not fit ({e!r})") from None
-    return state["extra"]
-
-
-def read_checkpoint(path, map_location="cpu") -> dict:
-    """The contents of a :func:`save_checkpoint` file, checked for its format.
-
-    ``torch.load(weights_only=True)``: a file that needs anything else to load (a
-    pickled object, which could run code) is refused, not retried unsafely.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"path: expected a checkpoint file, got the directory {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        # torch's own message suggests weights_only=False, which would run the file's code.
-        kind = (
-            "holds objects other than tensors and plain containers"
-            if _is_unpickling(e)
-            else "is truncated or corrupted"
-        )
-        raise ValueError(f"path: {path} is not a readable pyro_worldmodel checkpoint: it {kind}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"path: expected a {CHECKPOINT_FORMAT} file, got {path}")
-    missing = [k for k in ("model", "guide", "optim", "extra") if k not in state]
-    if missing or not isinstance(state["model"], dict) or not isinstance(state["guide"], dict):
-        raise ValueError(
-            f"path: {path} is an incomplete {CHECKPOINT_FORMAT} file (lacks {missing or 'weights'})"
-        )
-    if not isinstance(state["extra"], dict):
-        raise ValueError(f"path: {path} has a malformed 'extra' entry")
-    return state
-
-
-def _is_unpickling(e: Exception) -> bool:
-    import pickle
-
-    return isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e)
-
-
-def _relative_optim_state(optim, model, guide):
-    # Keyed by the parameter objects, not by param-store names, so a cleared
-    # store (pyro.clear_param_store() in a notebook) loses nothing.
-    owners = {
-        id(p): (key, rel)
-        for key, owner in (("model", model), ("guide", guide))
-        for rel, p in owner.named_parameters()
-    }
-    out = {"model": {}, "guide": {}}
-    for param, optimizer in optim.optim_objs.items():
-        if id(param) in owners:
-            key, rel = owners[id(param)]
-            out[key][rel] = _get_state_dict(optimizer)
-    # Sorted: Pyro creates an optimiser per parameter in the order of a set, which varies
-    # between processes, and the same state should make the same file.
-    return {key: dict(sorted(states.items())) for key, states in out.items()}

@@ -12,10 +12,10 @@ from pyro.distributions.transforms.utils import clamp_preserve_gradients
 from pyro.nn import AutoRegressiveNN
 from torch import nn
 
-from ._naming import register, unique_name
+from ..spaces import ActionSpace, ChecksInputs
 from .components import Combiner
-from .components._nets import mlp, positive
-from .spaces import ActionSpace, ChecksInputs
+from .components.nets import mlp, positive
+from .naming import register_module, unique_name
 
 
 class FilterGuide(ChecksInputs, nn.Module):
@@ -85,7 +85,7 @@ class FilterGuide(ChecksInputs, nn.Module):
         """
         obs, actions, mask = self.check_inputs(obs, actions, mask)
         B, T = mask.shape
-        register(self.name, self)
+        register_module(self.name, self)
         a_feat = self.action_space.features(actions, obs.dtype)  # (B, T, A)
         h = self.combiner.project(self._summaries(obs, a_feat, mask))  # (B, T, Z + W): all of h_t's part
         # unbind, not h[:, t : t + 1]: the backward of each slice would zero a gradient of all of h.
@@ -288,7 +288,7 @@ class MeanFieldGuide(ChecksInputs, nn.Module):
         """The Pyro guide; takes the model's arguments. :returns: ``(B, T, Z)``."""
         obs, actions, mask = self.check_inputs(obs, actions, mask)
         B, T = mask.shape
-        register(self.name, self)
+        register_module(self.name, self)
         loc, raw_scale = self.net(obs).chunk(2, dim=-1)  # (B, T, Z) each, for every t at once
         scale = positive(raw_scale, self.min_scale)
         z = []

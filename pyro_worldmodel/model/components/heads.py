@@ -15,8 +15,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ..spaces import ActionSpace
-from ._nets import cat_batched, check_dim, check_hidden, check_min_scale, mlp, positive
+from ...spaces import ActionSpace
+from .nets import cat_batched, check_dim, check_hidden, check_min_scale, mlp, positive
 
 
 class GaussianReward(nn.Module):

@@ -31,9 +31,9 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .components._nets import cat_batched, check_dim, check_hidden, mlp
-from .components.policy import _TanhToBox
-from .spaces import ActionSpace
+from ..model.components.nets import cat_batched, check_dim, check_hidden, mlp
+from ..model.components.policy import TanhToBox
+from ..spaces import ActionSpace
 
 
 @dataclass
@@ -425,7 +425,7 @@ class ActorCriticPlanner(nn.Module):
         low, high = box
         mid, half = (low + high) / 2, (high - low) / 2
         a = mid + half * u.tanh()  # unclamped, so a gradient reaches u everywhere
-        log_det = _TanhToBox(mid, half, low, high).log_abs_det_jacobian(u, a)  # as the tanh policy's
+        log_det = TanhToBox(mid, half, low, high).log_abs_det_jacobian(u, a)  # as the tanh policy's
         return a, log_det.sum(-1)
 
     def _sample(self, f: torch.Tensor):

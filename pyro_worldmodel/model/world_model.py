@@ -9,10 +9,10 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from ._naming import register, unique_name
+from ..spaces import INT_DTYPES, ActionSpace, ChecksInputs
 from .components import GaussianMLPEmission, GaussianMLPTransition, StandardNormalInit, auto_policy
-from .components._nets import cat_batched
-from .spaces import _INT_DTYPES, ActionSpace, ChecksInputs
+from .components.nets import cat_batched
+from .naming import register_module, unique_name
 
 
 class WorldModel(ChecksInputs, nn.Module):
@@ -171,7 +171,7 @@ class WorldModel(ChecksInputs, nn.Module):
         rewards, continues = self.check_targets(rewards, continues, mask, obs.dtype)
         B, T = mask.shape
         _check_horizon(horizon, mask)
-        register(self.name, self)
+        register_module(self.name, self)
         a_feat = self.action_space.features(actions, obs.dtype)  # (B, T, A)
         z, feats = [], []
         h = self.transition.initial_deter((B, 1), obs) if self.deter_dim else None  # h_1: (B, 1, D)
@@ -362,14 +362,14 @@ class WorldModel(ChecksInputs, nn.Module):
         """``a`` as long (discrete) or ``dtype`` (box); a dtype that is no action is refused."""
         space = self.action_space
         if space.kind == "discrete":
-            if a.dtype not in _INT_DTYPES:
+            if a.dtype not in INT_DTYPES:
                 raise ValueError(
                     f"future_actions: expected {who}integers for {space}{at}, got dtype {a.dtype}"
                 )
             return a.long()
         # Integers are real numbers and are converted; casting complex or bool would
         # drop the imaginary part or read flags as actions.
-        if not (a.is_floating_point() or a.dtype in _INT_DTYPES):
+        if not (a.is_floating_point() or a.dtype in INT_DTYPES):
             raise ValueError(
                 f"future_actions: expected {who}real numbers for {space}{at}, got dtype {a.dtype}"
             )

@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._nets import LearnedDF, check_dim, check_hidden, mlp, set_linear_gaussian
+from .nets import LearnedDF, check_dim, check_hidden, mlp, set_linear_gaussian
 
 
 class _MLPMean(nn.Module):

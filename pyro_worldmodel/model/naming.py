@@ -1,4 +1,9 @@
-"""Param-store names: one prefix per model or guide instance (PYRO_NOTES §7)."""
+"""Param-store names: one prefix per model or guide instance.
+
+``pyro.module(name, m)`` registers parameters in Pyro's global param store by
+name: two models (or guides) built in one session under the same name would
+share or clobber each other's parameters. Every instance gets its own prefix.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ def unique_name(prefix: str, name: str | None) -> str:
     return name
 
 
-def register(name: str, module: nn.Module) -> None:
+def register_module(name: str, module: nn.Module) -> None:
     """``pyro.module``, refusing to train another module's parameters.
 
     Pyro's param store is global: if ``name`` already holds the parameters of
@@ -27,9 +32,9 @@ def register(name: str, module: nn.Module) -> None:
     optimise the wrong tensors.
     """
     pyro.module(name, module)
-    store = pyro.get_param_store()
+    stored = dict(pyro.get_param_store().named_parameters())  # unconstrained, as registered
     for param_name, param in module.named_parameters():
-        if store._params[f"{name}$$${param_name}"] is not param:
+        if stored[f"{name}$$${param_name}"] is not param:
             raise ValueError(
                 f"name: the Pyro param store holds another tensor under {name!r}$$${param_name};"
                 " a second module of that name, or a component swapped in after training"

@@ -11,8 +11,8 @@ from torch import nn
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform
 
-from ..spaces import ActionSpace
-from ._nets import check_dim, check_hidden, mlp
+from ...spaces import ActionSpace
+from .nets import check_dim, check_hidden, mlp
 
 
 class NormalPolicy(nn.Module):
@@ -123,7 +123,7 @@ class TanhNormalPolicy(NormalPolicy):
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: a tanh-squashed Normal with event shape ``(A,)``."""
         base = super().forward(z).base_dist  # N(W z + f(z), diag σ²), batch (..., A)
-        squash = _TanhToBox(self.mid, self.half_range, self.low, self.high, cache_size=1)
+        squash = TanhToBox(self.mid, self.half_range, self.low, self.high, cache_size=1)
         return dist.TransformedDistribution(base, [squash]).to_event(1)
 
 
@@ -140,7 +140,7 @@ def _finite_box(name: str, space: ActionSpace) -> tuple[torch.Tensor, torch.Tens
     return low, high
 
 
-class _TanhToBox(Transform):
+class TanhToBox(Transform):
     """a = mid + half · tanh(u) elementwise; the inverse clamps a strictly inside the box."""
 
     domain = constraints.real
@@ -156,7 +156,7 @@ class _TanhToBox(Transform):
     def with_cache(self, cache_size=1):
         if self._cache_size == cache_size:
             return self
-        return _TanhToBox(self.mid, self.half, self.low, self.high, cache_size=cache_size)
+        return TanhToBox(self.mid, self.half, self.low, self.high, cache_size=cache_size)
 
     def _call(self, u):
         return torch.clamp(self.mid + self.half * u.tanh(), self.low, self.high)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from pyro.infer import Predictive
 
-from .spaces import _INT_DTYPES, check_inputs
+from ..spaces import INT_DTYPES, check_inputs
 
 
 @dataclass
@@ -99,7 +99,7 @@ def imagine(
     box = space.kind == "box"
     obs = _on_device("obs", obs, ref.device)
     actions = _on_device("actions", actions, ref.device)
-    if box and actions.dtype in _INT_DTYPES:
+    if box and actions.dtype in INT_DTYPES:
         actions = actions.to(ref.dtype)  # real actions, so that integers are normalised too
     # The checks that evaluation makes, in the units given and whether or not Pyro
     # validation is on; integer observations become the parameters' float dtype

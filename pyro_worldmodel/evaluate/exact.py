@@ -11,14 +11,14 @@ from dataclasses import dataclass, fields
 import pyro.distributions as dist
 import torch
 
-from .components import (
+from ..model.components import (
     LearnedGaussianInit,
     LinearGaussianEmission,
     LinearGaussianPolicy,
     LinearGaussianTransition,
 )
-from .model import WorldModel
-from .spaces import ActionSpace
+from ..model.world_model import WorldModel
+from ..spaces import ActionSpace
 
 
 @dataclass

@@ -10,18 +10,14 @@ from __future__ import annotations
 import math
 import os
 import zipfile
-from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .io import atomic_write, check_env_id
-from .spaces import ActionSpace, check_bounds
+from ..io import atomic_write, check_env_id
+from ..spaces import INT_DTYPES, ActionSpace, check_bounds
 
 EPISODES_FORMAT = "pyro_worldmodel.episodes/1"
 # Fields of Episodes with one row per episode; the rest describe the whole set.
@@ -29,12 +25,10 @@ _PER_EPISODE = ("obs", "actions", "rewards", "mask", "terminated", "truncated", 
 # The dtypes numpy can save and torch computes with; bfloat16 has no numpy dtype.
 _FLOAT_DTYPES = (torch.float16, torch.float32, torch.float64)
 # The integer dtypes torch compares and indexes with; its uint16/32/64 support little else.
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # A dimension read from a file sizes the networks built for it (a one-hot per discrete
 # action); a forged one must not make them allocate gigabytes.
 MAX_ACTION_DIM = 2**20
 # gymnasium's functional environments, which step jax arrays rather than numpy ones.
-_JAX_ENV_MODULES = ("gymnasium.envs.phys2d", "gymnasium.envs.tabular")
 
 
 @dataclass
@@ -187,7 +181,7 @@ class Episodes:
                     f"{name}: expected a real floating dtype (float16, float32 or float64){what}, got {dtype}"
                 )
         if self.action_space.kind == "discrete":
-            if self.actions.dtype not in _INT_DTYPES:
+            if self.actions.dtype not in INT_DTYPES:
                 raise ValueError(
                     f"actions: expected an integer dtype (int8 to int64, or uint8) for"
                     f" {self.action_space.dim} discrete actions, got {self.actions.dtype}"
@@ -716,275 +710,3 @@ def _floored(scale: torch.Tensor, floor) -> torch.Tensor:
     if floor.shape != scale.shape:
         raise ValueError(f"min_obs_scale: expected shape {tuple(scale.shape)}, got {tuple(floor.shape)}")
     return torch.maximum(scale, floor)
-
-
-def observation_scale_floor(env_id: str, fraction: float = 0.125) -> torch.Tensor:
-    """``(X,)`` ``fraction`` of each observation's range where the environment bounds it, else 0.
-
-    With the default, observations anywhere in a bounded range stay within ±4
-    scales of any centre inside it, in model units.
-    """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < math.inf:
-        raise ValueError(f"fraction: expected a finite number > 0, got {fraction!r}")
-    spec = _env_spec(env_id)
-    with _dependencies(env_id):
-        env = gym.make(spec.id)
-    try:
-        _check_observation_space(env_id, env.observation_space)
-        low, high = (
-            torch.as_tensor(np.asarray(b, dtype=np.float64))
-            for b in (env.observation_space.low, env.observation_space.high)
-        )
-    finally:
-        env.close()
-    width = high - low
-    return torch.where(torch.isfinite(width), fraction * width, 0.0).float()
-
-
-Policy = Callable[[np.ndarray], np.ndarray]
-
-
-def collect(
-    env_id: str,
-    num_episodes: int,
-    *,
-    policy: Policy | None = None,
-    seed: int = 0,
-    num_envs: int = 1,
-    max_episode_steps: int | None = None,
-    progress: bool = True,
-    **env_kwargs,
-) -> Episodes:
-    """Collect whole episodes from a gymnasium environment.
-
-    :param env_id: any registered id whose observation space is a rank-1 Box
-        and whose action space is a rank-1 Box or a Discrete.
-    :param num_episodes: how many finished episodes to return.
-    :param policy: maps observations ``(num_envs, X)`` to actions
-        ``(num_envs, ...)``; uniformly random actions if None.
-    :param seed: seeds ``env.reset`` (sub-env i gets ``seed + i``) and the
-        action space, so collection is reproducible.
-    :param num_envs: environments stepped together, through gymnasium's
-        synchronous vector environment.
-    :param max_episode_steps: overrides the environment's time limit.
-    :param env_kwargs: passed to ``gymnasium.make``.
-    """
-    if not isinstance(num_episodes, int) or num_episodes < 1:
-        raise ValueError(f"num_episodes: expected a positive int, got {num_episodes!r}")
-    if not isinstance(num_envs, int) or num_envs < 1:
-        raise ValueError(f"num_envs: expected a positive int, got {num_envs!r}")
-    spec = _env_spec(env_id)
-    make_kwargs = dict(env_kwargs)
-    if max_episode_steps is not None:
-        make_kwargs["max_episode_steps"] = max_episode_steps
-    with _dependencies(env_id):
-        envs = gym.make_vec(
-            spec.id,
-            num_envs=num_envs,
-            vectorization_mode="sync",
-            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
-            **make_kwargs,
-        )
-    try:
-        _check_observation_space(env_id, envs.single_observation_space)
-        space = _action_space(env_id, envs.single_action_space)
-        envs.action_space.seed(seed)
-        obs, _ = envs.reset(seed=seed)
-        running = [_Episode(o.copy()) for o in obs]
-        done: list[_Episode] = []
-        bar = tqdm(total=num_episodes, desc=f"collect {env_id}", disable=not progress)
-        try:
-            while len(done) < num_episodes:
-                actions = envs.action_space.sample() if policy is None else np.asarray(policy(obs))
-                obs, rewards, terminated, truncated, info = envs.step(actions)
-                for i, episode in enumerate(running):
-                    episode.actions.append(actions[i])
-                    episode.rewards.append(float(rewards[i]))
-                    if terminated[i] or truncated[i]:
-                        episode.close(info["final_obs"][i], bool(terminated[i]), bool(truncated[i]))
-                        if len(done) < num_episodes:
-                            done.append(episode)
-                            bar.update(1)
-                        running[i] = _Episode(obs[i])
-                    else:
-                        episode.obs.append(obs[i])
-        finally:
-            bar.close()
-    finally:
-        envs.close()
-    return _pad(done, space, spec.id)
-
-
-def play(
-    env_id: str,
-    agent,
-    num_episodes: int,
-    *,
-    seed: int = 0,
-    num_envs: int = 1,
-    progress: bool = True,
-    **env_kwargs,
-) -> Episodes:
-    """Run an agent for whole episodes, ``num_envs`` environments in lockstep.
-
-    :param agent: has ``reset(obs)`` and ``act(obs) -> actions``, on ``(B, X)``
-        observations of B environments that start together; an environment whose
-        episode has ended keeps being shown its final observation until the
-        others end, and its actions are ignored (e.g. :class:`~pyro_worldmodel.loop.Agent`).
-    :param num_episodes: episodes in all, in rounds of at most ``num_envs``.
-    :param seed: episode i is reset with ``seed + i``.
-    :returns: the episodes, with the agent's actions as taken.
-    """
-    if not isinstance(num_episodes, int) or num_episodes < 1:
-        raise ValueError(f"num_episodes: expected a positive int, got {num_episodes!r}")
-    if not isinstance(num_envs, int) or num_envs < 1:
-        raise ValueError(f"num_envs: expected a positive int, got {num_envs!r}")
-    spec = _env_spec(env_id)
-    done: list[_Episode] = []
-    space = None
-    bar = tqdm(total=num_episodes, desc=f"play {env_id}", disable=not progress)
-    try:
-        while len(done) < num_episodes:
-            B = min(num_envs, num_episodes - len(done))
-            envs = []
-            try:
-                with _dependencies(env_id):
-                    for _ in range(B):
-                        envs.append(gym.make(spec.id, **env_kwargs))
-                _check_observation_space(env_id, envs[0].observation_space)
-                space = _action_space(env_id, envs[0].action_space)
-                obs = np.stack([env.reset(seed=seed + len(done) + i)[0] for i, env in enumerate(envs)])
-                running = [_Episode(o.copy()) for o in obs]  # copies: obs is overwritten below
-                live = [True] * B
-                agent.reset(obs)
-                while any(live):
-                    actions = np.asarray(agent.act(obs))
-                    for i, env in enumerate(envs):
-                        if not live[i]:
-                            continue
-                        o, r, terminated, truncated, _ = env.step(actions[i])
-                        running[i].actions.append(actions[i])
-                        running[i].rewards.append(float(r))
-                        if terminated or truncated:
-                            running[i].close(o, bool(terminated), bool(truncated))
-                            live[i] = False
-                        else:
-                            running[i].obs.append(o)
-                        obs[i] = o
-            finally:
-                for env in envs:
-                    env.close()
-            done += running
-            bar.update(B)
-    finally:
-        bar.close()
-    return _pad(done, space, spec.id)
-
-
-_SUPPORTED = (
-    "Supported: any id whose observation space is a rank-1 Box and whose action space is a rank-1"
-    " Box or a Discrete, e.g. Pendulum-v1, CartPole-v1, MountainCarContinuous-v0, Acrobot-v1"
-)
-
-
-def _env_spec(env_id) -> gym.envs.registration.EnvSpec:
-    """The registered spec of ``env_id``, else ``ValueError``; gymnasium's jax
-    environments are refused by name, whether or not jax is installed."""
-    if not isinstance(env_id, str):
-        raise ValueError(
-            f"env_id: expected a registered gymnasium id, got {type(env_id).__name__}. {_SUPPORTED}"
-        )
-    try:
-        spec = gym.spec(env_id)
-    except gym.error.Error as e:
-        raise ValueError(
-            f"env_id: expected a registered gymnasium id, got {env_id!r} ({e}). {_SUPPORTED}"
-        ) from None
-    entry = spec.entry_point
-    jax = (
-        entry.split(":")[0].startswith(_JAX_ENV_MODULES)
-        if isinstance(entry, str)
-        else bool(getattr(entry, "metadata", {}).get("jax", False))
-    )
-    if jax:
-        numpy_version = gym.envs.registration.find_highest_version(None, spec.name)
-        instead = f"; use {spec.name}-v{numpy_version} instead" if numpy_version is not None else ""
-        raise ValueError(
-            f"env_id: expected an environment that steps with numpy arrays, got {env_id!r}, a jax"
-            f" functional environment ({entry}) whose observations are jax arrays{instead}"
-        )
-    return spec
-
-
-@contextmanager
-def _dependencies(env_id: str):
-    """Turns an environment's missing optional dependency into a ``ValueError``
-    naming ``env_id``, the package and, as gymnasium says it, how to install it."""
-    try:
-        yield
-    except gym.error.DependencyNotInstalled as e:
-        cause = e.__cause__
-        package = getattr(cause, "name", None) if isinstance(cause, ImportError) else None
-        needs = f", which needs {package}" if package else ""
-        raise ValueError(
-            f"env_id: expected an environment whose dependencies are installed, got {env_id!r}{needs} ({e})"
-        ) from None
-    except ImportError as e:
-        needs = f", which needs {e.name}" if e.name else ""
-        raise ValueError(
-            f"env_id: expected an environment whose dependencies are installed, got {env_id!r}{needs}"
-            f" ({type(e).__name__}: {e})"
-        ) from None
-
-
-def _check_observation_space(env_id: str, space) -> None:
-    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-        raise ValueError(
-            f"env_id: expected a rank-1 Box observation space, got {space} for {env_id}. {_SUPPORTED}"
-        )
-
-
-def _action_space(env_id: str, space) -> ActionSpace:
-    try:
-        return ActionSpace.from_gym(space)
-    except ValueError as e:
-        raise ValueError(f"env_id: {env_id} has an unsupported action space ({e}). {_SUPPORTED}") from None
-
-
-class _Episode:
-    """One episode as it is collected."""
-
-    def __init__(self, first_obs):
-        self.obs, self.actions, self.rewards = [first_obs], [], []
-
-    def close(self, final_obs, terminated, truncated):
-        self.final_obs, self.terminated, self.truncated = final_obs, terminated, truncated
-
-
-def _pad(episodes: list[_Episode], space: ActionSpace, env_id: str) -> Episodes:
-    N, T = len(episodes), max(len(e.actions) for e in episodes)
-    X = len(episodes[0].obs[0])
-    obs = np.zeros((N, T, X), np.float32)
-    if space.kind == "discrete":
-        actions = np.zeros((N, T), np.int64)
-    else:
-        actions = np.zeros((N, T, space.dim), np.float32)
-    rewards = np.zeros((N, T), np.float32)
-    mask = np.zeros((N, T), bool)
-    for n, e in enumerate(episodes):
-        L = len(e.actions)
-        obs[n, :L] = np.stack(e.obs)
-        actions[n, :L] = np.stack(e.actions)
-        rewards[n, :L] = e.rewards
-        mask[n, :L] = True
-    return Episodes(
-        obs=torch.from_numpy(obs),
-        actions=torch.from_numpy(actions),
-        rewards=torch.from_numpy(rewards),
-        mask=torch.from_numpy(mask),
-        terminated=torch.tensor([e.terminated for e in episodes]),
-        truncated=torch.tensor([e.truncated for e in episodes]),
-        final_obs=torch.from_numpy(np.stack([e.final_obs for e in episodes]).astype(np.float32)),
-        action_space=space,
-        env_id=env_id,
-    )

@@ -1,0 +1,28 @@
+"""Evaluating a trained world model: held-out bounds, imagination, open-loop
+prediction against baselines, exact references and the memory of a step."""
+
+from ..infer.terms import ELBOTerms, elbo_terms
+from ..model.baselines import CopyLast, LinearLeastSquares, OpenLoopBaseline
+from .bounds import heldout_bounds, iwae_log_likelihood, log_weights
+from .exact import LinearGaussianSSM
+from .imagination import Imagination, imagine
+from .open_loop import OpenLoop, open_loop
+from .profiling import PeakMemory, peak_memory
+
+__all__ = [
+    "CopyLast",
+    "ELBOTerms",
+    "Imagination",
+    "LinearGaussianSSM",
+    "LinearLeastSquares",
+    "OpenLoop",
+    "OpenLoopBaseline",
+    "PeakMemory",
+    "elbo_terms",
+    "heldout_bounds",
+    "imagine",
+    "iwae_log_likelihood",
+    "log_weights",
+    "open_loop",
+    "peak_memory",
+]
