@@ -202,7 +202,7 @@ def main(argv=None) -> None:
                         times[v.name].append(time.perf_counter() - start)
                 if i == args.warmup - 1:
                     gc.collect()
-                    gc.freeze()  # no collector pauses inside the timings (PYRO_NOTES §6)
+                    gc.freeze()  # no collector pauses inside the timings (docs/pyro_pitfalls.md)
             gc.unfreeze()
             row = {"B": B, "T": T, **{n: statistics.median(times[n]) * 1e3 for n in names}}
             row["library_mem"] = peak_memory(variants[0].step, device) / 2**20

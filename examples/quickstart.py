@@ -98,5 +98,5 @@ def parse_args(argv=None) -> Config:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)  # one thread is faster at these sizes (PYRO_NOTES §6)
+    torch.set_num_threads(1)  # one thread is 5-10% faster at these sizes (docs/pyro_pitfalls.md)
     main(parse_args())

@@ -101,7 +101,8 @@ SMOKE = {
     "num_particles": 2,
 }
 DEFAULT_OPTIM = {"name": "ClippedAdam", "lr": 1e-3, "clip_norm": 10.0}
-# Pyro's compiled estimators, keyed by argument count and not by shape (PYRO_NOTES §1).
+# Pyro's compiled estimators, keyed by argument count and not by shape: a loss compiled
+# at one T answers for another (docs/pyro_pitfalls.md).
 _PYRO_JIT = (pyro.infer.JitTrace_ELBO, pyro.infer.JitTraceGraph_ELBO, pyro.infer.JitTraceMeanField_ELBO)
 # Spec keys that configure how an estimator runs rather than what it estimates; not in labels.
 _QUIET_KWARGS = ("vectorize_particles", "ignore_jit_warnings", "max_plate_nesting", "num_particles")
@@ -683,7 +684,7 @@ def _with_elbo_value(cls):
 
 
 def _check_jit(specs, labels, lengths, num_steps, batch_size, seed, train):
-    """What Jit estimators cannot do: hold a part fixed, or (Pyro's) change shape (PYRO_NOTES §1)."""
+    """What Jit estimators cannot do: hold a part fixed, or (Pyro's) change shape (docs/pyro_pitfalls.md)."""
     classes = [resolve("elbo", s["name"]) for s in specs]
     compiled = [label for cls, label in zip(classes, labels, strict=True) if "Jit" in cls.__name__]
     if compiled and train != "all":

@@ -71,6 +71,7 @@ from .model.components import (
     GaussianMLPEmission,
     GaussianMLPTransition,
     GaussianReward,
+    IdentityEncoder,
     LearnedGaussianInit,
     LinearGaussianEmission,
     LinearGaussianPolicy,
@@ -88,9 +89,9 @@ from .spaces import ActionSpace
 
 # Optional parts: absent (None) unless the spec names them.
 OPTIONAL = ("reward", "continuation", "planner")
-SLOTS = ("init", "transition", "emission", "policy", "guide", "elbo", "optim", *OPTIONAL)
+SLOTS = ("init", "transition", "emission", "policy", "guide", "encoder", "elbo", "optim", *OPTIONAL)
 # Filled in by build() from the data and the other parts, never written in a spec.
-_SUPPLIED = {"latent_dim", "obs_dim", "action_dim", "action_space", "name", "self"}
+_SUPPLIED = {"latent_dim", "obs_dim", "action_dim", "action_space", "encoder", "name", "self"}
 # fit's arguments that are data or objects, not settings a spec can hold.
 _FIT_OBJECTS = ("model", "guide", "obs", "actions", "mask", "elbo", "optim")
 
@@ -152,6 +153,7 @@ for _slot, _name, _cls in (
     ("policy", "linear_gaussian", LinearGaussianPolicy),
     ("policy", "tanh_normal", TanhNormalPolicy),
     ("guide", "filter", FilterGuide),
+    ("encoder", "identity", IdentityEncoder),
     ("guide", "smoothing", SmoothingGuide),
     ("guide", "mean_field", MeanFieldGuide),
     ("guide", "iaf_filter", IAFFilterGuide),
@@ -305,6 +307,7 @@ class Spec:
     emission: dict = field(default_factory=lambda: {"name": "gaussian_mlp"})
     policy: dict = field(default_factory=lambda: {"name": "auto"})
     guide: dict = field(default_factory=lambda: {"name": "filter"})
+    encoder: dict = field(default_factory=lambda: {"name": "identity"})
     elbo: dict = field(default_factory=lambda: {"name": "TraceMeanField_ELBO"})
     optim: dict = field(default_factory=lambda: {"name": "ClippedAdam", "lr": 1e-3})
     train: dict = field(default_factory=dict)
@@ -537,6 +540,8 @@ def spec_of(
     if planner is not None:
         out.planner = _part_spec("planner", planner)
     out.guide = _part_spec("guide", guide)
+    if getattr(guide, "encoder", None) is not None:
+        out.encoder = _part_spec("encoder", guide.encoder)
     if elbo is not None:
         out.elbo = _part_spec("elbo", elbo)
         out.elbo.pop("max_plate_nesting", None)
@@ -580,7 +585,10 @@ def _make_all(spec: Spec, obs_dim: int, action_space: ActionSpace, name: str | N
         {slot: _make(slot, spec, readers) for slot in ("reward", "continuation") if getattr(spec, slot)}
     )
     model = WorldModel(**parts, name=name)  # each model and guide gets a unique param-store name
-    guide = _make("guide", spec, supplied if name is None else {**supplied, "name": name})
+    # The guide reads observations through the encoder (the identity for vectors).
+    encoder = _make("encoder", spec, supplied)
+    guide_supplied = {**supplied, "encoder": encoder, **({} if name is None else {"name": name})}
+    guide = _make("guide", spec, guide_supplied)
     planner = _make("planner", spec, readers) if spec.planner else None
     return model, guide, planner
 

@@ -2,7 +2,7 @@ import pyro
 import pytest
 import torch
 
-# One thread per process is faster at these sizes (PYRO_NOTES §6), and two
+# One thread per process is faster at these sizes (docs/pyro_pitfalls.md), and two
 # pytest processes on 2 cores with 2 threads each slow each other badly.
 torch.set_num_threads(1)
 

@@ -565,7 +565,7 @@ def test_sgd_momentum_is_accepted_where_an_int_step_count_is_refused():
         ({"elbo.num_particles": 0}, "elbo.num_particles: expected an int in [1, 65536], got 0"),
         ({"elbo.num_particles": 1.5}, "elbo.num_particles: expected an int, got 1.5"),
         ({"elbo.max_plate_nesting": -1}, "elbo.max_plate_nesting: expected an int >= 0, got -1"),
-        ({"elbo.fast_path": "yes"}, "elbo.fast_path: expected true or false, got 'yes'"),
+        ({"elbo.batched": "yes"}, "elbo.batched: expected true or false, got 'yes'"),
         ({"elbo.monte_carlo_kl": 3}, "elbo.monte_carlo_kl: expected a str or a list of strs, got 3"),
         ({"transition.hidden": [8, 0.5]}, "transition.hidden[1]: expected an int, got 0.5"),
         ({"transition.hidden": "64"}, "transition.hidden: expected a list of ints, got '64'"),

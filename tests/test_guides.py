@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from pyro_worldmodel import ActionSpace, WorldModel
-from pyro_worldmodel.model.guides import FilterGuide, MeanFieldGuide, SmoothingGuide, _reverse_within
+from pyro_worldmodel.model.guides import FilterGuide, MeanFieldGuide, SmoothingGuide, reverse_within
 
 
 def test_reverse_within_mirrors_each_episode_and_leaves_padding():
     mask = torch.tensor([[True] * 4, [True, True, True, False], [True, False, False, False]])
-    assert _reverse_within(mask).tolist() == [[3, 2, 1, 0], [2, 1, 0, 3], [0, 1, 2, 3]]
+    assert reverse_within(mask).tolist() == [[3, 2, 1, 0], [2, 1, 0, 3], [0, 1, 2, 3]]
 
 
 def guide_means(guide, obs, actions, mask):
@@ -18,7 +18,7 @@ def guide_means(guide, obs, actions, mask):
     a = guide.action_space.features(actions, obs.dtype)
     if isinstance(guide, MeanFieldGuide):
         return guide.net(obs).chunk(2, -1)[0]
-    h = guide._summaries(obs, a, mask)
+    h = guide.summaries(obs, a, mask)
     return guide.combiner(torch.zeros(*h.shape[:-1], guide.latent_dim), h).mean
 
 

@@ -30,7 +30,7 @@ def step_distribution(guide, batch=()):
     dtype = guide.z_0.dtype
     z_prev = torch.randn(*batch, guide.latent_dim, dtype=dtype)
     h_t = torch.randn(*batch, guide.combiner.summary_dim, dtype=dtype)
-    return guide._q(z_prev, guide.combiner.project(h_t), guide.combiner.step_weights())
+    return guide.step(z_prev, guide.combiner.project(h_t), guide.step_weights())
 
 
 def test_the_density_integrates_to_one_on_a_grid():

@@ -36,7 +36,7 @@ def pyro_jit_deprecation_ignored():
 
 def test_it_compiles_once_per_shape_and_gives_the_eager_value_at_each():
     """Pyro 1.9.2 keys a compiled loss by the number of arguments: compiled at T=6, it
-    would return T=6's answer at T=4 (PYRO_NOTES §1)."""
+    would return T=6's answer at T=4 (docs/pyro_pitfalls.md, "Jit ELBOs")."""
     model, guide = world()
     args = data()
     jit = JitTraceMeanField_ELBO(max_plate_nesting=2)

@@ -271,13 +271,13 @@ def test_reward_and_continue_sites_are_scored_in_the_model_and_the_elbo():
     # The batched path and Pyro's traces give one loss and one gradient, heads included.
     losses, grads = [], []
     for fast in (True, False):
-        elbo = TraceMeanField_ELBO(max_plate_nesting=2, fast_path=fast)
+        elbo = TraceMeanField_ELBO(max_plate_nesting=2, batched=fast)
         pyro.set_rng_seed(1)
         loss = elbo.differentiable_loss(model.model, guide, obs, actions, mask, **kwargs)
         params = list(model.reward.parameters()) + list(model.continuation.parameters())
         grads.append(torch.autograd.grad(loss, params))
         losses.append(loss)
-        assert elbo.path == ("batched" if fast else "pyro traces: fast_path=False")
+        assert elbo.path == ("batched" if fast else "pyro traces: batched=False")
     torch.testing.assert_close(losses[0], losses[1])
     for g1, g2 in zip(*grads):
         torch.testing.assert_close(g1, g2)

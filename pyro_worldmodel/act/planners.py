@@ -134,17 +134,17 @@ def imagined_returns(
     total = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
     weight = torch.ones_like(total)
     for k in range(H):
-        f = model._features(z, h)
+        f = model.features(z, h)
         a_k = a_feat[..., k, :]
         r = model.reward(f, a_k).mean * reward_scale + reward_loc
         total = total + weight * r
         if model.continuation is not None:
             weight = weight * model.continuation(f).mean
         weight = weight * discount
-        prior, h = model._prior(z, a_k, h)
+        prior, h = model.step(z, a_k, h)
         z = prior.rsample() if sample else prior.mean
     if value is not None:
-        total = total + weight * value(model._features(z, h))
+        total = total + weight * value(model.features(z, h))
     return total
 
 
@@ -497,7 +497,7 @@ class ActorCriticPlanner(nn.Module):
         discrete = self.action_space.kind == "discrete"
         feats, rewards, conts, logps, ents = [], [], [], [], []
         for _ in range(self.horizon):
-            f = model._features(z, h)
+            f = model.features(z, h)
             a, log_p, entropy = self._sample(f.detach() if discrete else f)
             a_feat = model.action_space.features(a, f.dtype)
             feats.append(f)
@@ -507,12 +507,12 @@ class ActorCriticPlanner(nn.Module):
             )
             logps.append(log_p)
             ents.append(entropy)
-            prior, h = model._prior(z, a_feat, h)
+            prior, h = model.step(z, a_feat, h)
             z = prior.rsample()
             if discrete:
                 z = z.detach()
                 h = None if h is None else h.detach()
-        feats.append(model._features(z, h))
+        feats.append(model.features(z, h))
         values = torch.stack([self.value(f) for f in feats])  # (H + 1, n)
         cont = torch.stack(conts)  # (H, n)
         returns = lambda_returns(torch.stack(rewards), cont, values, self.discount, self.lam)  # (H, n)

@@ -1,85 +1,62 @@
-"""The mean-field ELBO of a world model with its model terms batched over time.
+"""The mean-field ELBO of a world model, its model terms batched over time.
 
 Run through Pyro's traces, a :class:`~pyro_worldmodel.model.WorldModel` pays
 for every latent site twice (model and guide, about 150 µs a site) and calls
-its transition once per step (PYRO_NOTES §6). Yet once the guide has drawn
-z_1 … z_T, nothing in the model is sequential: p(z_t | z_{t-1}, a_{t-1}),
-KL(q_t ‖ p_t), p(x_t | z_t) and π(a_t | z_t) are functions of tensors that
-are all known. :func:`mean_field_loss` computes the
-:class:`~pyro_worldmodel.elbos.TraceMeanField_ELBO` loss that way: the
-guide's recurrence step by step, with the same random draws in the same
-order as under ``pyro.sample``, then every model term in one call over
-(B, T). Same value, same gradient, same noise: the tests compare the two
-paths for every supported combination.
+its transition once per step (docs/pyro_pitfalls.md). Yet once the guide has
+drawn z_1 … z_T, nothing in a Markov model is sequential: p(z_t | z_{t-1},
+a_{t-1}), KL(q_t ‖ p_t), p(x_t | z_t) and π(a_t | z_t) are functions of
+tensors that are all known. :func:`mean_field_loss` computes the
+:class:`~pyro_worldmodel.infer.TraceMeanField_ELBO` loss that way.
 
-It applies only where that equality is known to hold (:func:`supports`);
-anything else takes Pyro's traces.
+It calls the very methods the Pyro programs call, so that a change to a
+factor changes both paths: the guide's :meth:`~FilterGuide.context` and
+:meth:`~FilterGuide.step_params` step by step, with the same random draws in
+the same order as under ``pyro.sample``; then the model's
+:meth:`~WorldModel.priors` (a recurrent transition steps its h_t there) and
+:meth:`~WorldModel.observation_sites`. The tests compare the two paths for
+every registered component.
+
+It applies where that equality holds (:func:`supports`): the Pyro programs
+are the package's own (not overridden), the guide's steps are its diagonal
+Normals, the init and the transition give diagonal Normals (so every KL is
+analytic), and no component samples anything of its own. Anything else takes
+Pyro's traces.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import pyro
 import torch
+from pyro import poutine
 from pyro.distributions import Independent, Normal
-from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.runtime import _PYRO_STACK  # Pyro's handler stack: no public accessor
 from pyro.poutine.trace_messenger import TraceMessenger
 from torch.distributions import kl_divergence
 
-from ..model.components import (
-    BernoulliContinue,
-    BernoulliEmission,
-    CategoricalPolicy,
-    Combiner,
-    GatedTransition,
-    GaussianMLPEmission,
-    GaussianMLPTransition,
-    GaussianReward,
-    LearnedGaussianInit,
-    LinearGaussianEmission,
-    LinearGaussianPolicy,
-    LinearGaussianTransition,
-    NormalPolicy,
-    StandardNormalInit,
-    StudentTEmission,
-    TanhNormalPolicy,
-)
-from ..model.components.nets import positive
-from ..model.guides import FilterGuide, MeanFieldGuide, SmoothingGuide
+from ..model.guides import FilterGuide, MeanFieldGuide
 from ..model.naming import register_module
 from ..model.world_model import WorldModel
 
-# Exactly these classes (not subclasses, which may change what the model or the
-# guide computes): the init and transition give Independent(Normal) factors, so
-# every KL is analytic, and the emission and policy sample nothing of their own.
-_INITS = (StandardNormalInit, LearnedGaussianInit)
-_TRANSITIONS = (GaussianMLPTransition, LinearGaussianTransition, GatedTransition)
-_EMISSIONS = (GaussianMLPEmission, LinearGaussianEmission, StudentTEmission, BernoulliEmission)
-_POLICIES = (NormalPolicy, TanhNormalPolicy, CategoricalPolicy, LinearGaussianPolicy)
-_GUIDES = (FilterGuide, SmoothingGuide, MeanFieldGuide)
-_HEADS = {"reward": (GaussianReward,), "continuation": (BernoulliContinue,)}
+# Guides whose Pyro program is step() on context(), and whose step() is the Normal of step_params().
+_PROGRAMS = (FilterGuide, MeanFieldGuide)
 
 
 def supports(model_fn, guide, args, kwargs, *, vectorize_particles: bool) -> str | None:
     """None if :func:`mean_field_loss` computes exactly what Pyro's traces would; else why not."""
     model = getattr(model_fn, "__self__", None)
-    if type(model) is not WorldModel or getattr(model_fn, "__func__", None) is not WorldModel.model:
+    if isinstance(model, WorldModel) and type(model).model is not WorldModel.model:
+        return f"{type(model).__name__} overrides WorldModel.model"
+    if not isinstance(model, WorldModel) or getattr(model_fn, "__func__", None) is not WorldModel.model:
         return "the model is not WorldModel.model"
-    for part, known in (
-        ("init", _INITS),
-        ("transition", _TRANSITIONS),
-        ("emission", _EMISSIONS),
-        ("policy", _POLICIES),
-    ):
-        if type(getattr(model, part)) not in known:
-            return f"the {part} is a {type(getattr(model, part)).__name__}"
-    for part, known in _HEADS.items():
-        head = getattr(model, part)
-        if head is not None and type(head) not in known:
-            return f"the {part} head is a {type(head).__name__}"
-    if type(guide) not in _GUIDES:
+    program = next((base for base in _PROGRAMS if isinstance(guide, base)), None)
+    if program is None:
         return f"the guide is a {type(guide).__name__}"
-    if hasattr(guide, "combiner") and type(guide.combiner) is not Combiner:
-        return f"the guide's combiner is a {type(guide.combiner).__name__}"
+    if type(guide).forward is not program.forward:
+        return f"{type(guide).__name__} overrides {program.__name__}.forward"
+    if type(guide).step is not program.step:
+        return f"{type(guide).__name__}'s steps are not the diagonal Normals of its step_params"
     extra = {k: v for k, v in kwargs.items() if k not in ("mask", "rewards", "continues")}
     if (
         not 2 <= len(args) + ("mask" in kwargs) <= 3
@@ -95,6 +72,58 @@ def supports(model_fn, guide, args, kwargs, *, vectorize_particles: bool) -> str
     # condition, a trace of the sample sites) needs Pyro's sites.
     if not all(isinstance(m, TraceMessenger) and m.param_only for m in _PYRO_STACK):
         return "a Pyro handler is active"
+    return _probe(model)
+
+
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _probe(model: WorldModel) -> str | None:
+    """Whether the model's chain gives diagonal Normals and its factors sample nothing,
+    found by calling them once on zeros (no random draw), and remembered per set of parts."""
+    key = tuple(id(part) for part in model.children())
+    cached = _PROBED.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    ref = next(model.parameters())
+    Z, A = model.latent_dim, model.action_space.feature_dim
+    z, a = ref.new_zeros(1, 2, Z), ref.new_zeros(1, 2, A)
+    why = None
+    with torch.no_grad(), pyro.validation_enabled(False), poutine.trace() as tape:
+        priors, features = model.priors(z, a)
+        for i, prior in enumerate(priors):
+            if _normal(prior) is None:
+                part = type(model.init if i == 0 else model.transition).__name__
+                why = f"the {part} gives a {_family(prior)}, not a diagonal Normal"
+                break
+        values = {"obs": ref.new_zeros(1, 2, model.obs_dim), "actions": _some_actions(model, ref)}
+        targets = model.targets(ref.new_zeros(1, 2), ref.new_ones(1, 2))  # for the heads it has
+        model.observation_sites(features, a, **values, **targets)
+    if why is None and tape.trace.nodes:
+        why = f"a component samples or registers sites of its own ({', '.join(tape.trace.nodes)})"
+    _PROBED[model] = (key, why)
+    return why
+
+
+def _some_actions(model, ref):
+    space = model.action_space
+    if space.kind == "discrete":
+        return torch.zeros(1, 2, dtype=torch.long, device=ref.device)
+    return ref.new_zeros(1, 2, space.dim)
+
+
+def _family(d) -> str:
+    while type(d).__name__ in ("MaskedDistribution", "Independent"):
+        d = d.base_dist
+    return type(d).__name__
+
+
+def _normal(d) -> Normal | None:
+    """The diagonal Normal inside ``Independent(Normal, 1)`` (masked or not), else None."""
+    while type(d).__name__ == "MaskedDistribution":
+        d = d.base_dist
+    if isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1 and type(d.base_dist) is Normal:
+        return d.base_dist
     return None
 
 
@@ -103,8 +132,8 @@ def mean_field_loss(
 ) -> torch.Tensor:
     """One particle of −ELBO, differentiable: the guide step by step, the model batched over time.
 
-    :param elbo: the :class:`~pyro_worldmodel.elbos.TraceMeanField_ELBO` (or
-        subclass) whose ``_shape_kl`` shapes the KL terms, as on Pyro's path.
+    :param elbo: the :class:`~pyro_worldmodel.infer.TraceMeanField_ELBO` (or
+        subclass) whose ``shape_kl`` shapes the KL terms, as on Pyro's path.
     """
     model: WorldModel = model_fn.__self__
     # Values are checked while Pyro's validation is on, as on Pyro's path (each
@@ -122,39 +151,34 @@ def mean_field_loss(
 def _loss(elbo, model, guide, obs, actions, mask, rewards=None, continues=None):
     B, T = mask.shape
     a_feat = model.action_space.features(actions, obs.dtype)  # (B, T, A)
-    z, q = _guide_draws(guide, obs, a_feat, mask)  # (B, T, Z); Normal, batch (B, T, Z)
-    p_1 = model.init((B, 1)).base_dist  # p(z_1): Normal (B, 1, Z)
-    p_rest = model.transition(z[:, :-1], a_feat[:, :-1]).base_dist  # p(z_t | z_{t-1}, a_{t-1}): (B, T-1, Z)
-    p = Normal(torch.cat([p_1.loc, p_rest.loc], 1), torch.cat([p_1.scale, p_rest.scale], 1))
+    z, q = guide_draws(guide, obs, a_feat, mask)  # (B, T, Z); Normal, batch (B, T, Z)
+    priors, features = model.priors(z, a_feat)  # p(z_1), then p(z_t | ·) for t ≥ 2
+    normals = [_normal(p) for p in priors]
+    p = Normal(torch.cat([n.loc for n in normals], 1), torch.cat([n.scale for n in normals], 1))
     q, p = Independent(q, 1).mask(mask), Independent(p, 1).mask(mask)  # as the z_t sites are masked
-    kl = elbo._shape_kl(f"z_0 … z_{T - 1}", kl_divergence(q, p), q, p, mask, "analytic")  # (B, T)
-    log_px = model.emission(z).mask(mask).log_prob(obs).sum()
-    log_pa = model.policy(z).mask(mask).log_prob(actions).sum()
-    if rewards is not None:
-        log_pa = log_pa + model.reward(z, a_feat).mask(mask).log_prob(rewards).sum()
-    if continues is not None:
-        log_pa = log_pa + model.continuation(z).mask(mask).log_prob(continues).sum()
+    kl = elbo.shape_kl(f"z_0 … z_{T - 1}", kl_divergence(q, p), q, p, mask, "analytic")  # (B, T)
+    sites = model.observation_sites(features, a_feat, obs, actions, rewards, continues)
+    log_px, *others = (d.mask(mask).log_prob(value).sum() for d, value in sites.values())
+    log_pa = others[0]  # log π(a|z), then the heads', in the order of the sites
+    for term in others[1:]:
+        log_pa = log_pa + term
     elbo.kl_estimators = {f"z_{t}": "analytic" for t in range(T)}
     return -(log_px + log_pa - kl.sum())
 
 
-def _guide_draws(guide, obs, a_feat, mask):
-    """z_t ~ q(z_t | ·) for t = 0 … T-1, drawn in the order, and with the calls, of the guide's ``pyro.sample``."""
-    B, T = mask.shape
-    if isinstance(guide, MeanFieldGuide):
-        loc, raw_scale = guide.net(obs).chunk(2, dim=-1)  # (B, T, Z) each
-        q = Normal(loc, positive(raw_scale, guide.min_scale))
-        steps = [Normal(loc[:, t : t + 1], q.scale[:, t : t + 1]) for t in range(T)]
-        return torch.cat([q_t.rsample() for q_t in steps], 1), q
-    h = guide.combiner.project(guide._summaries(obs, a_feat, mask))  # (B, T, Z + W)
-    weights = guide.combiner.step_weights()
+def guide_draws(guide, obs, a_feat, mask) -> tuple[torch.Tensor, Normal]:
+    """z_t ~ q(z_t | ·) for t = 0 … T-1, drawn in the order, and with the calls, of the
+    guide's ``pyro.sample``: ``(z (B, T, Z), q as one Normal of batch (B, T, Z))``."""
+    B = mask.shape[0]
     # Steps of shape (B, ·), not (B, 1, ·): fewer views, one fused matmul; the draws are the
-    # same numbers in the same order. unbind, not h[:, t]: the backward of each slice would
-    # zero a gradient the size of all of h.
-    z_prev = guide.z_0.expand(B, guide.latent_dim)
+    # same numbers in the same order. unbind, not c[:, t]: the backward of each slice would
+    # zero a gradient the size of all of the context.
+    context = guide.context(obs, a_feat, mask)  # (B, T, C)
+    weights = guide.step_weights()
+    z_prev = guide.initial_latent(B)  # (B, Z)
     zs, locs, scales = [], [], []
-    for h_t in h.unbind(1):  # (B, Z + W) each
-        loc, scale = guide.combiner.loc_scale(z_prev, h_t, weights)  # (B, Z) each
+    for c_t in context.unbind(1):  # (B, C) each
+        loc, scale = guide.step_params(z_prev, c_t, weights)  # (B, Z) each
         z_prev = torch.addcmul(loc, _standard_normal(loc), scale)  # Normal(loc, scale).rsample()
         zs.append(z_prev)
         locs.append(loc)

@@ -2,7 +2,7 @@
 
 Pyro's ``TraceMeanField_ELBO`` uses the analytic KL(q ‖ p) of each latent site
 when ``kl_divergence`` knows the pair, and otherwise, silently, the Monte
-Carlo estimate log q(z) − log p(z) (PYRO_NOTES §3). Pairs without an analytic
+Carlo estimate log q(z) − log p(z) (docs/pyro_pitfalls.md, "The silent Monte Carlo fallback"). Pairs without an analytic
 KL arise by design here (a Student-t transition, a flow in the guide) and by
 accident (a guide site masked differently from the model's).
 :class:`TraceMeanField_ELBO` computes the same bound, but records which
@@ -10,7 +10,7 @@ estimator each site got and warns, once per pair of distributions, when it is
 Monte Carlo.
 
 Every latent site's KL term passes through one hook,
-:meth:`TraceMeanField_ELBO._shape_kl`, which the world-model objectives
+:meth:`TraceMeanField_ELBO.shape_kl`, which the world-model objectives
 override; each says whether it is still a bound on log p(x, a):
 
 - :class:`KLAnnealing_ELBO`: β·KL, β warmed up over SVI steps;
@@ -80,19 +80,18 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
     :ivar kl_estimators: site name → ``"analytic"`` or ``"monte_carlo"``, as
         used by the last particle of the last step.
 
-    Subclasses change the objective by overriding :meth:`_shape_kl`, through
+    Subclasses change the objective by overriding :meth:`shape_kl`, through
     which each latent site's KL term passes.
 
-    :param fast_path: for a :class:`~pyro_worldmodel.model.WorldModel` with
-        Gaussian init and transition and a filter, smoothing or mean-field
-        guide, compute the same loss without Pyro's traces, the guide step by
-        step and every model term batched over time
-        (:mod:`pyro_worldmodel.fast`): the same value, gradient and random
-        draws, several times faster. It is taken only for exactly the
-        built-in classes it knows (not subclasses, and not an ELBO subclass
-        that overrides :meth:`_shape_kl`); anything else (other components, a
-        horizon, vectorised particles, a Pyro handler around the call) takes
-        Pyro's traces; so does everything with ``fast_path=False``.
+    :param batched: for a :class:`~pyro_worldmodel.model.WorldModel` whose init and
+        transition give diagonal Normals, with a filter, smoothing or mean-field guide,
+        compute the same loss without Pyro's traces: the guide step by step and every
+        model term batched over time, through the same factor methods the Pyro programs
+        call (:mod:`pyro_worldmodel.infer.batched`): the same value, gradient and random
+        draws, several times faster. Anything it cannot compute exactly (an overridden
+        Pyro program, a flow in the guide, a Student-t transition, a horizon, vectorised
+        particles, a Pyro handler around the call, an ELBO subclass whose ``shape_kl``
+        is not element-wise) takes Pyro's traces; so does everything with ``batched=False``.
     :ivar path: ``"batched"``, or why the last call took Pyro's traces.
 
     The other arguments are Pyro's ``ELBO``'s.
@@ -108,12 +107,12 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         retain_graph: bool | None = None,
         *,
         monte_carlo_kl: str | list[str] = "warn",
-        fast_path: bool = True,
+        batched: bool = True,
     ):
         _check_pyro_args(num_particles, max_plate_nesting)
         _check_monte_carlo_kl(monte_carlo_kl)
-        if not isinstance(fast_path, bool):
-            raise ValueError(f"fast_path: expected True or False, got {fast_path!r}")
+        if not isinstance(batched, bool):
+            raise ValueError(f"batched: expected True or False, got {batched!r}")
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -122,7 +121,7 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
             ignore_jit_warnings=ignore_jit_warnings,
             retain_graph=retain_graph,
         )
-        self.fast_path = fast_path
+        self.batched = batched
         self.path = ""
         self.monte_carlo_kl = (
             list(monte_carlo_kl) if isinstance(monte_carlo_kl, (list, tuple)) else monte_carlo_kl
@@ -131,15 +130,13 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         self._warned: set[str] = set()  # once per pair per ELBO object
         self._warnings_registry: dict = {}  # so that Python's "default" filter does not hide the next ELBO's
 
-    # -- the batched path (pyro_worldmodel.fast), where it computes exactly what the traces do
+    # -- the batched path (pyro_worldmodel.infer.batched), where it computes exactly what the traces do
 
     def _batched(self, model, guide, args, kwargs) -> bool:
-        if not self.fast_path:
-            why = "fast_path=False"
-        elif type(self)._shape_kl not in _BATCHED_SHAPE_KL:
-            why = (
-                f"{type(self).__name__} overrides _shape_kl, which the batched path calls once for all sites"
-            )
+        if not self.batched:
+            why = "batched=False"
+        elif type(self).shape_kl not in _BATCHED_SHAPE_KL:
+            why = f"{type(self).__name__} overrides shape_kl, which the batched path calls once for all sites"
         else:
             why = batched.supports(model, guide, args, kwargs, vectorize_particles=self.vectorize_particles)
         self.path = "batched" if why is None else f"pyro traces: {why}"
@@ -196,7 +193,7 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
             q, p = guide_site["fn"], model_site["fn"]
             kl_qp = analytic_kl(q, p)
             if kl_qp is not None:  # as Pyro's TraceMeanField_ELBO, but for the hook
-                kl_qp = self._shape_kl(name, kl_qp, q, p, _site_mask(q, p, guide_site), ANALYTIC)
+                kl_qp = self.shape_kl(name, kl_qp, q, p, _site_mask(q, p, guide_site), ANALYTIC)
                 kl_qp = scale_and_mask(kl_qp, scale=guide_site["scale"], mask=guide_site["mask"])
                 if torch.is_tensor(kl_qp):
                     assert torch._C._get_tracing_state() or kl_qp.shape == guide_site["fn"].batch_shape
@@ -209,7 +206,7 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
                 # carry their site's scale and mask. The entropy term is log q with the
                 # gradient through the reparameterised sample, as Pyro uses it.
                 kl_qp = guide_site["score_parts"].entropy_term - model_site["log_prob"]
-                kl_qp_sum = self._shape_kl(name, kl_qp, q, p, _site_mask(q, p, guide_site), MONTE_CARLO).sum()
+                kl_qp_sum = self.shape_kl(name, kl_qp, q, p, _site_mask(q, p, guide_site), MONTE_CARLO).sum()
                 self.kl_estimators[name] = MONTE_CARLO
                 fallbacks.setdefault(describe_pair(q, p), []).append(name)
             elbo_particle = elbo_particle - kl_qp_sum
@@ -224,7 +221,7 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         loss = -(elbo_particle.detach() if torch._C._get_tracing_state() else torch_item(elbo_particle))
         return loss, -elbo_particle
 
-    def _shape_kl(self, name: str, kl, q, p, mask, estimator: str):
+    def shape_kl(self, name: str, kl, q, p, mask, estimator: str):
         """The KL term of latent site ``name`` as the objective uses it; here, unchanged.
 
         The one place where subclasses change the objective (annealing, free
@@ -343,7 +340,7 @@ class KLAnnealing_ELBO(TraceMeanField_ELBO):
     loss below −log p(x, a) does not contradict anything. With β ≥ 1 it is a
     lower bound, looser than the ELBO (KL ≥ 0).
 
-    Both sides are annealed alike (PYRO_NOTES §2): an analytic KL is
+    Both sides are annealed alike (docs/pyro_pitfalls.md): an analytic KL is
     multiplied by β, which scales log p(z) and log q(z) together; at a Monte
     Carlo site (no analytic KL, allowed by ``monte_carlo_kl``) the estimate
     log q(z) − log p(z) is multiplied by β, so both log-densities are.
@@ -370,7 +367,7 @@ class KLAnnealing_ELBO(TraceMeanField_ELBO):
         ignore_jit_warnings: bool = False,
         retain_graph: bool | None = None,
         monte_carlo_kl: str | list[str] = "warn",
-        fast_path: bool = True,
+        batched: bool = True,
     ):
         self.beta = _check_real("beta", beta, low=0.0)
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, low=0)
@@ -383,7 +380,7 @@ class KLAnnealing_ELBO(TraceMeanField_ELBO):
             ignore_jit_warnings,
             retain_graph,
             monte_carlo_kl=monte_carlo_kl,
-            fast_path=fast_path,
+            batched=batched,
         )
         self.step = 0
 
@@ -399,7 +396,7 @@ class KLAnnealing_ELBO(TraceMeanField_ELBO):
         self.step += 1
         return loss
 
-    def _shape_kl(self, name, kl, q, p, mask, estimator):
+    def shape_kl(self, name, kl, q, p, mask, estimator):
         beta = self.current_beta
         return kl if beta == 1.0 else kl * beta
 
@@ -438,7 +435,7 @@ class FreeNats_ELBO(TraceMeanField_ELBO):
         ignore_jit_warnings: bool = False,
         retain_graph: bool | None = None,
         monte_carlo_kl: str | list[str] = "warn",
-        fast_path: bool = True,
+        batched: bool = True,
     ):
         self.free_nats = _check_real("free_nats", free_nats, low=0.0)
         super().__init__(
@@ -449,10 +446,10 @@ class FreeNats_ELBO(TraceMeanField_ELBO):
             ignore_jit_warnings,
             retain_graph,
             monte_carlo_kl=monte_carlo_kl,
-            fast_path=fast_path,
+            batched=batched,
         )
 
-    def _shape_kl(self, name, kl, q, p, mask, estimator):
+    def shape_kl(self, name, kl, q, p, mask, estimator):
         if estimator == MONTE_CARLO:
             _refuse_monte_carlo(
                 self,
@@ -506,7 +503,7 @@ class KLBalancing_ELBO(TraceMeanField_ELBO):
         ignore_jit_warnings: bool = False,
         retain_graph: bool | None = None,
         monte_carlo_kl: str | list[str] = "warn",
-        fast_path: bool = True,
+        batched: bool = True,
     ):
         self.alpha = _check_real("alpha", alpha, low=0.0, high=1.0)
         super().__init__(
@@ -517,10 +514,10 @@ class KLBalancing_ELBO(TraceMeanField_ELBO):
             ignore_jit_warnings,
             retain_graph,
             monte_carlo_kl=monte_carlo_kl,
-            fast_path=fast_path,
+            batched=batched,
         )
 
-    def _shape_kl(self, name, kl, q, p, mask, estimator):
+    def shape_kl(self, name, kl, q, p, mask, estimator):
         if estimator == MONTE_CARLO:
             _refuse_monte_carlo(
                 self,
@@ -605,7 +602,7 @@ class JitTraceMeanField_ELBO(TraceMeanField_ELBO):
     cost of building traces is paid once. Pyro's own ``JitTraceMeanField_ELBO``
     (1.9.2) re-traces at every step, and keys its compiled function by the
     number of arguments only, so a loss compiled at T = 10 returns T = 10's
-    answer at T = 50 (PYRO_NOTES §1). Here each compiled function is keyed by
+    answer at T = 50 (docs/pyro_pitfalls.md). Here each compiled function is keyed by
     the model, the guide, the shape, dtype and device of every positional
     tensor, and the keyword arguments: a new T compiles once more (1–9 s), a
     T seen before reuses its graph.
@@ -616,7 +613,7 @@ class JitTraceMeanField_ELBO(TraceMeanField_ELBO):
     call. What the loss reads besides its inputs and the param store is
     frozen into the graph at compile time: :attr:`kl_estimators` and any
     :class:`MonteCarloKLWarning` come from compilation, and a subclass whose
-    ``_shape_kl`` reads changing state (the β of :class:`KLAnnealing_ELBO`)
+    ``shape_kl`` reads changing state (the β of :class:`KLAnnealing_ELBO`)
     would keep the value it had then.
 
     :param ignore_jit_warnings: hide the tracer's warnings; True by default,
@@ -762,11 +759,11 @@ def _hashable(fn):
     return fn
 
 
-# The _shape_kl of these classes is element-wise, so the batched path may call it
+# The shape_kl of these classes is element-wise, so the batched path may call it
 # once on every site's KL at once, (B, T), instead of once per site, (B, 1).
 _BATCHED_SHAPE_KL = {
-    TraceMeanField_ELBO._shape_kl,
-    KLAnnealing_ELBO._shape_kl,
-    FreeNats_ELBO._shape_kl,
-    KLBalancing_ELBO._shape_kl,
+    TraceMeanField_ELBO.shape_kl,
+    KLAnnealing_ELBO.shape_kl,
+    FreeNats_ELBO.shape_kl,
+    KLBalancing_ELBO.shape_kl,
 }

@@ -13,7 +13,7 @@ from pyro.nn import AutoRegressiveNN
 from torch import nn
 
 from ..spaces import ActionSpace, ChecksInputs
-from .components import Combiner
+from .components import Combiner, IdentityEncoder
 from .components.nets import mlp, positive
 from .naming import register_module, unique_name
 
@@ -28,11 +28,18 @@ class FilterGuide(ChecksInputs, nn.Module):
     can read x_t at full precision. The GRU runs over the whole sequence in
     one call; only the z recurrence is a Python loop.
 
+    Each step of the Pyro program is :meth:`step` (q(z_t | z_{t-1}, ·)), fed by
+    :meth:`context` (what the step reads besides z_{t-1}, for every t at once):
+    the batched evaluation of the ELBO (:mod:`pyro_worldmodel.infer.batched`)
+    calls the same two methods.
+
     :param obs_dim: X, the size of x_t.
     :param action_space: the actions a_t.
     :param latent_dim: Z, the size of z_t.
     :param rnn_dim: size of the GRU state h_t.
     :param hidden: hidden widths of the combiner MLP.
+    :param encoder: what the guide reads of each x_t, with an ``out_dim``;
+        :class:`~pyro_worldmodel.model.components.IdentityEncoder` by default.
     :param name: prefix in Pyro's param store; unique by default.
     """
 
@@ -47,6 +54,7 @@ class FilterGuide(ChecksInputs, nn.Module):
         rnn_dim: int = 64,
         hidden: Sequence[int] = (64,),
         *,
+        encoder: nn.Module | None = None,
         name: str | None = None,
     ):
         super().__init__()
@@ -55,9 +63,11 @@ class FilterGuide(ChecksInputs, nn.Module):
         self.latent_dim = latent_dim
         self.rnn_dim = rnn_dim
         self.hidden = tuple(hidden)
-        self.rnn = nn.GRU(obs_dim + action_space.feature_dim, rnn_dim, batch_first=True)
-        # The combiner reads [h_t, x_t] and this many action features.
-        summary = rnn_dim + obs_dim + self._action_blocks * action_space.feature_dim
+        self.encoder = _encoder(encoder, obs_dim)
+        E = self.encoder.out_dim
+        self.rnn = nn.GRU(E + action_space.feature_dim, rnn_dim, batch_first=True)
+        # The combiner reads [h_t, e(x_t)] and this many action features.
+        summary = rnn_dim + E + self._action_blocks * action_space.feature_dim
         self.combiner = Combiner(latent_dim, summary, hidden)
         self.z_0 = nn.Parameter(torch.zeros(latent_dim))  # stands in for z_{t-1} at t = 0
         self.name = unique_name(self._prefix, name)
@@ -70,8 +80,14 @@ class FilterGuide(ChecksInputs, nn.Module):
     def init_reading(self, obs_map: torch.Tensor, scale: torch.Tensor) -> None:
         """Start as q(z_t | ·) = N(obs_map x_t, diag scale²): the latent read off the observation.
 
+        Needs the identity encoder, whose output is x_t itself.
+
         :param obs_map: ``(Z, X)``; :param scale: ``(Z,)``.
         """
+        if not isinstance(self.encoder, IdentityEncoder):
+            raise ValueError(
+                f"encoder: reading z_t off x_t needs the identity encoder, got {type(self.encoder).__name__}"
+            )
         Z, R = self.latent_dim, self.rnn.hidden_size
         weight = torch.zeros(Z, self.combiner.linear.in_features)  # [z_{t-1}, h_t, x_t, ...]
         weight[:, Z + R : Z + R + self.obs_dim] = obs_map
@@ -87,28 +103,45 @@ class FilterGuide(ChecksInputs, nn.Module):
         B, T = mask.shape
         register_module(self.name, self)
         a_feat = self.action_space.features(actions, obs.dtype)  # (B, T, A)
-        h = self.combiner.project(self._summaries(obs, a_feat, mask))  # (B, T, Z + W): all of h_t's part
-        # unbind, not h[:, t : t + 1]: the backward of each slice would zero a gradient of all of h.
-        h = h.unsqueeze(2).unbind(1)  # T × (B, 1, Z + W)
-        weights = self.combiner.step_weights()
-        z = [self.z_0.expand(B, 1, self.latent_dim)]
+        # unbind, not c[:, t : t + 1]: the backward of each slice would zero a gradient of all of c.
+        context = self.context(obs, a_feat, mask).unsqueeze(2).unbind(1)  # T × (B, 1, C)
+        weights = self.step_weights()
+        z = [self.initial_latent(B).unsqueeze(1)]  # (B, 1, Z)
         with pyro.plate("episodes", B, dim=-2):
             for t in pyro.markov(range(T)):
-                q_t = self._q(z[-1], h[t], weights)  # batch (..., B, 1), event (Z,)
+                q_t = self.step(z[-1], context[t], weights)  # batch (..., B, 1), event (Z,)
                 z.append(pyro.sample(f"z_{t}", q_t.mask(mask[:, t : t + 1])))
         return torch.cat(z[1:], dim=-2)  # (..., B, T, Z)
 
-    def _q(self, z_prev, projected_t, weights) -> dist.TorchDistribution:
-        """q(z_t | z_{t-1}, h_t) from z_{t-1} and ``combiner.project(h_t)``: the combiner's
-        diagonal Normal; subclasses may reshape it."""
-        return self.combiner.step(z_prev, projected_t, weights)
+    def initial_latent(self, batch_size: int) -> torch.Tensor:
+        """``(B, Z)``, what stands in for z_{t-1} at the first step: a learned z_0."""
+        return self.z_0.expand(batch_size, self.latent_dim)
 
-    def _summaries(self, obs, a_feat, mask):
-        """h_t = [GRU(x_{≤t}, a_{<t}), x_t, a_{t-1}]."""
+    def context(self, obs, a_feat, mask) -> torch.Tensor:
+        """``(B, T, C)``: what q(z_t | ·) reads besides z_{t-1}, for every t in one call
+        (the summaries' part of the combiner's first layers, :meth:`Combiner.project`)."""
+        return self.combiner.project(self.summaries(obs, a_feat, mask))
+
+    def step_weights(self) -> tuple[torch.Tensor, ...]:
+        """What each :meth:`step` needs of the parameters, cut once per sequence."""
+        return self.combiner.step_weights()
+
+    def step_params(self, z_prev, context_t, weights) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` of q(z_t | z_{t-1}, ·), each of z_prev's shape."""
+        return self.combiner.loc_scale(z_prev, context_t, weights)
+
+    def step(self, z_prev, context_t, weights) -> dist.TorchDistribution:
+        """q(z_t | z_{t-1}, ·): the diagonal Normal of :meth:`step_params`, event ``(Z,)``.
+        A subclass that returns another distribution (the IAF guide) is evaluated by Pyro's
+        traces, not by the batched path."""
+        return dist.Normal(*self.step_params(z_prev, context_t, weights)).to_event(1)
+
+    def summaries(self, obs, a_feat, mask) -> torch.Tensor:
+        """h_t = [GRU(e(x_{≤t}), a_{<t}), e(x_t), a_{t-1}]: ``(B, T, H + E + A)``."""
         a_prev = torch.cat([torch.zeros_like(a_feat[:, :1]), a_feat[:, :-1]], dim=1)  # a_{t-1}
-        inputs = torch.cat([obs, a_prev], dim=-1)  # (B, T, X + A)
+        inputs = torch.cat([self.encoder(obs), a_prev], dim=-1)  # (B, T, E + A)
         h, _ = self.rnn(inputs)  # (B, T, H)
-        return torch.cat([h, inputs], dim=-1)  # (B, T, H + X + A)
+        return torch.cat([h, inputs], dim=-1)  # (B, T, H + E + A)
 
 
 class SmoothingGuide(FilterGuide):
@@ -124,14 +157,14 @@ class SmoothingGuide(FilterGuide):
     _prefix = "smoothing_guide"
     _action_blocks = 2  # a_t and a_{t-1}
 
-    def _summaries(self, obs, a_feat, mask):
-        """h_t = [GRU backwards over (x_s, a_s) for s = T_b … t, x_t, a_t, a_{t-1}].
+    def summaries(self, obs, a_feat, mask) -> torch.Tensor:
+        """h_t = [GRU backwards over (e(x_s), a_s) for s = T_b … t, e(x_t), a_t, a_{t-1}].
 
         With z_{t-1}, these are the Markov blanket of z_t: a_{t-1} moves z_t's
         prior mean, so the exact posterior depends on it.
         """
-        inputs = torch.cat([obs, a_feat], dim=-1)  # (B, T, X + A)
-        reverse = _reverse_within(mask)  # (B, T) index of t's mirror inside its episode
+        inputs = torch.cat([self.encoder(obs), a_feat], dim=-1)  # (B, T, E + A)
+        reverse = reverse_within(mask)  # (B, T) index of t's mirror inside its episode
         rows = torch.arange(inputs.shape[0], device=inputs.device)[:, None]
         h, _ = self.rnn(inputs[rows, reverse])  # the GRU reads each episode from its end
         a_prev = torch.cat([torch.zeros_like(a_feat[:, :1]), a_feat[:, :-1]], dim=1)
@@ -181,6 +214,7 @@ class IAFFilterGuide(FilterGuide):
         num_iafs: int = 2,
         iaf_hidden: Sequence[int] = (64,),
         *,
+        encoder: nn.Module | None = None,
         name: str | None = None,
     ):
         if not isinstance(num_iafs, int) or isinstance(num_iafs, bool) or num_iafs < 1:
@@ -194,7 +228,7 @@ class IAFFilterGuide(FilterGuide):
             raise ValueError(
                 f"iaf_hidden: expected a non-empty sequence of ints >= latent_dim={latent_dim}, got {iaf_hidden!r}"
             )
-        super().__init__(obs_dim, action_space, latent_dim, rnn_dim, hidden, name=name)
+        super().__init__(obs_dim, action_space, latent_dim, rnn_dim, hidden, encoder=encoder, name=name)
         self.num_iafs = num_iafs
         self.iaf_hidden = iaf_hidden
         order = torch.arange(latent_dim)
@@ -211,9 +245,9 @@ class IAFFilterGuide(FilterGuide):
                 iaf.arn.layers[-1].weight.zero_()  # mean = 0, log-scale = 0: y = x
                 iaf.arn.layers[-1].bias.zero_()
 
-    def _q(self, z_prev, projected_t, weights) -> dist.TorchDistribution:
+    def step(self, z_prev, context_t, weights) -> dist.TorchDistribution:
         """The combiner's Normal pushed through the IAFs; event ``(Z,)`` already, so no ``to_event``."""
-        base = self.combiner.step(z_prev, projected_t, weights)
+        base = super().step(z_prev, context_t, weights)
         return dist.TransformedDistribution(base, [iaf.fresh() for iaf in self.iafs])
 
 
@@ -245,7 +279,7 @@ class _IAF(AffineAutoregressive):
         return torch.stack(x, dim=-1)
 
 
-def _reverse_within(mask):
+def reverse_within(mask) -> torch.Tensor:
     """For each row, t ↦ L - 1 - t inside the episode (length L) and t ↦ t in the padding."""
     T = mask.shape[1]
     t = torch.arange(T, device=mask.device)
@@ -257,9 +291,11 @@ class MeanFieldGuide(ChecksInputs, nn.Module):
     """q(z_t | x_t), independent across time: an encoder of each observation alone.
 
     The weakest guide here: it ignores the dynamics, actions and every other
-    step. Useful as a baseline for the filter and the smoother.
+    step. Useful as a baseline for the filter and the smoother. Its steps are
+    :meth:`step` on :meth:`context`, as the filter's.
 
-    :param hidden: widths of the encoder MLP.
+    :param hidden: widths of the MLP on e(x_t).
+    :param encoder: what the guide reads of each x_t; the identity by default.
     """
 
     def __init__(
@@ -269,6 +305,7 @@ class MeanFieldGuide(ChecksInputs, nn.Module):
         latent_dim: int,
         hidden: Sequence[int] = (64,),
         *,
+        encoder: nn.Module | None = None,
         name: str | None = None,
     ):
         super().__init__()
@@ -276,7 +313,8 @@ class MeanFieldGuide(ChecksInputs, nn.Module):
         self.action_space = action_space
         self.latent_dim = latent_dim
         self.hidden = tuple(hidden)
-        self.net = mlp(obs_dim, self.hidden, 2 * latent_dim)
+        self.encoder = _encoder(encoder, obs_dim)
+        self.net = mlp(self.encoder.out_dim, self.hidden, 2 * latent_dim)
         self.min_scale = 1e-3
         self.name = unique_name("mean_field_guide", name)
 
@@ -289,12 +327,42 @@ class MeanFieldGuide(ChecksInputs, nn.Module):
         obs, actions, mask = self.check_inputs(obs, actions, mask)
         B, T = mask.shape
         register_module(self.name, self)
-        loc, raw_scale = self.net(obs).chunk(2, dim=-1)  # (B, T, Z) each, for every t at once
-        scale = positive(raw_scale, self.min_scale)
-        z = []
+        a_feat = self.action_space.features(actions, obs.dtype)
+        context = self.context(obs, a_feat, mask).unsqueeze(2).unbind(1)  # T × (B, 1, 2Z)
+        weights = self.step_weights()
+        z = [self.initial_latent(B).unsqueeze(1)]
         with pyro.plate("episodes", B, dim=-2):
             for t in pyro.markov(range(T)):
-                q_t = dist.Normal(loc[:, t : t + 1], scale[:, t : t + 1]).to_event(1)
+                q_t = self.step(z[-1], context[t], weights)
                 z.append(pyro.sample(f"z_{t}", q_t.mask(mask[:, t : t + 1])))
-        shape = torch.broadcast_shapes(*(zt.shape for zt in z))
-        return torch.cat([zt.expand(shape) for zt in z], dim=-2)
+        shape = torch.broadcast_shapes(*(zt.shape for zt in z[1:]))
+        return torch.cat([zt.expand(shape) for zt in z[1:]], dim=-2)
+
+    def initial_latent(self, batch_size: int) -> torch.Tensor:
+        """``(B, Z)`` zeros: q(z_t | x_t) reads no z_{t-1}."""
+        return self.net[-1].bias.new_zeros(batch_size, self.latent_dim)
+
+    def context(self, obs, a_feat, mask) -> torch.Tensor:
+        """``(B, T, 2Z)``: the raw loc and scale of every q(z_t | x_t), in one call."""
+        return self.net(self.encoder(obs))
+
+    def step_weights(self) -> tuple:
+        return ()
+
+    def step_params(self, z_prev, context_t, weights) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` of q(z_t | x_t); ``z_prev`` is not read."""
+        loc, raw_scale = context_t.chunk(2, dim=-1)
+        return loc, positive(raw_scale, self.min_scale)
+
+    def step(self, z_prev, context_t, weights) -> dist.TorchDistribution:
+        return dist.Normal(*self.step_params(z_prev, context_t, weights)).to_event(1)
+
+
+def _encoder(encoder, obs_dim: int) -> nn.Module:
+    if encoder is None:
+        return IdentityEncoder(obs_dim)
+    if not isinstance(encoder, nn.Module) or not isinstance(getattr(encoder, "out_dim", None), int):
+        raise ValueError(f"encoder: expected an nn.Module with an int out_dim, got {type(encoder).__name__}")
+    if getattr(encoder, "obs_dim", obs_dim) != obs_dim:
+        raise ValueError(f"encoder: expected one for obs_dim={obs_dim}, got obs_dim={encoder.obs_dim}")
+    return encoder

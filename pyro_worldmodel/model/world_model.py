@@ -185,18 +185,16 @@ class WorldModel(ChecksInputs, nn.Module):
                 if t == 0:
                     prior = self.init((B, 1))
                 else:
-                    prior, h = self._prior(z[-1], a_feat[:, t - 1 : t], h)  # a_{t-1}: (B, 1, A)
+                    prior, h = self.step(z[-1], a_feat[:, t - 1 : t], h)  # a_{t-1}: (B, 1, A)
                 z.append(pyro.sample(f"z_{t}", prior.mask(mask[:, t : t + 1])))  # (..., B, 1, Z)
-                feats.append(self._features(z[-1], h))
+                feats.append(self.features(z[-1], h))
             z = _cat_time(z)  # (..., B, T, Z)
             features = _cat_time(feats)  # (..., B, T, D + Z)
             with pyro.plate("time", T, dim=-1):
-                pyro.sample("x", self.emission(features).mask(mask), obs=obs)
-                pyro.sample("a", self.policy(features).mask(mask), obs=actions)
-                if rewards is not None:
-                    pyro.sample("r", self.reward(features, a_feat).mask(mask), obs=rewards)
-                if continues is not None:
-                    pyro.sample("c", self.continuation(features).mask(mask), obs=continues)
+                for site, (d, value) in self.observation_sites(
+                    features, a_feat, obs, actions, rewards, continues
+                ).items():
+                    pyro.sample(site, d.mask(mask), obs=value)
             if horizon:
                 self._dream(z[..., -1:, :], h, a_feat[:, -1:], T, horizon, future_actions)
         return z
@@ -245,16 +243,59 @@ class WorldModel(ChecksInputs, nn.Module):
             out.append(torch.where(mask, value, torch.zeros((), dtype=dtype, device=mask.device)))
         return tuple(out)
 
-    def _prior(self, z_prev, a_prev, h_prev):
-        """p(z_t | ·) and the new deterministic state (None for a Markov transition)."""
+    def step(self, z_prev, a_prev, h_prev=None):
+        """One step of the chain: ``(p(z_t | z_{t-1}, a_{t-1}), h_t)``, h_t None for a Markov
+        transition. Every rollout (the model, its dream, the planners, the batched ELBO) steps
+        the transition through here.
+
+        :param z_prev: ``(..., Z)``; :param a_prev: ``(..., A)`` action features;
+        :param h_prev: ``(..., D)`` for a recurrent transition, else None.
+        """
         if h_prev is None:
             return self.transition(z_prev, a_prev), None
         return self.transition(z_prev, a_prev, h_prev)
 
     @staticmethod
-    def _features(z_t, h_t):
-        """What the emission and the policy read: z_t, or [h_t, z_t] with a recurrent transition."""
+    def features(z_t, h_t=None):
+        """What the emission, the policy and the heads read: z_t, or [h_t, z_t] with a recurrent transition."""
         return z_t if h_t is None else cat_batched(h_t, z_t)
+
+    def priors(self, z: torch.Tensor, a_feat: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """The chain of :meth:`model` evaluated at known latents, as the batched ELBO needs it.
+
+        :param z: ``(B, T, Z)`` latents; :param a_feat: ``(B, T, A)`` action features.
+        :returns: the priors of z_1 … z_T as a list of distributions over consecutive steps
+            (batch ``(B, n)``; a Markov transition is called once for all of t ≥ 2, a
+            recurrent one step by step, as its h_t needs), and the features ``(B, T, D + Z)``.
+        """
+        B, T = z.shape[:2]
+        priors = [self.init((B, 1))]
+        if not self.deter_dim:
+            if T > 1:
+                priors.append(self.step(z[:, :-1], a_feat[:, :-1])[0])
+            return priors, z
+        h = self.transition.initial_deter((B, 1), z)  # h_1: (B, 1, D)
+        hs = [h]
+        for t in range(1, T):
+            prior, h = self.step(z[:, t - 1 : t], a_feat[:, t - 1 : t], h)
+            priors.append(prior)
+            hs.append(h)
+        return priors, self.features(z, torch.cat(hs, dim=1))
+
+    def observation_sites(self, features, a_feat, obs, actions, rewards=None, continues=None) -> dict:
+        """The observed factors of :meth:`model`, by site: ``{"x": (p(x_t | ·), obs), "a":
+        (π(a_t | ·), actions)}``, and ``"r"`` / ``"c"`` with their heads when the targets are
+        given. The Pyro program samples each one in the time plate; the batched ELBO sums
+        their log-densities. A site added here is scored by both.
+
+        :param features: ``(..., B, T, D + Z)``; :param a_feat: ``(B, T, A)``.
+        """
+        sites = {"x": (self.emission(features), obs), "a": (self.policy(features), actions)}
+        if rewards is not None:
+            sites["r"] = (self.reward(features, a_feat), rewards)
+        if continues is not None:
+            sites["c"] = (self.continuation(features), continues)
+        return sites
 
     def _dream(self, z_last, h_last, a_feat_last, T, horizon, future_actions):
         """Sample ``horizon`` steps after ``z_last``, inside the episodes plate."""
@@ -265,9 +306,9 @@ class WorldModel(ChecksInputs, nn.Module):
         zs, feats, acts = [], [], []
         for step in pyro.markov(range(horizon)):
             t = T + step
-            prior, h = self._prior(z_prev, a_prev, h)
+            prior, h = self.step(z_prev, a_prev, h)
             z_t = pyro.sample(f"z_{t}", prior)  # (..., B, 1, Z)
-            f_t = self._features(z_t, h)
+            f_t = self.features(z_t, h)
             if future_actions is None:
                 a_t = pyro.sample(f"a_{t}", self.policy(f_t))
             elif callable(future_actions):

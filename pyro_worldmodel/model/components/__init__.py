@@ -2,6 +2,7 @@
 
 from .combiner import Combiner
 from .emission import BernoulliEmission, GaussianMLPEmission, LinearGaussianEmission, StudentTEmission
+from .encoder import IdentityEncoder
 from .heads import BernoulliContinue, GaussianReward
 from .init import LearnedGaussianInit, StandardNormalInit
 from .policy import CategoricalPolicy, LinearGaussianPolicy, NormalPolicy, TanhNormalPolicy, auto_policy
@@ -14,6 +15,7 @@ from .transition import (
 )
 
 __all__ = [
+    "IdentityEncoder",
     "BernoulliContinue",
     "BernoulliEmission",
     "GaussianReward",

@@ -117,7 +117,7 @@ class BernoulliEmission(_MLPMean):
 
         Pyro's own check of the Bernoulli's support runs only while validation is
         on, inside a step, and never on the batched training path
-        (:mod:`pyro_worldmodel.fast`), which builds its distributions from checked
+        (:mod:`pyro_worldmodel.infer.batched`), which builds its distributions from checked
         inputs without validation; this one runs whenever
         :meth:`WorldModel.check_inputs <pyro_worldmodel.model.WorldModel.check_inputs>`
         checks values, e.g. in :func:`~pyro_worldmodel.fit` before the first step.
