@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from pyro_worldmodel.loop import DEFAULT_LOOP_SPEC, model_based_loop
+from pyro_worldmodel import Spec
+from pyro_worldmodel.loop import model_based_loop
 from pyro_worldmodel.plots import plot_loop
 
 # target: the mean return over 10 evaluation episodes; budget: environment steps.
@@ -76,9 +77,9 @@ def run(
     target = TARGETS[env_id]["target"]
     budget = budget or TARGETS[env_id]["budget"]
     if planner == "cem":
-        spec = DEFAULT_LOOP_SPEC.with_overrides({f"planner.{k}": v for k, v in settings["planner"].items()})
+        spec = Spec.preset("loop").with_overrides({f"planner.{k}": v for k, v in settings["planner"].items()})
     else:  # the other planners with their defaults
-        spec = DEFAULT_LOOP_SPEC.with_overrides({"planner": {"name": planner}})
+        spec = Spec.preset("loop").with_overrides({"planner": {"name": planner}})
     start = time.perf_counter()
     # Stops at the first evaluation that reaches the target, or at the budget.
     stop_at = None if tiny or keep_going else target

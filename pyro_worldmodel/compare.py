@@ -100,7 +100,6 @@ SMOKE = {
     "checkpoint_particles": 1,
     "num_particles": 2,
 }
-DEFAULT_OPTIM = {"name": "ClippedAdam", "lr": 1e-3, "clip_norm": 10.0}
 # Pyro's compiled estimators, keyed by argument count and not by shape: a loss compiled
 # at one T answers for another (docs/pyro_pitfalls.md).
 _PYRO_JIT = (pyro.infer.JitTrace_ELBO, pyro.infer.JitTraceGraph_ELBO, pyro.infer.JitTraceMeanField_ELBO)
@@ -364,7 +363,7 @@ def compare_estimators(
     :param warmup: training steps left out of the timing; by default a tenth
         of the steps, at least 3 and at most 20.
     :param optim: an optimiser spec such as ``{"name": "ClippedAdam", "lr": 1e-3}``;
-        the spec's, or ClippedAdam with lr 1e-3 and clip_norm 10, by default.
+        the spec's, or the default job's, ``Spec().optim``, by default.
     :param seed: seeds the model's construction, every phase and the minibatch order.
     :param device: run here, e.g. ``"cuda"``; the model's device by default.
     :param smoke: tiny defaults for every setting left as None (and K = 2 in the
@@ -727,10 +726,10 @@ def _as_spec(estimator) -> dict:
 
 def _optim_spec(optim, spec) -> dict:
     if optim is None:
-        if spec is None:
-            return dict(DEFAULT_OPTIM)
         from .config import Spec
 
+        if spec is None:
+            return dict(Spec().optim)  # the default job's optimiser
         spec = Spec.from_yaml(spec) if isinstance(spec, (str, os.PathLike)) else Spec.from_dict(spec)
         return dict(spec.optim)
     if not isinstance(optim, dict) or "name" not in optim:

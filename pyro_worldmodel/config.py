@@ -2,14 +2,15 @@
 
 A spec is a dict (or :class:`Spec`, or a YAML file) such as::
 
-    latent_dim: 16
+    latent_dim: 8
     init:       {name: standard_normal}
     transition: {name: gaussian_mlp, hidden: [64, 64]}
     emission:   {name: gaussian_mlp}
     policy:     {name: auto}
     guide:      {name: filter, rnn_dim: 64}
+    encoder:    {name: identity}
     elbo:       {name: TraceMeanField_ELBO, num_particles: 1}
-    optim:      {name: ClippedAdam, lr: 1e-3}
+    optim:      {name: ClippedAdam, lr: 1e-3, clip_norm: 10.0}
     train:      {num_steps: 1000, batch_size: 32}
     reward:       {name: gaussian}        # optional: p(r_t | z_t, a_t)
     continuation: {name: bernoulli}       # optional: p(c_t | z_t)
@@ -26,6 +27,10 @@ Every value is converted to the type its constructor declares and checked
 (:meth:`Spec.check`) before anything is built, so a :class:`Spec` holds typed
 values; YAML is read as YAML 1.2 reads numbers (:func:`load_yaml`), so
 ``1e-4`` is a float.
+
+``Spec()`` is the one default: the spec of the default job. Named presets
+(``pyro_worldmodel/presets.yaml``) are changes to it, merged over it left to
+right: ``Spec.preset("planet", "smoke")``; :meth:`Spec.presets` lists them.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import functools
+import importlib.resources
 import inspect
 import math
 import os
@@ -299,9 +305,13 @@ def _check_extent(data, what: str) -> None:
 
 @dataclass
 class Spec:
-    """Every choice of a world model, its guide and its training, by name."""
+    """Every choice of a world model, its guide and its training, by name.
 
-    latent_dim: int = 16
+    ``Spec()`` is the default job's spec, and the base that every preset
+    (:meth:`preset`) changes.
+    """
+
+    latent_dim: int = 8
     init: dict = field(default_factory=lambda: {"name": "standard_normal"})
     transition: dict = field(default_factory=lambda: {"name": "gaussian_mlp"})
     emission: dict = field(default_factory=lambda: {"name": "gaussian_mlp"})
@@ -309,7 +319,7 @@ class Spec:
     guide: dict = field(default_factory=lambda: {"name": "filter"})
     encoder: dict = field(default_factory=lambda: {"name": "identity"})
     elbo: dict = field(default_factory=lambda: {"name": "TraceMeanField_ELBO"})
-    optim: dict = field(default_factory=lambda: {"name": "ClippedAdam", "lr": 1e-3})
+    optim: dict = field(default_factory=lambda: {"name": "ClippedAdam", "lr": 1e-3, "clip_norm": 10.0})
     train: dict = field(default_factory=dict)
     reward: dict | None = None
     continuation: dict | None = None
@@ -457,6 +467,115 @@ class Spec:
                 raise ValueError(f"--set {key}: {'.'.join(path)} is not a dict")
             node[last] = _plain(value)  # a copy: a later key must not write into the caller's value
         return Spec.from_dict(data)
+
+    @classmethod
+    def preset(cls, *names: str) -> Spec:
+        """``Spec()`` with the named presets merged over it, left to right; no names: ``Spec()``.
+
+        ``Spec.preset("planet", "smoke")`` is PlaNet's transition at smoke-test sizes.
+        Each preset is a change to a spec (``pyro_worldmodel/presets.yaml``), merged
+        into the spec so far: a part that names a different class (``name``) replaces
+        the part there, whose keywords were that class's; any other mapping is merged
+        key by key, so ``smoke``'s widths refine whichever transition is there; any
+        other value replaces. So order matters where two presets set the same thing:
+        the later one wins.
+
+        :raises ValueError: as :meth:`with_presets`.
+        """
+        return cls().with_presets(*names)
+
+    def with_presets(self, *names: str) -> Spec:
+        """A copy with the named presets merged over it, left to right, as :meth:`preset` merges
+        them over ``Spec()``: e.g. a spec file's parts at ``smoke``'s sizes.
+
+        :raises ValueError: for a name that is not a preset, listing the presets and the
+            closest; for presets whose merge is not a valid spec, naming them and the key.
+        """
+        table = _preset_table()
+        for i, name in enumerate(names):
+            if not isinstance(name, str):
+                raise ValueError(
+                    f"names[{i}]: expected a preset name (str), got {_show(name)}; pass each name as its"
+                    " own argument"
+                )
+            if name not in table:
+                raise ValueError(
+                    f"names[{i}]: unknown preset {_show(name)}{_closest(name, table)};"
+                    f" expected one of {list(table)}"
+                )
+        data = Spec.from_dict(self).to_dict()  # a bad spec is refused as itself, before any merge
+        for name in names:
+            data = _merged(data, table[name][1])
+        try:
+            return Spec.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"presets {list(names)}: {e}") from None
+
+    @classmethod
+    def presets(cls) -> dict[str, str]:
+        """Each preset's name and its one-line description, in the order of ``presets.yaml``."""
+        return {name: description for name, (description, _) in _preset_table().items()}
+
+
+# ---------------------------------------------------------------- presets
+
+PRESETS_FILE = "presets.yaml"
+
+
+@functools.cache
+def _preset_table() -> dict[str, tuple[str, dict]]:
+    """``presets.yaml``, read once; read as package data, so that an installed wheel finds it."""
+    source = importlib.resources.files(__package__).joinpath(PRESETS_FILE)
+    return _parse_presets(source.read_text(encoding="utf-8"), f"{__package__}/{PRESETS_FILE}")
+
+
+def _parse_presets(text: str, what: str) -> dict[str, tuple[str, dict]]:
+    """``{name: (description, delta)}`` from a presets document; ``what`` names it in every error.
+
+    Each entry is ``name: {description: one line, delta: {spec key: value, ...}}``;
+    the deltas' values are checked when a preset is used, as a spec's are.
+    """
+    data = load_yaml(text, what)
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{what}: expected a mapping of preset names to presets, got {_show(data)}")
+    known = [f.name for f in fields(Spec)]
+    out = {}
+    for name, entry in data.items():
+        if not isinstance(name, str):
+            raise ValueError(f"{what}: expected preset names (str), got {_show(name)}")
+        if not isinstance(entry, dict) or set(entry) != {"description", "delta"}:
+            raise ValueError(
+                f"{what}: {name}: expected a mapping with the keys 'description' and 'delta',"
+                f" got {_show(entry)}"
+            )
+        description, delta = entry["description"], entry["delta"]
+        if not isinstance(description, str) or not description.strip() or "\n" in description.strip():
+            raise ValueError(
+                f"{what}: {name}.description: expected one line of text, got {_show(description)}"
+            )
+        delta = {} if delta is None else delta  # `delta:` with nothing under it changes nothing
+        if not isinstance(delta, dict):
+            raise ValueError(f"{what}: {name}.delta: expected a mapping of spec keys, got {_show(delta)}")
+        for key in delta:
+            if key not in known:
+                raise ValueError(
+                    f"{what}: {name}.delta: unknown key {_show(key)}{_closest(key, known)};"
+                    f" expected some of {known}"
+                )
+        out[name] = (description.strip(), delta)
+    return out
+
+
+def _merged(base, delta):
+    """A copy of ``delta`` merged over ``base``, as :meth:`Spec.preset` describes."""
+    if not isinstance(base, dict) or not isinstance(delta, dict):
+        return _plain(delta)
+    if "name" in delta and delta["name"] != base.get("name"):
+        return _plain(delta)  # another class: the keywords given for the old one mean nothing to it
+    out = dict(base)
+    for key, value in delta.items():
+        out[key] = _merged(base[key], value) if key in base else _plain(value)
+    return out
 
 
 def resolve(slot: str, name: str) -> Callable:

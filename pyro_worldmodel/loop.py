@@ -42,22 +42,9 @@ from .io import (
     strict_json,
 )
 from .spaces import check_device, check_int
+from .workflow import WINDOW_REPEATS, Architecture, run_info
 
 LOOP_FORMAT = "pyro_worldmodel.loop/1"
-
-# The loop's default model: the default job's (8-dimensional latent), with the heads and CEM,
-# and the transition's scale floored at 0.02 (model units) instead of 1e-3. On deterministic
-# dynamics (CartPole) the scale otherwise shrinks towards the floor, and the first episodes
-# of a planner, in states the random data never visited, then cost KL terms of 10^4 nats per
-# step, which throw the optimiser off (measured: loss from -12 to +249 per step in one iteration).
-DEFAULT_LOOP_SPEC = Spec(
-    latent_dim=8,
-    transition={"name": "gaussian_mlp", "min_scale": 0.02},
-    optim={"name": "ClippedAdam", "lr": 1e-3, "clip_norm": 10.0},
-    reward={"name": "gaussian"},
-    continuation={"name": "bernoulli"},
-    planner={"name": "cem"},
-)
 
 
 @dataclass
@@ -119,7 +106,8 @@ def model_based_loop(
     :param env_id: a gymnasium id (rank-1 Box observations; Box or Discrete actions).
     :param spec: the model, guide, ELBO, optimiser and planner (a dict,
         :class:`~pyro_worldmodel.config.Spec` or YAML); must have a reward head.
-        :data:`DEFAULT_LOOP_SPEC` if None.
+        ``Spec.preset("loop")`` if None: the default model with the heads, CEM and the
+        transition's scale floored higher (see ``presets.yaml``).
     :param seed_episodes: random-action episodes collected first.
     :param episodes_per_iteration: episodes the planner adds each iteration.
     :param train_steps: SVI steps per iteration (the model keeps training; the optimiser keeps its state).
@@ -163,7 +151,7 @@ def model_based_loop(
     if resume and out is None:
         raise ValueError("resume: expected an out directory to resume from, got out=None")
     device = check_device(device)
-    spec = DEFAULT_LOOP_SPEC if spec is None else spec
+    spec = Spec.preset("loop") if spec is None else spec
     spec = Spec.from_yaml(spec) if isinstance(spec, (str, Path)) else Spec.from_dict(spec)
     if spec.reward is None:
         raise ValueError(
@@ -263,7 +251,7 @@ def _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log,
     ep_seed = seed + 1000 + first * s.episodes_per_iteration
     for it in range(first, s.iterations):
         units = replace(data, normalizer=normalizer).in_model_units()
-        num = max(int(units.lengths.sum()) // s.window, 1) * 4
+        num = max(int(units.lengths.sum()) // s.window, 1) * WINDOW_REPEATS
         obs, actions, mask, rewards, continues = units.windows(
             min(s.window, int(units.lengths.max())), num, generator=generator, targets=True
         )
@@ -352,7 +340,9 @@ def _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log,
             }
             if callable(getattr(planner, "training_state", None)):
                 state["planner"] = planner.training_state()
-            _write(run, result, model, guide, built.optim, state, data, normalizer)
+            _write(
+                run, result, model, guide, built.optim, state, data, normalizer, Architecture.of(data, spec)
+            )
         if finished:
             break
     return result
@@ -372,7 +362,15 @@ def _learns_in_imagination(planner) -> bool:
 
 
 def _write(
-    run: RunDirectory, result: LoopResult, model, guide, optim, state, data: Episodes, normalizer
+    run: RunDirectory,
+    result: LoopResult,
+    model,
+    guide,
+    optim,
+    state,
+    data: Episodes,
+    normalizer,
+    arch,
 ) -> None:
     """One iteration's files, committed together: a reader sees this iteration or the last, whole."""
     from .plots import plot_loop, save_figure
@@ -385,8 +383,8 @@ def _write(
         model,
         guide,
         optim,
+        run=run_info(arch, normalizer, val_fraction=None, seed=result.settings["seed"]),
         loop=result.as_dict(),
-        normalizer={k: v for k, v in asdict(normalizer).items() if v is not None},
         loop_state=state,
     )
     replace(data, normalizer=normalizer).save(tx.path("episodes.npz"))

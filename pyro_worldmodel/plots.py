@@ -77,7 +77,7 @@ def plot_training(
     steps = np.arange(loss.size)
     ax = axes[0]
     ax.plot(steps, loss, color="C0", alpha=0.3, linewidth=0.8, label="per step", gid="loss")
-    ax.plot(steps, _moving_average(loss, window), color="C0", label=f"mean of last {window}", gid="loss_ma")
+    ax.plot(steps, moving_average(loss, window), color="C0", label=f"mean of last {window}", gid="loss_ma")
     ax.set(xlabel="SVI step", ylabel="−ELBO (nats per timestep)", title="Loss")
     ax.legend()
 
@@ -95,7 +95,7 @@ def plot_training(
     return save_figure(fig, path)
 
 
-def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over the last ``window`` values; over all of them before that many exist."""
     csum = np.concatenate([[0.0], np.cumsum(values)])
     end = np.arange(1, len(values) + 1)
@@ -441,7 +441,7 @@ def plot_learning_curves(
         loss = np.asarray(r.train_loss, dtype=np.float64)
         ax_loss.plot(
             np.arange(loss.size),
-            _moving_average(loss, window),
+            moving_average(loss, window),
             color=color,
             label=r.label,
             gid=f"loss:{r.label}",

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_worldmodel import ActionSpace, load_checkpoint
-from pyro_worldmodel.cli import Architecture, _load_run, main
+from pyro_worldmodel import ActionSpace, Spec, load_checkpoint
+from pyro_worldmodel.cli import main
 from pyro_worldmodel.data import EPISODES_FORMAT, Episodes
+from pyro_worldmodel.workflow import Architecture, load_run
 
 # Tiny settings: 10 SVI steps on windows of 10; 20 open-loop windows of 3 context + 5 predicted steps.
 SAMPLES = "--num-samples 5 --iwae-particles 4 --max-windows 20".split()
@@ -137,7 +138,8 @@ def test_train_writes_checkpoint_metrics_and_figures(pendulum_data, pendulum_run
 
 def test_the_model_is_built_in_normalised_action_units(pendulum_run):
     """The model's box bounds are in the units it trains in; the architecture keeps real units."""
-    model, _, arch, normalizer, _ = _load_run(pendulum_run, "cpu")
+    run = load_run(pendulum_run)
+    model, arch, normalizer = run.model, run.architecture, run.normalizer
     real = ActionSpace.box(1, -2.0, 2.0)  # Pendulum's torque
     assert ActionSpace(**arch.action_space) == real
     loc, scale = normalizer.action_loc.item(), normalizer.action_scale.item()
@@ -274,7 +276,7 @@ def test_the_installed_entry_points_run(tmp_path):
         [sys.executable, "-m", "pyro_worldmodel.cli", "--help"], capture_output=True, text=True, timeout=120
     )
     assert help_.returncode == 0, help_.stderr
-    assert "{collect,train,evaluate,imagine,compare,loop}" in help_.stdout
+    assert "{collect,train,evaluate,imagine,compare,loop,presets}" in help_.stdout
 
     script = shutil.which("pyro-worldmodel") or shutil.which(
         "pyro-worldmodel", path=str(Path(sys.executable).parent)
@@ -532,10 +534,11 @@ def test_a_damaged_checkpoint_is_rejected(command, pendulum_run, tmp_path, capsy
 
 
 def test_train_takes_a_yaml_config_and_dotted_overrides(pendulum_data, tmp_path, capsys):
-    config = Path(__file__).resolve().parents[1] / "examples" / "configs"
+    config = tmp_path / "linear.yaml"
+    config.write_text(Spec(transition={"name": "linear_gaussian"}).to_yaml())
     out = tmp_path / "run"
     rc, stdout, err = cli(
-        capsys, "train", "--data", pendulum_data, "--config", config / "linear_gaussian_transition__gaussian_mlp_emission__filter_guide.yaml",
+        capsys, "train", "--data", pendulum_data, "--config", config,
         "--set", "emission.hidden=[16, 16]", "--set", "latent_dim=4", *TRAIN, "--out", out,
     )  # fmt: skip
     assert rc == 0, err
@@ -573,3 +576,29 @@ def test_an_rssm_with_a_tanh_policy_trains_and_dreams_actions_inside_the_box(pen
         actions = f["actions"]
     assert actions.shape[-2:] == (20, 1) and np.abs(actions).max() <= 2.0 + 1e-5
     assert np.abs(actions).max() > 0.1  # sampled, not stuck at the centre
+
+
+def test_presets_lists_every_preset_and_prints_a_composition(capsys):
+    rc, out, _ = cli(capsys, "presets")
+    assert rc == 0
+    for name, description in Spec.presets().items():
+        assert f"{name}" in out and description in out
+    rc, out, _ = cli(capsys, "presets", "planet", "smoke")
+    assert rc == 0 and Spec.from_yaml(out) == Spec.preset("planet", "smoke")
+    rc, _, err = cli(capsys, "presets", "plannet")
+    assert rc == 2 and "unknown preset 'plannet' (did you mean 'planet'?)" in err
+
+
+def test_train_takes_presets_over_a_config(pendulum_data, tmp_path, capsys):
+    config = tmp_path / "smoothing.yaml"
+    config.write_text(Spec(guide={"name": "smoothing"}).to_yaml())
+    out = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", "--data", pendulum_data, "--config", config, "--preset", "binary", "smoke",
+                     "--set", "emission.name=gaussian_mlp", *TRAIN, "--no-evaluate", "--out", out)  # fmt: skip
+    assert rc == 0, err
+    spec = Spec.from_dict(load_run(out).architecture.spec)
+    assert spec.guide["name"] == "smoothing"  # the config's, kept under the presets
+    assert spec.guide["rnn_dim"] == Spec.preset("smoke").guide["rnn_dim"]  # and smoke's size laid over it
+    assert spec.latent_dim == Spec.preset("smoke").latent_dim  # smoke's size
+    assert spec.emission["name"] == "gaussian_mlp"  # --set wins over binary's bernoulli
+    assert spec.train["num_steps"] == 10  # --steps wins over smoke's

@@ -25,7 +25,7 @@ from pyro_worldmodel.compare import (
 )
 from pyro_worldmodel.config import REGISTRY
 from pyro_worldmodel.evaluate.profiling import PeakMemory, peak_memory
-from pyro_worldmodel.plots import _moving_average, plot_estimator_comparison, plot_learning_curves
+from pyro_worldmodel.plots import moving_average, plot_estimator_comparison, plot_learning_curves
 
 # Pyro's JitTrace_ELBO and JitTraceGraph_ELBO call torch.jit.trace, deprecated in torch 2.13.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
@@ -468,7 +468,7 @@ def test_learning_curves_are_the_losses_and_checkpoints(hand_made, tmp_path):
     for row in hand_made.results:
         (loss,) = [line for line in ax_loss.get_lines() if line.get_gid() == f"loss:{row.label}"]
         np.testing.assert_array_equal(loss.get_xdata(), np.arange(4))
-        np.testing.assert_allclose(loss.get_ydata(), _moving_average(np.array(row.train_loss), 2))
+        np.testing.assert_allclose(loss.get_ydata(), moving_average(np.array(row.train_loss), 2))
         (held,) = [line for line in ax_held.get_lines() if line.get_gid() == f"heldout:{row.label}"]
         np.testing.assert_array_equal(held.get_xdata(), [0, 4])
         np.testing.assert_array_equal(held.get_ydata(), [c["heldout_elbo"] for c in row.checkpoints])

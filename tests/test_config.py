@@ -2,10 +2,16 @@
 
 import contextlib
 import itertools
+import json
 import math
 import os
+import re
 import resource
+import shutil
+import subprocess
+import sys
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +27,7 @@ from pyro_worldmodel.config import (
     MAX_SIZE,
     REGISTRY,
     Spec,
+    _parse_presets,
     build,
     count_parameters,
     register,
@@ -48,19 +55,37 @@ def parameters(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-TRANSITIONS = ["gaussian_mlp", "linear_gaussian", "gated", "rssm", "student_t"]
-EMISSIONS = ["gaussian_mlp", "linear_gaussian", "student_t", "bernoulli"]
-GUIDES = {
-    "filter": {"rnn_dim": 8, "hidden": [8]},
-    "smoothing": {"rnn_dim": 8, "hidden": [8]},
-    "mean_field": {"hidden": [8]},
-    "iaf_filter": {"rnn_dim": 8, "hidden": [8], "iaf_hidden": [8]},
+# Every registered part, so that a part registered later is trained in every combination too.
+TRANSITIONS, EMISSIONS, GUIDES, INITS = (
+    list(REGISTRY[slot]) for slot in ("transition", "emission", "guide", "init")
+)
+# Small sizes, so that every combination trains in a fraction of a second; a part not
+# listed is built with its own defaults.
+SIZES = {
+    "transition": {
+        "gaussian_mlp": {"hidden": [8]},
+        "gated": {"hidden": [8]},
+        "rssm": {"hidden": [8], "deter_dim": 4},
+        "student_t": {"hidden": [8]},
+    },
+    "emission": {"gaussian_mlp": {"hidden": [8]}, "student_t": {"hidden": [8]}, "bernoulli": {"hidden": [8]}},
+    "guide": {
+        "filter": {"rnn_dim": 8, "hidden": [8]},
+        "smoothing": {"rnn_dim": 8, "hidden": [8]},
+        "mean_field": {"hidden": [8]},
+        "iaf_filter": {"rnn_dim": 8, "hidden": [8], "iaf_hidden": [8]},
+    },
 }
-SIZES = {"linear_gaussian": {}, "rssm": {"hidden": [8], "deter_dim": 4}}
 
 
-def small(name):
-    return {"name": name, **SIZES.get(name, {"hidden": [8]})}
+def small(slot, name):
+    return {"name": name, **SIZES[slot].get(name, {})}
+
+
+def test_the_small_sizes_name_registered_parts():
+    """A renamed part would otherwise be built at its full size, unnoticed."""
+    for slot, parts in SIZES.items():
+        assert set(parts) <= set(REGISTRY[slot]), slot
 
 
 def expected_kl(transition, guide, T):
@@ -79,9 +104,9 @@ def expected_kl(transition, guide, T):
 def test_every_combination_trains(transition, emission, guide, elbo, space):
     spec = {
         "latent_dim": 3,
-        "transition": small(transition),
-        "emission": small(emission),
-        "guide": {"name": guide, **GUIDES[guide]},
+        "transition": small("transition", transition),
+        "emission": small("emission", emission),
+        "guide": small("guide", guide),
         "elbo": {"name": elbo},
         "optim": {"name": "ClippedAdam", "lr": 1e-2},
     }
@@ -119,14 +144,12 @@ def test_every_combination_trains(transition, emission, guide, elbo, space):
 
 
 def test_round_trip_object_spec_yaml_spec_object():
-    for transition, emission, init in itertools.product(
-        TRANSITIONS, EMISSIONS, ["standard_normal", "learned_gaussian"]
-    ):
+    for transition, emission, init in itertools.product(TRANSITIONS, EMISSIONS, INITS):
         spec = {
             "latent_dim": 4,
             "init": {"name": init},
-            "transition": small(transition),
-            "emission": small(emission),
+            "transition": small("transition", transition),
+            "emission": small("emission", emission),
         }
         pyro.set_rng_seed(1)
         first = build(spec, 3, BOX)
@@ -145,13 +168,13 @@ def test_round_trip_object_spec_yaml_spec_object():
         )
 
 
-@pytest.mark.parametrize("guide", sorted(GUIDES))
+@pytest.mark.parametrize("guide", GUIDES)
 def test_round_trip_of_each_guide(guide):
-    spec = {"latent_dim": 3, "guide": {"name": guide, **GUIDES[guide]}}
+    spec = {"latent_dim": 3, "guide": small("guide", guide)}
     pyro.set_rng_seed(3)
     first = build(spec, 3, DISCRETE)
     read_back = spec_of(first.model, first.guide)
-    assert read_back.guide == {"name": guide, **GUIDES[guide]}
+    assert read_back.guide == small("guide", guide)
     pyro.set_rng_seed(3)
     second = build(Spec.from_yaml(read_back.to_yaml()), 3, DISCRETE)
     assert type(second.guide) is type(first.guide)
@@ -205,8 +228,8 @@ def test_a_user_registered_class_is_used_by_name():
 
 def test_two_specs_in_one_process_keep_their_own_parameters():
     obs, actions = data(BOX)
-    a = build({"latent_dim": 3, "transition": small("gaussian_mlp")}, 3, BOX)
-    b = build({"latent_dim": 3, "transition": small("linear_gaussian")}, 3, BOX)
+    a = build({"latent_dim": 3, "transition": small("transition", "gaussian_mlp")}, 3, BOX)
+    b = build({"latent_dim": 3, "transition": small("transition", "linear_gaussian")}, 3, BOX)
     fit(a.model, a.guide, obs, actions, num_steps=2, elbo=a.elbo, optim=a.optim, progress=False)
     frozen_a = {**parameters(a.model), **parameters(a.guide)}
     fit(b.model, b.guide, obs, actions, num_steps=2, elbo=b.elbo, optim=b.optim, progress=False)
@@ -290,47 +313,339 @@ def test_overrides_set_dotted_keys():
         Spec().with_overrides({"transitions.hidden": [1]})
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
-def test_example_configs_build(path):
-    spec = Spec.from_yaml(path)
+# ---------------------------------------------------------------- the default and the presets
+
+# The default job's spec (`pyro-worldmodel train`): its results depend on every value here.
+DEFAULT_JOB = {
+    "latent_dim": 8,
+    "init": {"name": "standard_normal"},
+    "transition": {"name": "gaussian_mlp"},
+    "emission": {"name": "gaussian_mlp"},
+    "policy": {"name": "auto"},
+    "guide": {"name": "filter"},
+    "encoder": {"name": "identity"},
+    "elbo": {"name": "TraceMeanField_ELBO"},
+    "optim": {"name": "ClippedAdam", "lr": 0.001, "clip_norm": 10.0},
+    "train": {},
+}
+# What each preset changes in DEFAULT_JOB, in the order of presets.yaml.
+PRESET_CHANGES = {
+    "default": {},
+    # The model-based loop's spec: `pyro-worldmodel loop`'s results depend on it.
+    "loop": {
+        "transition": {"name": "gaussian_mlp", "min_scale": 0.02},
+        "reward": {"name": "gaussian"},
+        "continuation": {"name": "bernoulli"},
+        "planner": {"name": "cem"},
+    },
+    "dmm": {"transition": {"name": "gated"}, "guide": {"name": "smoothing"}},
+    "planet": {"transition": {"name": "rssm", "deter_dim": 32}},
+    "heavy_tails": {
+        "transition": {"name": "student_t"},
+        "emission": {"name": "student_t"},
+        "elbo": {"name": "TraceMeanField_ELBO", "monte_carlo_kl": ["KL(Normal ‖ StudentT)"]},
+    },
+    "iaf": {
+        "guide": {"name": "iaf_filter"},
+        "elbo": {"name": "TraceMeanField_ELBO", "monte_carlo_kl": ["KL(TransformedDistribution ‖ Normal)"]},
+    },
+    "binary": {"emission": {"name": "bernoulli"}},
+    "dreamer": {
+        "transition": {"name": "rssm", "deter_dim": 32, "min_scale": 0.02},
+        "elbo": {"name": "KLBalancing_ELBO", "alpha": 0.8},
+        "reward": {"name": "gaussian"},
+        "continuation": {"name": "bernoulli"},
+        "planner": {"name": "actor_critic"},
+    },
+    "smoke": {
+        "latent_dim": 4,
+        "transition": {"name": "gaussian_mlp", "hidden": [16]},
+        "emission": {"name": "gaussian_mlp", "hidden": [16]},
+        "policy": {"name": "auto", "hidden": [16]},
+        "guide": {"name": "filter", "rnn_dim": 16, "hidden": [16]},
+        "train": {"num_steps": 20, "batch_size": 8},
+    },
+}
+
+
+def test_the_default_spec_is_the_default_jobs():
+    spec = Spec()
+    assert spec.to_dict() == DEFAULT_JOB
+    assert type(spec.optim["lr"]) is float and type(spec.optim["clip_norm"]) is float  # 10 == 10.0
+    assert spec.to_yaml() == (
+        "latent_dim: 8\n"
+        "init: {name: standard_normal}\n"
+        "transition: {name: gaussian_mlp}\n"
+        "emission: {name: gaussian_mlp}\n"
+        "policy: {name: auto}\n"
+        "guide: {name: filter}\n"
+        "encoder: {name: identity}\n"
+        "elbo: {name: TraceMeanField_ELBO}\n"
+        "optim: {name: ClippedAdam, lr: 0.001, clip_norm: 10.0}\n"
+        "train: {}\n"
+    )
+    assert Spec.preset() == Spec.preset("default") == Spec.from_yaml("") == spec
     b = build(spec, 3, BOX)
-    assert spec_of(b.model, b.guide).transition["name"] == spec.transition["name"]
+    assert b.model.latent_dim == 8 and b.optim.pt_optim_args == {"lr": 1e-3, "clip_norm": 10.0}
+
+
+def test_each_preset_is_listed_with_a_one_line_description():
+    presets = Spec.presets()
+    assert list(presets) == list(PRESET_CHANGES)
+    for name, description in presets.items():
+        assert description and "\n" not in description and description == description.strip(), name
+    presets["default"] = "changed"
+    assert Spec.presets()["default"] != "changed"  # the caller's copy, not the table
+
+
+@pytest.mark.parametrize("name", PRESET_CHANGES)
+def test_each_preset_is_the_default_spec_with_its_changes(name):
+    spec = Spec.preset(name)
+    assert spec.to_dict() == {**DEFAULT_JOB, **PRESET_CHANGES[name]}
+    assert Spec.from_yaml(spec.to_yaml()) == spec
+
+
+def assert_built_as_specified(b, spec):
+    """Each part is the class its spec names and holds the keywords the spec gives it."""
+    model = b.model
+    objects = {
+        **{s: getattr(model, s, None) for s in ("init", "transition", "emission", "policy")},
+        **{s: getattr(model, s, None) for s in ("reward", "continuation")},  # None where absent
+        "guide": b.guide,
+        "encoder": b.guide.encoder,
+        "elbo": b.elbo,
+        "planner": b.planner,
+    }
+    assert model.latent_dim == spec.latent_dim
+    for slot, obj in objects.items():
+        part = getattr(spec, slot)
+        if part is None:
+            assert obj is None, slot
+            continue
+        if part["name"] != "auto":  # a factory: the action space chooses the class
+            assert type(obj) is REGISTRY[slot][part["name"]], slot
+        for key, value in part.items():
+            got = getattr(obj, key, None) if key != "name" else value
+            assert (list(got) if isinstance(got, tuple) else got) == value, (slot, key, got)
+    assert b.optim.pt_optim_args == {k: v for k, v in spec.optim.items() if k != "name"}
+
+
+@pytest.mark.parametrize("smoke", [False, True], ids=["alone", "smoke_over_it"])
+@pytest.mark.parametrize("space", [BOX, DISCRETE], ids=["box", "discrete"])
+@pytest.mark.parametrize("name", PRESET_CHANGES)
+def test_every_preset_builds_trains_and_acts(name, space, smoke):
+    spec = Spec.preset(name, "smoke") if smoke else Spec.preset(name)
+    b = build(spec, 3, space)
+    assert_built_as_specified(b, spec)
+    obs, actions = data(space)
+    if spec.emission["name"] == "bernoulli":
+        obs = (obs > 0).float()
+    targets, heads = {}, set()  # fit's keyword for each head's data, and the heads to train
+    if spec.reward is not None:
+        targets["rewards"] = torch.randn(obs.shape[:2], generator=torch.Generator().manual_seed(1))
+        heads.add("reward")
+    if spec.continuation is not None:
+        targets["continues"] = torch.ones(obs.shape[:2])
+        heads.add("continuation")
+    # smoke's own schedule where it is merged in: fit must take it
+    settings = dict(spec.train) if smoke else {"num_steps": 2, "batch_size": 3}
+    before = {**parameters(b.model), **{f"g.{k}": v for k, v in parameters(b.guide).items()}}
+    history = fit(
+        b.model, b.guide, obs, actions, **targets, elbo=b.elbo, optim=b.optim, progress=False, **settings
+    )
+    assert len(history.loss) == settings["num_steps"] and all(map(math.isfinite, history.loss))
+    after = {**parameters(b.model), **{f"g.{k}": v for k, v in parameters(b.guide).items()}}
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert {"transition", "emission", "g", *heads} <= changed  # g: the guide
+    if b.planner is not None:
+        from pyro_worldmodel.act.planners import belief
+
+        action = b.planner.plan(b.model, belief(b.model, b.guide, obs, actions))
+        if space.kind == "box":
+            assert action.shape == (6, 2) and torch.isfinite(action).all()
+        else:
+            assert action.shape == (6,) and not action.is_floating_point()
+            assert ((action >= 0) & (action < 3)).all()
+
+
+# Every preset that declares Monte Carlo KL terms, and the pairs it declares.
+DECLARED = {
+    "heavy_tails": ["KL(Normal ‖ StudentT)"],
+    "iaf": ["KL(TransformedDistribution ‖ Normal)"],
+}
+
+
+def test_only_the_presets_without_analytic_kl_terms_declare_monte_carlo_ones():
+    declaring = {
+        n: Spec.preset(n).elbo["monte_carlo_kl"]
+        for n in PRESET_CHANGES
+        if "monte_carlo_kl" in Spec.preset(n).elbo
+    }
+    assert declaring == DECLARED
+
+
+@pytest.mark.parametrize("name", DECLARED)
+def test_a_preset_declares_exactly_the_monte_carlo_kl_pairs_it_meets(name):
+    """Trained with the fallback made loud, it meets the pairs it declares, and no other."""
+    spec = Spec.preset(name, "smoke").with_overrides({"elbo.monte_carlo_kl": "warn"})
+    b = build(spec, 3, BOX)
+    obs, actions = data(BOX)
+    with pytest.warns(MonteCarloKLWarning) as record:
+        fit(
+            b.model,
+            b.guide,
+            obs,
+            actions,
+            num_steps=2,
+            batch_size=3,
+            elbo=b.elbo,
+            optim=b.optim,
+            progress=False,
+        )
+    met = {re.search(r"no analytic (KL\(.*?\)) at ", str(w.message)).group(1) for w in record}
+    assert sorted(met) == sorted(DECLARED[name])
+
+
+def test_a_later_preset_wins_where_two_set_the_same_thing():
+    # smoke refines whichever transition is there; planet names another class, which replaces it
+    assert Spec.preset("planet", "smoke").transition == {"name": "rssm", "deter_dim": 32, "hidden": [16]}
+    assert Spec.preset("smoke", "planet").transition == {"name": "rssm", "deter_dim": 32}
+    assert Spec.preset("smoke", "planet").latent_dim == Spec.preset("planet", "smoke").latent_dim == 4
+    assert Spec.preset("dmm", "planet").transition == {"name": "rssm", "deter_dim": 32}
+    assert Spec.preset("planet", "dmm").transition == {"name": "gated"}
+    assert Spec.preset("dmm", "planet").guide == Spec.preset("planet", "dmm").guide == {"name": "smoothing"}
+    # loop floors whichever transition is there: after planet, PlaNet's agent
+    planet_agent = Spec.preset("planet", "loop")
+    assert planet_agent.transition == {"name": "rssm", "deter_dim": 32, "min_scale": 0.02}
+    assert (planet_agent.reward, planet_agent.planner) == ({"name": "gaussian"}, {"name": "cem"})
+    assert Spec.preset("loop", "planet").transition == {"name": "rssm", "deter_dim": 32}
+    # heavy_tails names its ELBO: after dreamer it replaces KL balancing, which has no Monte Carlo KL
+    assert Spec.preset("dreamer", "heavy_tails").elbo == PRESET_CHANGES["heavy_tails"]["elbo"]
+    assert Spec.preset("heavy_tails", "dreamer").elbo == {"name": "KLBalancing_ELBO", "alpha": 0.8}
+
+
+def test_presets_that_change_different_things_commute_and_a_repeated_one_changes_nothing():
+    for a, b in [("dmm", "binary"), ("planet", "iaf"), ("loop", "binary"), ("binary", "iaf")]:
+        assert Spec.preset(a, b) != Spec.preset(a) and Spec.preset(a, b) == Spec.preset(b, a), (a, b)
+    for name in PRESET_CHANGES:
+        assert Spec.preset(name, name) == Spec.preset(name), name
+
+
+def test_presets_merge_over_any_spec_and_a_merge_that_is_not_a_spec_is_refused_naming_them():
+    spec = Spec.from_yaml("transition: {name: gated, hidden: [32]}\nguide: {name: smoothing}\n")
+    small_spec = spec.with_presets("smoke")
+    assert small_spec.transition == {"name": "gated", "hidden": [16]}
+    assert (
+        small_spec.guide == {"name": "smoothing", "rnn_dim": 16, "hidden": [16]}
+        and small_spec.latent_dim == 4
+    )
+    assert spec.transition == {"name": "gated", "hidden": [32]}  # unchanged
+    assert spec.with_presets() == spec
+    with pytest.raises(ValueError) as e:  # the spec's own fault, not the presets'
+        Spec(latent_dim=0).with_presets("smoke")
+    assert str(e.value) == "latent_dim: expected an int in [1, 65536], got 0"
+    with pytest.raises(ValueError) as e:
+        Spec(transition={"name": "linear_gaussian"}).with_presets("binary", "smoke")
+    assert str(e.value) == (
+        "presets ['binary', 'smoke']: transition.hidden: LinearGaussianTransition takes no keyword 'hidden';"
+        " it accepts []"
+    )
 
 
 @pytest.mark.parametrize(
-    "name",
+    "names, message",
     [
-        "student_t_transition__gaussian_mlp_emission__filter_guide",
-        "student_t_transition__gaussian_mlp_emission__iaf_filter_guide",
-        "rssm_transition__gaussian_mlp_emission__iaf_filter_guide",
+        (("plannet",), "names[0]: unknown preset 'plannet' (did you mean 'planet'?)"),
+        (("smoke", "heavy_tail"), "names[1]: unknown preset 'heavy_tail' (did you mean 'heavy_tails'?)"),
+        (("xyz",), "names[0]: unknown preset 'xyz'"),
     ],
 )
-def test_example_configs_declare_exactly_their_monte_carlo_pairs(name):
-    """Warnings are errors here: an undeclared fallback would fail, and a declared one trains quietly."""
-    spec = Spec.from_yaml(ROOT / "examples" / "configs" / f"{name}.yaml").with_overrides(
-        {
-            "latent_dim": 3,
-            "transition.hidden": [8],
-            "guide.rnn_dim": 8,
-            "guide.hidden": [8],
-            "guide.iaf_hidden": [8],
-        }
-        if "iaf" in name
-        else {"latent_dim": 3, "transition.hidden": [8], "guide.rnn_dim": 8}
+def test_an_unknown_preset_is_refused_with_the_closest_and_the_list(names, message):
+    with pytest.raises(ValueError) as e:
+        Spec.preset(*names)
+    assert str(e.value) == f"{message}; expected one of {list(PRESET_CHANGES)}"
+
+
+def test_presets_are_named_one_per_argument():
+    with pytest.raises(ValueError) as e:
+        Spec.preset(["planet", "smoke"])
+    assert str(e.value) == (
+        "names[0]: expected a preset name (str), got ['planet', 'smoke']; pass each name as its own argument"
     )
-    b = build(spec, 3, BOX)
-    obs, actions = data(BOX)
-    fit(b.model, b.guide, obs, actions, num_steps=2, elbo=b.elbo, optim=b.optim, progress=False)
-    assert "monte_carlo" in b.elbo.kl_estimators.values()
 
 
-def test_there_is_an_example_config_for_each_built_in_combination():
-    names = {p.stem for p in (ROOT / "examples" / "configs").glob("*.yaml")}
-    expected = {
-        f"{t}_transition__{e}_emission__{g}_guide"
-        for t, e, g in itertools.product(REGISTRY["transition"], REGISTRY["emission"], REGISTRY["guide"])
-    }
-    assert names == expected
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- smoke\n", "p.yaml: expected a mapping of preset names to presets, got ['smoke']"),
+        ("", "p.yaml: expected a mapping of preset names to presets, got None"),
+        ("1: {description: x, delta: {}}\n", "p.yaml: expected preset names (str), got 1"),
+        ("a: {delta: {}}\n", "p.yaml: a: expected a mapping with the keys 'description' and 'delta', got {'delta': {}}"),
+        ("a: {description: x, delta: {}, b: 1}\n", "p.yaml: a: expected a mapping with the keys 'description' and 'delta', got {'b': 1, 'delta': {}, 'description': 'x'}"),
+        ("a: {1: x, description: x, delta: {}}\n", "p.yaml: a: expected a mapping with the keys 'description' and 'delta', got {1: 'x', 'description': 'x', 'delta': {}}"),
+        ("a: {description: ' ', delta: {}}\n", "p.yaml: a.description: expected one line of text, got ' '"),
+        ('a: {description: "x\\ny", delta: {}}\n', "p.yaml: a.description: expected one line of text, got 'x\\ny'"),
+        ("a: {description: x, delta: [1]}\n", "p.yaml: a.delta: expected a mapping of spec keys, got [1]"),
+        ("a: {description: x, delta: {latent: 3}}\n", f"p.yaml: a.delta: unknown key 'latent' (did you mean 'latent_dim'?); expected some of {[*DEFAULT_JOB, 'reward', 'continuation', 'planner']}"),
+        ("a: {description: x, delta: {latent_dim: 3}\n", "p.yaml: expected valid YAML, got expected ',' or '}', but got '<stream end>' at line 2, column 1 (while parsing a flow mapping)"),
+    ],
+)  # fmt: skip
+def test_a_malformed_presets_file_is_refused_naming_the_entry(text, message):
+    with pytest.raises(ValueError) as e:
+        _parse_presets(text, "p.yaml")
+    assert str(e.value) == message
+
+
+def test_a_presets_file_gives_each_name_its_description_and_delta():
+    text = "a: {description: ' One line. ', delta: }\nb:\n  description: Two.\n  delta: {latent_dim: 3}\n"
+    assert _parse_presets(text, "p.yaml") == {"a": ("One line.", {}), "b": ("Two.", {"latent_dim": 3})}
+
+
+def test_smoke_over_a_preset_makes_it_smaller():
+    for name in PRESET_CHANGES:
+        if name != "smoke":
+            small_count = count_parameters(Spec.preset(name, "smoke"), 3, BOX)
+            assert small_count < count_parameters(Spec.preset(name), 3, BOX), name
+
+
+def test_the_presets_file_is_inside_a_built_wheel_and_read_from_it(tmp_path):
+    """Built with `python -m build`, unpacked, and imported from there, not from this checkout."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(
+        ROOT / "pyro_worldmodel", source / "pyro_worldmodel", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    built = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        packed = z.read("pyro_worldmodel/presets.yaml")
+        z.extractall(tmp_path / "installed")
+    assert packed == (ROOT / "pyro_worldmodel" / "presets.yaml").read_bytes()
+    code = (
+        "import json, pyro_worldmodel.config as c;"
+        " print(json.dumps([c.__file__, c.Spec.presets(), c.Spec.preset('planet', 'smoke').to_dict()]))"
+    )
+    path = os.pathsep.join([str(tmp_path / "installed"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    read = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert read.returncode == 0, read.stderr[-3000:]
+    file, presets, spec = json.loads(read.stdout)
+    assert Path(file).is_relative_to(tmp_path / "installed")
+    assert presets == Spec.presets() and spec == Spec.preset("planet", "smoke").to_dict()
 
 
 # ---------------------------------------------------------------- reading YAML
@@ -370,7 +685,10 @@ def test_yaml_nan_is_a_float_and_pyyaml_itself_is_left_alone():
 
 def test_set_lr_as_yaml_gives_a_float_and_an_optimiser_with_that_lr():
     spec = Spec().with_overrides({"optim.lr": yaml_value("1e-4", "--set optim.lr")})
-    assert spec.optim == {"name": "ClippedAdam", "lr": 1e-4} and type(spec.optim["lr"]) is float
+    assert (
+        spec.optim == {"name": "ClippedAdam", "lr": 1e-4, "clip_norm": 10.0}
+        and type(spec.optim["lr"]) is float
+    )
     b = build(spec, 3, BOX)
     obs, actions = data(BOX)
     fit(b.model, b.guide, obs, actions, num_steps=1, elbo=b.elbo, optim=b.optim, progress=False)
@@ -477,7 +795,7 @@ def test_from_file_refuses_an_unreadable_file(tmp_path):
 @pytest.mark.parametrize(
     "overrides, slot, expected",
     [
-        ({"latent_dim": 8.0}, "latent_dim", 8),
+        ({"latent_dim": 12.0}, "latent_dim", 12),  # not the default's 8, which an ignored override would give
         ({"transition.hidden": [64.0, 32]}, "transition", {"name": "gaussian_mlp", "hidden": [64, 32]}),
         ({"emission.scale": 1}, "emission", {"name": "gaussian_mlp", "scale": 1.0}),
         ({"emission.scale": "learned"}, "emission", {"name": "gaussian_mlp", "scale": "learned"}),
@@ -485,7 +803,7 @@ def test_from_file_refuses_an_unreadable_file(tmp_path):
         ({"train.lr": "1e-4", "train.num_steps": 2e3}, "train", {"lr": 1e-4, "num_steps": 2000}),
         ({"elbo": {"name": "Trace_ELBO", "num_particles": 2.0}}, "elbo", {"name": "Trace_ELBO", "num_particles": 2}),
         ({"elbo": {"name": "RenyiELBO", "alpha": 0}}, "elbo", {"name": "RenyiELBO", "alpha": 0.0}),
-        ({"optim.weight_decay": 0}, "optim", {"name": "ClippedAdam", "lr": 1e-3, "weight_decay": 0.0}),
+        ({"optim.weight_decay": 0}, "optim", {"name": "ClippedAdam", "lr": 1e-3, "clip_norm": 10.0, "weight_decay": 0.0}),
         ({"optim": {"name": "SGD", "lr": 1, "momentum": 0.9}}, "optim", {"name": "SGD", "lr": 1.0, "momentum": 0.9}),
         ({"optim": {"name": "Adam", "betas": (0.5, 0.9)}}, "optim", {"name": "Adam", "betas": [0.5, 0.9]}),
     ],

@@ -72,7 +72,12 @@ def keywords(slot: str, name: str) -> list[str]:
     return [k for k in inspect.signature(cls).parameters if k not in SUPPLIED and k != "params"]
 
 
-BASES = [Spec(), Spec(reward={"name": "gaussian"}, planner={"name": "actor_critic"})]
+# Spec() and every preset, so that fuzzed documents and overrides reach every preset's parts.
+BASES = [
+    Spec(),
+    Spec(reward={"name": "gaussian"}, planner={"name": "actor_critic"}),
+    *(Spec.preset(name) for name in Spec.presets()),
+]
 # Dotted keys that name a keyword of a part of BASES, as --set gives them.
 KEYS = sorted(
     {"latent_dim"}
@@ -253,6 +258,15 @@ def test_set_overrides_give_a_spec_that_round_trips_or_a_value_error(pairs, base
     reads_back_or_refuses(read)
 
 
+@FUZZ
+@given(
+    spec_like(),
+    st.lists(st.one_of(st.sampled_from(sorted(Spec.presets())), junk_words, plain_values), max_size=3),
+)
+def test_presets_over_a_spec_give_a_spec_that_round_trips_or_a_value_error(data, names):
+    reads_back_or_refuses(lambda: Spec.from_dict(data).with_presets(*names))
+
+
 def test_the_fuzzed_documents_reach_both_outcomes():
     """The properties above are not vacuous: known documents give each outcome."""
     assert reads_back_or_refuses(
@@ -262,6 +276,13 @@ def test_the_fuzzed_documents_reach_both_outcomes():
     assert reads_back_or_refuses(lambda: Spec().with_overrides({"train.extra": {"x": "1e-4"}})).train == {
         "extra": {"x": "1e-4"}
     }
+    assert reads_back_or_refuses(lambda: Spec().with_presets("planet", "smoke")) == Spec.preset(
+        "planet", "smoke"
+    )
+    assert (
+        reads_back_or_refuses(lambda: Spec(transition={"name": "linear_gaussian"}).with_presets("smoke"))
+        is None
+    )
 
 
 def test_the_guard_catches_a_write(tmp_path):

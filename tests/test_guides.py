@@ -14,12 +14,11 @@ def test_reverse_within_mirrors_each_episode_and_leaves_padding():
 
 
 def guide_means(guide, obs, actions, mask):
-    """q(z_t | ·)'s mean at every t, with z_{t-1} fixed at zero so only the data matters."""
-    a = guide.action_space.features(actions, obs.dtype)
-    if isinstance(guide, MeanFieldGuide):
-        return guide.net(obs).chunk(2, -1)[0]
-    h = guide.summaries(obs, a, mask)
-    return guide.combiner(torch.zeros(*h.shape[:-1], guide.latent_dim), h).mean
+    """q(z_t | ·)'s mean at every t, with z_{t-1} fixed at zero so only the data matters: the
+    steps of each guide's Pyro program (step_params on its context), for every t at once."""
+    context = guide.context(obs, guide.action_space.features(actions, obs.dtype), mask)  # (B, T, C)
+    z_prev = torch.zeros(*context.shape[:-1], guide.latent_dim)
+    return guide.step_params(z_prev, context, guide.step_weights())[0]
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,10 @@ import pyro
 import pytest
 import torch
 from worlds import X, world
+from worlds_with_heads import small_world
 
 from pyro_worldmodel import fit
-from pyro_worldmodel.infer import minibatch_indices as _minibatch
+from pyro_worldmodel.infer import minibatch_indices
 from pyro_worldmodel.infer.elbos import JitTraceMeanField_ELBO, TraceMeanField_ELBO
 
 
@@ -136,7 +137,7 @@ def test_fit_trains_on_batches_of_varying_length_compiling_once_per_length():
     num_steps, batch_size, seed = 8, 2, 0
     # fit truncates each minibatch to its longest episode
     distinct = {
-        max(lengths[i] for i in _minibatch(step, len(lengths), batch_size, seed).tolist())
+        max(lengths[i] for i in minibatch_indices(step, len(lengths), batch_size, seed).tolist())
         for step in range(num_steps)
     }
     assert len(distinct) >= 3
@@ -162,3 +163,30 @@ def test_fit_trains_on_batches_of_varying_length_compiling_once_per_length():
     assert elbo.compilations == len(distinct)
     unchanged = [n for n, p in named().items() if torch.equal(p, before[n])]
     assert unchanged == []  # every parameter was trained
+
+
+def test_targets_reach_the_jit_elbo_as_graph_inputs():
+    built = small_world()
+    obs, actions, mask = torch.randn(4, 5, 2), torch.rand(4, 5, 1) * 4 - 2, torch.ones(4, 5, dtype=torch.bool)
+    rewards, continues = torch.randn(4, 5), torch.ones(4, 5)
+    jit, eager = JitTraceMeanField_ELBO(max_plate_nesting=2), TraceMeanField_ELBO(max_plate_nesting=2)
+    args = (built.model.model, built.guide, obs, actions, mask)
+    jit.loss(*args, rewards=rewards, continues=continues)  # compiles
+    for r in (rewards, rewards + 3.0):  # a new value is an input, not a constant kept from the first call
+        pyro.set_rng_seed(2)
+        got = jit.loss(*args, rewards=r, continues=continues)
+        pyro.set_rng_seed(2)
+        assert got == pytest.approx(eager.loss(*args, rewards=r, continues=continues), rel=1e-5)
+    assert jit.compilations == 1
+    fit(
+        built.model,
+        built.guide,
+        obs,
+        actions,
+        mask,
+        rewards=rewards,
+        continues=continues,
+        num_steps=2,
+        elbo=jit,
+        progress=False,
+    )

@@ -355,7 +355,11 @@ def test_bounds_are_bars_from_the_exact_value_down_to_each_bound():
 
 
 def test_a_figure_shows_itself_as_a_png_in_a_notebook():
-    """IPython calls _repr_png_; the figures are built without pyplot, so no backend would show them."""
-    png = plot_kl_per_t([1.0, 2.0])._repr_png_()
+    """The figures are built without pyplot, so no backend would show them: IPython's own
+    formatter, which a notebook's kernel runs on a cell's value, must find a PNG."""
+    from IPython.core.formatters import DisplayFormatter
+
+    data, _ = DisplayFormatter().format(plot_kl_per_t([1.0, 2.0]))
+    png = data["image/png"]
     assert png[:8] == PNG_MAGIC
     assert mpimg.imread(io.BytesIO(png)).shape[2] in (3, 4)

@@ -428,7 +428,7 @@ class ActorCriticPlanner(nn.Module):
         log_det = TanhToBox(mid, half, low, high).log_abs_det_jacobian(u, a)  # as the tanh policy's
         return a, log_det.sum(-1)
 
-    def _sample(self, f: torch.Tensor):
+    def sample(self, f: torch.Tensor):
         """An action for each state, with log π(a | f) and an entropy (estimate, for a box)."""
         pi = self.policy(f)
         if self.action_space.kind == "discrete":
@@ -498,7 +498,7 @@ class ActorCriticPlanner(nn.Module):
         feats, rewards, conts, logps, ents = [], [], [], [], []
         for _ in range(self.horizon):
             f = model.features(z, h)
-            a, log_p, entropy = self._sample(f.detach() if discrete else f)
+            a, log_p, entropy = self.sample(f.detach() if discrete else f)
             a_feat = model.action_space.features(a, f.dtype)
             feats.append(f)
             rewards.append(model.reward(f, a_feat).mean * reward_scale + reward_loc)
