@@ -32,7 +32,7 @@ import numpy as np
 import pyro
 import torch
 
-from .config import Built, Spec, build
+from .config import Built, Spec, build, resolve
 from .data import Episodes, Normalizer, collect
 from .errors import RunDirectoryError
 from .evaluate import CopyLast, LinearLeastSquares, heldout_bounds, imagine, open_loop
@@ -112,6 +112,7 @@ def prepare(
     window: int = DEFAULT_WINDOW,
     draws: int | None = None,
     obs_scale_floor=None,
+    scale_obs: bool = True,
 ) -> Prepared:
     """Split, normalise and window ``episodes`` for training.
 
@@ -124,12 +125,13 @@ def prepare(
         ``WINDOW_REPEATS`` times.
     :param obs_scale_floor: ``(X,)`` floors of the observation scales
         (:func:`~pyro_worldmodel.data.observation_scale_floor`).
+    :param scale_obs: False to leave observations unscaled (:func:`scales_observations`).
     """
     if val_fraction is None:
         train, val = episodes, None
     else:
         train, val = episodes.split(val_fraction, seed=seed)
-    normalizer = train.fit_normalizer(obs_scale_floor).normalizer
+    normalizer = train.fit_normalizer(obs_scale_floor, scale_obs=scale_obs).normalizer
     train = replace(train, normalizer=normalizer)
     obs, actions, mask, rewards, continues = training_windows(train, window, draws, seed)
     return Prepared(
@@ -142,6 +144,13 @@ def prepare(
         rewards=rewards,
         continues=continues,
     )
+
+
+def scales_observations(spec) -> bool:
+    """Whether a model of ``spec`` trains on normalised observations: not with an emission
+    of binary values (``real_valued = False``, the Bernoulli's), whose data must stay 0 or 1."""
+    spec = Spec.from_dict(spec)
+    return getattr(resolve("emission", spec.emission["name"]), "real_valued", True)
 
 
 def training_windows(train: Episodes, window: int, draws: int | None, seed: int):
@@ -657,6 +666,7 @@ def train_run(
         seed=s.seed,
         window=s.window,
         draws=settings_fit["num_steps"] * settings_fit["batch_size"],
+        scale_obs=scales_observations(spec),
     )
     arch = Architecture.of(prepared.train, spec)
     arch.env_id = episodes.env_id

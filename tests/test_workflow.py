@@ -154,3 +154,27 @@ def test_a_train_and_a_loop_write_one_run_format(tmp_path, capsys):
     assert looped.model.reward is not None and trained.model.reward is None
     with pytest.raises(ValueError, match=r"trained on all its episodes .* evaluate it on held-out data"):
         workflow.evaluate_run(tmp_path / "loop", workflow.EvalSettings(context=3, horizon=3))
+
+
+def test_binary_observations_are_modelled_as_they_are(episodes, tmp_path, capsys):
+    """A Bernoulli emission needs 0s and 1s: the workflow leaves them unscaled, so
+    `--preset binary` trains on binary data from the command line."""
+    from dataclasses import replace
+
+    binary = replace(episodes, obs=(episodes.obs > 0).float(), final_obs=(episodes.final_obs > 0).float())
+    data = tmp_path / "binary.npz"
+    binary.save(data)
+    args = "--steps 4 --window 10 --context 3 --horizon 5 --num-samples 4 --iwae-particles 3 --max-windows 10"
+    assert (
+        main(
+            ["train", "--data", str(data), "--preset", "binary", *args.split(), "--out", str(tmp_path / "r")]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    run = workflow.load_run(tmp_path / "r")
+    assert torch.equal(run.normalizer.obs_loc, torch.zeros(3)) and torch.equal(
+        run.normalizer.obs_scale, torch.ones(3)
+    )
+    assert type(run.model.emission).__name__ == "BernoulliEmission"
+    assert workflow.scales_observations(Spec()) and not workflow.scales_observations(Spec.preset("binary"))

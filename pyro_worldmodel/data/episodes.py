@@ -334,13 +334,15 @@ class Episodes:
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
         return self[perm[n_val:].sort().values], self[perm[:n_val].sort().values]
 
-    def fit_normalizer(self, min_obs_scale=None) -> Episodes:
+    def fit_normalizer(self, min_obs_scale=None, *, scale_obs: bool = True) -> Episodes:
         """These episodes with a :class:`Normalizer` fitted to their observed steps.
 
         :param min_obs_scale: ``(X,)`` floors of the observation scales, e.g.
             :func:`observation_scale_floor`: data from random actions can span a
             sliver of what a planner will reach (CartPole's cart position), and
             states 30 scales out are far outside what the networks were fitted on.
+        :param scale_obs: False to leave observations as they are (loc 0, scale 1):
+            binary observations, for a Bernoulli emission, must stay 0 or 1.
         """
         obs = self.obs[self.mask]  # (n, X)
         action_loc = action_scale = None
@@ -355,8 +357,8 @@ class Episodes:
         return replace(
             self,
             normalizer=Normalizer(
-                obs.mean(0),
-                _floored(obs.std(0).clamp(min=1e-6), min_obs_scale),
+                obs.mean(0) if scale_obs else torch.zeros_like(obs[0]),
+                _floored(obs.std(0).clamp(min=1e-6), min_obs_scale) if scale_obs else torch.ones_like(obs[0]),
                 action_loc,
                 action_scale,
                 rewards.mean(),

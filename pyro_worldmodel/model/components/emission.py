@@ -107,7 +107,10 @@ class BernoulliEmission(_MLPMean):
     """p(x_t | z_t) = Π_i Bernoulli(x_ti; sigmoid(W z_t + f(z_t))_i), for binary observations.
 
     Observations must be 0 or 1 on observed steps; :meth:`check_obs` says which are not.
+    They are modelled as they are, so the workflow does not normalise them (``real_valued``).
     """
+
+    real_valued = False
 
     def __init__(self, latent_dim: int, obs_dim: int, hidden: Sequence[int] = (64, 64)):
         super().__init__(latent_dim, obs_dim, hidden)
