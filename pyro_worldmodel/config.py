@@ -97,7 +97,7 @@ from .spaces import ActionSpace
 OPTIONAL = ("reward", "continuation", "planner")
 SLOTS = ("init", "transition", "emission", "policy", "guide", "encoder", "elbo", "optim", *OPTIONAL)
 # Filled in by build() from the data and the other parts, never written in a spec.
-_SUPPLIED = {"latent_dim", "obs_dim", "action_dim", "action_space", "encoder", "name", "self"}
+SUPPLIED = {"latent_dim", "obs_dim", "action_dim", "action_space", "encoder", "name", "self"}
 # fit's arguments that are data or objects, not settings a spec can hold.
 _FIT_OBJECTS = ("model", "guide", "obs", "actions", "mask", "elbo", "optim")
 
@@ -895,7 +895,7 @@ def _part_spec(slot, obj) -> dict:
     name = _registered_name(slot, cls)
     out = {"name": name}
     for key, param in inspect.signature(cls).parameters.items():
-        if key in _SUPPLIED or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        if key in SUPPLIED or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         if not hasattr(obj, key):
             if slot == "elbo":  # Pyro's ELBOs keep most, not all, of their arguments
@@ -932,7 +932,7 @@ def _check_kwargs(slot, cls, kwargs, skip=()):
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return
     accepted = [
-        k for k, p in params.items() if k not in _SUPPLIED and k not in skip and p.kind != p.VAR_POSITIONAL
+        k for k, p in params.items() if k not in SUPPLIED and k not in skip and p.kind != p.VAR_POSITIONAL
     ]
     for key in kwargs:
         if key not in accepted:
@@ -957,7 +957,7 @@ def _typed_kwargs(slot: str, cls, kwargs: dict, skip=(), rules=None) -> dict:
     params = inspect.signature(cls).parameters
     for key, p in params.items():
         required = p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        if required and key not in kwargs and key not in _SUPPLIED and key not in skip:
+        if required and key not in kwargs and key not in SUPPLIED and key not in skip:
             raise ValueError(
                 f"{slot}.{key}: {getattr(cls, '__name__', cls)} needs a value for {key!r}, got none"
             )
@@ -976,7 +976,7 @@ def _optim_kwargs(factory, kwargs: dict) -> dict:
     for a user's factory whose torch class cannot be found, only the
     learning rates, decays and momenta are checked, by name.
     """
-    target = _wrapped_optimizer(factory)
+    target = wrapped_optimizer(factory)
     rmsprop = target is not None and issubclass(target, torch.optim.RMSprop)
 
     def rules(key):
@@ -993,7 +993,7 @@ def _any_keywords(**kwargs):
     """The signature of an optimiser whose keywords are unknown."""
 
 
-def _wrapped_optimizer(factory) -> type[torch.optim.Optimizer] | None:
+def wrapped_optimizer(factory) -> type[torch.optim.Optimizer] | None:
     """The ``torch.optim.Optimizer`` subclass ``factory`` builds: itself, or the one
     its closure or the globals it names hold (as ``pyro.optim.Adam`` and
     ``pyro.optim.ClippedAdam`` do), if exactly one."""

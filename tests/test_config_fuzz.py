@@ -16,8 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyro_worldmodel import fit
-from pyro_worldmodel.config import _SUPPLIED as SUPPLIED
-from pyro_worldmodel.config import REGISTRY, SLOTS, Spec, _wrapped_optimizer, yaml_value
+from pyro_worldmodel.config import REGISTRY, SLOTS, SUPPLIED, Spec, wrapped_optimizer, yaml_value
 
 FUZZ = settings(
     max_examples=1000,
@@ -66,7 +65,7 @@ def keywords(slot: str, name: str) -> list[str]:
     if slot == "train":
         cls = fit
     elif slot == "optim":
-        cls = _wrapped_optimizer(REGISTRY["optim"][name])
+        cls = wrapped_optimizer(REGISTRY["optim"][name])
     else:
         cls = REGISTRY[slot][name]
     return [k for k in inspect.signature(cls).parameters if k not in SUPPLIED and k != "params"]
