@@ -277,7 +277,7 @@ def cmd_loop(args) -> dict:
             spec = spec.with_overrides({"planner.candidates": 50, "planner.top_k": 5, "planner.horizon": 5})
         if spec.planner and spec.planner.get("name") == "actor_critic":
             spec = spec.with_overrides({"planner.updates": 5, "planner.horizon": 5})
-    out = args.out if args.out is not None else Path("runs") / args.env / "loop"
+    out = args.out
     result = model_based_loop(
         args.env,
         spec,
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--init",
         choices=["auto", "linear", "random"],
         default="auto",
-        help="start at the least-squares linear system of the data (see warm_start.py), or at random;"
+        help="start at the least-squares linear system of the data (see pyro_worldmodel/infer/warm_start.py), or at random;"
         " auto (default) is linear wherever the spec's components allow it",
     )
     p.add_argument(
@@ -674,7 +674,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "out", "unset") is None and getattr(args, "data", None) is None:
-        args.out = Path("runs") / args.env  # train --data names it after the data's env
+        # train --data names it after the data's environment; a loop has a folder of its own
+        args.out = Path("runs") / args.env / ("loop" if args.command == "loop" else "")
     if getattr(args, "run", "unset") is None:
         args.run = Path("runs") / args.env
     torch.set_num_threads(1)  # faster at these sizes, and no spinning threads fighting

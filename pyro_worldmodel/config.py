@@ -14,7 +14,7 @@ A spec is a dict (or :class:`Spec`, or a YAML file) such as::
     train:      {num_steps: 1000, batch_size: 32}
     reward:       {name: gaussian}        # optional: p(r_t | z_t, a_t)
     continuation: {name: bernoulli}       # optional: p(c_t | z_t)
-    planner:      {name: cem, horizon: 12}  # optional: how to act (planning.py)
+    planner:      {name: cem, horizon: 12}  # optional: how to act (act/planners.py)
 
 Each ``name`` resolves through :data:`REGISTRY`; :func:`register` adds a
 user's class under a name. The sizes a part needs from the data

@@ -55,8 +55,8 @@ def plot_training(
 ) -> Figure:
     """The loss per SVI step and, if recorded, the ELBO's terms.
 
-    :param history: a :class:`~pyro_worldmodel.inference.History` from
-        :func:`~pyro_worldmodel.inference.fit`.
+    :param history: a :class:`~pyro_worldmodel.infer.History` from
+        :func:`~pyro_worldmodel.infer.fit`.
     :param path: if given, save the figure here as a PNG.
     :param window: steps in the trailing moving average of the loss; by
         default a twentieth of the steps, at most 100.
@@ -104,7 +104,7 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 class LiveTraining:
-    """A :func:`~pyro_worldmodel.inference.fit` callback that redraws :func:`plot_training` as training runs.
+    """A :func:`~pyro_worldmodel.infer.fit` callback that redraws :func:`plot_training` as training runs.
 
     In a notebook the figure is displayed once, as a PNG (so no matplotlib
     backend is needed), and updated in place every ``every`` steps; elsewhere
@@ -233,7 +233,7 @@ def plot_imagination(
     sample paths, and the true future if given (dashed black). A dotted
     vertical line at t = C − ½ marks where the context ends.
 
-    :param imagination: an :class:`~pyro_worldmodel.imagine.Imagination`.
+    :param imagination: an :class:`~pyro_worldmodel.evaluate.Imagination`.
     :param future_obs: ``(B, H, X)`` or ``(H, X)`` what really followed the context.
     :param episode: which of the B episodes to draw.
     :param dim_names: X names for the panels; ``x[0]``, ``x[1]`` … by default.

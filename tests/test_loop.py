@@ -72,3 +72,30 @@ def test_the_loop_runs_with_a_reward_head_only(tmp_path):
         log=None,
     )
     assert result.iterations[0]["env_steps"] == 600 and result.iterations[0]["eval_return"] is not None
+
+
+def test_a_loop_writes_into_a_folder_of_its_own_beside_a_trained_run(tmp_path, monkeypatch, capsys):
+    """By default runs/<env>/loop/: a loop after a train on the same environment leaves the run."""
+    monkeypatch.chdir(tmp_path)
+    tiny = "--env CartPole-v1 --iterations 1 --seed-episodes 1 --train-steps 2 --window 10 --eval-episodes 1"
+    run = tmp_path / "runs" / "CartPole-v1"
+    run.mkdir(parents=True)
+    (run / "model.ckpt").write_bytes(b"a trained run's checkpoint")
+    assert (
+        main(
+            [
+                *"loop".split(),
+                *tiny.split(),
+                "--set",
+                "planner.candidates=8",
+                "--set",
+                "planner.horizon=2",
+                "--set",
+                "planner.top_k=2",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert json.loads((run / "loop" / "loop.json").read_text())["env_id"] == "CartPole-v1"
+    assert (run / "model.ckpt").read_bytes() == b"a trained run's checkpoint"

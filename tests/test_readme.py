@@ -73,3 +73,18 @@ def test_readme_yaml_spec_builds():
     block = re.search(r"```yaml\n(.*?)```", README, flags=re.S).group(1)
     built = build(Spec.from_yaml(block), 3, ActionSpace.box(1))
     assert type(built.model.transition).__name__ == "LinearGaussianTransition"
+
+
+@pytest.mark.slow
+def test_readme_workflow_example_runs(tmp_path, monkeypatch, capsys):
+    """The notebook-sized workflow example: it warm starts, trains, and its model predicts
+    one step ahead better than copying the last observation, on held-out episodes."""
+    monkeypatch.chdir(tmp_path)  # it saves open_loop.png where it runs
+    namespace = {}
+    exec(compile(python_block("workflow.prepare("), "README.md", "exec"), namespace)
+    start, _ = capsys.readouterr().out.splitlines()
+    assert start == "linear"
+    metrics = namespace["result"].metrics
+    assert metrics["open_loop"]["mse"]["model"][0] < metrics["open_loop"]["mse"]["copy_last"][0]
+    assert metrics["heldout"]["iwae"] >= metrics["heldout"]["elbo"] - 0.05  # IWAE-100 is the tighter bound
+    assert (tmp_path / "open_loop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ from .planners import LatentState, belief, box_centre, clip_to_space
 
 class Agent:
     """Acts in real units with a planner: filters the episode so far into a
-    :class:`~pyro_worldmodel.planning.LatentState`, plans in model units, and maps back.
+    :class:`~pyro_worldmodel.act.LatentState`, plans in model units, and maps back.
 
     :param model: a :class:`~pyro_worldmodel.model.WorldModel` with a reward head
         (for the planners that value futures).

@@ -91,7 +91,7 @@ class Normalizer:
         actions (an infinite bound stays infinite). Discrete spaces, unbounded
         boxes and a normaliser without action statistics return ``space``.
 
-        A bounded policy such as :class:`~pyro_worldmodel.components.TanhNormalPolicy`
+        A bounded policy such as :class:`~pyro_worldmodel.model.components.TanhNormalPolicy`
         needs its bounds in the units it is trained in.
         """
         if space.kind != "box" or self.action_loc is None or (space.low is None and space.high is None):

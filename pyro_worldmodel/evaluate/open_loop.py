@@ -75,7 +75,7 @@ def open_loop(
     Windows start at every step of every episode that leaves at least one step
     to predict (a random ``max_windows`` of them if there are more). At
     horizon h a window counts only if its episode reaches that step. The model
-    predicts by :func:`~pyro_worldmodel.imagine.imagine`: the mean is the
+    predicts by :func:`~pyro_worldmodel.evaluate.imagine`: the mean is the
     average of ``num_samples`` emission means, and the log-likelihood is
     log (1/S) Σ_s p(x | z_s), a Monte Carlo estimate of the predictive density.
 
@@ -87,7 +87,7 @@ def open_loop(
         when the data are already in model units.
     :param baselines: name → a fitted predictor with ``predict(context_obs,
         actions, horizon)`` returning a Normal over ``(B, H, X)`` in model
-        units, e.g. :class:`~pyro_worldmodel.baselines.LinearLeastSquares`.
+        units, e.g. :class:`~pyro_worldmodel.model.baselines.LinearLeastSquares`.
     """
     for arg, value, low in (
         ("context", context, 1),

@@ -40,7 +40,7 @@ class History:
 def default_elbo() -> ELBO:
     """``TraceMeanField_ELBO``: the KL terms of the bound computed analytically.
 
-    It is :class:`pyro_worldmodel.elbos.TraceMeanField_ELBO`, Pyro's estimator
+    It is :class:`pyro_worldmodel.infer.elbos.TraceMeanField_ELBO`, Pyro's estimator
     with a warning where a pair of distributions has no analytic KL.
     """
     return TraceMeanField_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
@@ -80,7 +80,7 @@ def fit(
 
     :param model: a :class:`~pyro_worldmodel.model.WorldModel`.
     :param guide: a guide over the model's ``z_{t}`` sites, e.g.
-        :class:`~pyro_worldmodel.guides.FilterGuide`.
+        :class:`~pyro_worldmodel.model.guides.FilterGuide`.
     :param obs: ``(N, T, X)`` observations of N episodes.
     :param actions: ``(N, T, A)`` reals or ``(N, T)`` integers.
     :param mask: ``(N, T)`` bool, True on observed steps; all True if None.

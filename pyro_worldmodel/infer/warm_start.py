@@ -38,13 +38,13 @@ def linear_warm_start(
     :param model: a :class:`~pyro_worldmodel.model.WorldModel` whose transition
         and emission have ``init_linear`` (the Gaussian MLP ones) and
         ``latent_dim >= obs_dim``.
-    :param guide: a :class:`~pyro_worldmodel.guides.FilterGuide`.
+    :param guide: a :class:`~pyro_worldmodel.model.guides.FilterGuide`.
     :param obs: ``(N, T, X)`` training data, in the units the model trains in.
     :param obs_noise: emission and filter scale of each dimension, as a
         fraction of its least-squares one-step error.
     :param latent_noise: transition scale of the extra latent dimensions.
     :param min_scale: floor of every scale set here, in model units.
-    :returns: the fitted :class:`~pyro_worldmodel.baselines.LinearLeastSquares`.
+    :returns: the fitted :class:`~pyro_worldmodel.model.baselines.LinearLeastSquares`.
     """
     reason = why_no_linear_warm_start(model, guide)
     if reason is not None:

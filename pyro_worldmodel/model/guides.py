@@ -22,7 +22,7 @@ class FilterGuide(ChecksInputs, nn.Module):
     """q(z_t | z_{t-1}, x_{≤t}, a_{<t}): the seed's Bayesian filter.
 
     A GRU summarises the past, h_t = GRU(h_{t-1}, [x_t, a_{t-1}]), and a
-    :class:`~pyro_worldmodel.components.Combiner` turns ``z_{t-1}`` and
+    :class:`~pyro_worldmodel.model.components.Combiner` turns ``z_{t-1}`` and
     ``[h_t, x_t, a_{t-1}]`` into q(z_t | ·). The current inputs reach the
     combiner directly as well as through the GRU, so that its linear path
     can read x_t at full precision. The GRU runs over the whole sequence in
@@ -191,7 +191,7 @@ class IAFFilterGuide(FilterGuide):
 
     There is no analytic KL(q ‖ p) for a flow: ``TraceMeanField_ELBO``
     estimates every KL term by Monte Carlo and warns
-    (:class:`~pyro_worldmodel.elbos.MonteCarloKLWarning`; pass
+    (:class:`~pyro_worldmodel.infer.elbos.MonteCarloKLWarning`; pass
     ``monte_carlo_kl="allow"`` to declare it), which is then ``Trace_ELBO``'s bound.
 
     Arguments as in :class:`FilterGuide`, with ``latent_dim`` at least 2 (on

@@ -32,7 +32,7 @@ class WorldModel(ChecksInputs, nn.Module):
     :param emission: p(x_t | z_t), called with ``z_t`` (or [h_t, z_t]).
     :param policy: π(a_t | z_t), called with ``z_t`` (or [h_t, z_t]); carries the action space.
     :param reward: optional p(r_t | z_t, a_t), called with ``(z_t, a_t features)`` (or
-        ``([h_t, z_t], ·)``); needed by the planners (:mod:`pyro_worldmodel.planning`).
+        ``([h_t, z_t], ·)``); needed by the planners (:mod:`pyro_worldmodel.act`).
     :param continuation: optional p(c_t | z_t), c_t = 0 where the episode terminated
         after step t; planners weigh later rewards by the chance of getting there.
     :param name: prefix of the parameters in Pyro's param store; unique by
@@ -146,7 +146,7 @@ class WorldModel(ChecksInputs, nn.Module):
             observed at the site ``c`` when the model has a continue head.
         :param horizon: H, further steps to sample after the last one given;
             run under :class:`pyro.infer.Predictive` with a guide, these are
-            the posterior predictive (see :func:`~pyro_worldmodel.imagine`).
+            the posterior predictive (see :func:`~pyro_worldmodel.evaluate`).
             Needs every step of the context observed.
         :param future_actions: the actions of those steps: None samples them
             from π(a_t | z_t); a ``(B, H, A)`` (or ``(B, H)``) tensor sets them;

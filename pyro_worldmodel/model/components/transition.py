@@ -89,7 +89,7 @@ class StudentTMLPTransition(LearnedDF, GaussianMLPTransition):
 
     No distribution pair with a Normal guide has an analytic KL here, so
     ``TraceMeanField_ELBO`` estimates these KL terms by Monte Carlo, and says so
-    (:class:`~pyro_worldmodel.elbos.MonteCarloKLWarning`).
+    (:class:`~pyro_worldmodel.infer.elbos.MonteCarloKLWarning`).
 
     :param df: ``"learned"`` for a learned ν > 2 per dimension, or a fixed float > 0.
     """
