@@ -381,3 +381,18 @@ def test_fit_refuses_real_data_for_a_bernoulli_emission_before_any_step(tmp_path
     # Binary data trains.
     history = fit(model, guide, (obs > 0).float(), actions, num_steps=3, progress=False)
     assert len(history.loss) == 3 and all(torch.isfinite(torch.tensor(history.loss)))
+
+
+def test_the_default_model_is_the_default_specs():
+    """One default: WorldModel.default makes the parts that build(Spec()) makes."""
+    from pyro_worldmodel import ActionSpace, Spec, WorldModel, build
+
+    for space in (ActionSpace.box(2), ActionSpace.discrete(3)):
+        made = WorldModel.default(5, space)
+        built = build(Spec(), 5, space).model
+        assert made.latent_dim == built.latent_dim == Spec().latent_dim
+        for part in ("init", "transition", "emission", "policy"):
+            assert type(getattr(made, part)) is type(getattr(built, part)), part
+        assert {k: v.shape for k, v in made.state_dict().items()} == {
+            k: v.shape for k, v in built.state_dict().items()
+        }

@@ -87,12 +87,14 @@ class WorldModel(ChecksInputs, nn.Module):
         cls,
         obs_dim: int,
         action_space: ActionSpace,
-        latent_dim: int = 16,
+        latent_dim: int = 8,
         hidden: Sequence[int] = (64, 64),
         *,
         name: str | None = None,
     ) -> WorldModel:
-        """Gaussian MLP transition and emission, policy chosen by the space."""
+        """Gaussian MLP transition and emission, policy chosen by the space: with the
+        defaults, the parts of ``Spec()``, the package's one default (``build(Spec(), ...)``
+        makes the same model), for use without a spec."""
         return cls(
             StandardNormalInit(latent_dim),
             GaussianMLPTransition(latent_dim, action_space.feature_dim, hidden),
