@@ -279,8 +279,6 @@ def plot_imagination(
     lo, median, hi = torch.quantile(samples, q, dim=0).numpy()  # 3 × (H, X)
     samples = samples.numpy()
     context = _numpy(context_obs[episode])  # (C, X)
-    t_context = np.arange(C)
-    t_future = np.arange(C, C + H)
 
     ncols = 1 if X <= 4 else 2 if X <= 12 else 3
     nrows = math.ceil(X / ncols)
@@ -288,70 +286,156 @@ def plot_imagination(
     grid = fig.subplots(nrows, ncols, sharex=True, squeeze=False)
     axes = _keep_first(grid, X)
     for i, ax in enumerate(axes):
-        ax.plot(t_context, context[:, i], color="black", label="context", gid="context")
-        ax.fill_between(
-            t_future,
-            lo[:, i],
-            hi[:, i],
-            color="C0",
-            alpha=0.25,
-            linewidth=0,
-            label=f"{band:.0%} band",
-            gid="band",
-        )
-        for s in range(min(max_paths, S)):
-            ax.plot(
-                t_future,
-                samples[s, :, i],
-                color="C0",
-                alpha=0.5,
-                linewidth=0.6,
-                label="samples" if s == 0 else "_nolegend_",
-                gid="sample",
-            )
-        ax.plot(t_future, median[:, i], color="C0", linewidth=2, label="median", gid="median")
-        if future_obs is not None:
-            ax.plot(
-                t_future, future_obs[:, i], color="black", linestyle="--", label="true future", gid="future"
-            )
-        ax.axvline(C - 0.5, color="grey", linestyle=":", gid="context_end")
+        _draw_dimension(ax, i, context, samples, lo, median, hi, future_obs, band, max_paths)
         ax.set_ylabel(dim_names[i])
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize="small")
     fig.suptitle(f"Imagination, episode {episode}: {C} context steps, {H} imagined, {S} samples")
     return save_figure(fig, path)
 
 
+def _draw_dimension(ax, i, context, samples, lo, median, hi, future_obs, band, max_paths) -> None:
+    """Dimension ``i`` of one imagination: the context (black), the central band, sample
+    paths and median of the futures (C0), the true future (dashed), the context's end."""
+    C, (S, H) = context.shape[0], samples.shape[:2]
+    t_context, t_future = np.arange(C), np.arange(C, C + H)
+    ax.plot(t_context, context[:, i], color="black", label="context", gid="context")
+    ax.fill_between(
+        t_future, lo[:, i], hi[:, i], color="C0", alpha=0.25, linewidth=0, label=f"{band:.0%} band", gid="band"
+    )
+    for s in range(min(max_paths, S)):
+        ax.plot(
+            t_future, samples[s, :, i], color="C0", alpha=0.5, linewidth=0.6,
+            label="samples" if s == 0 else "_nolegend_", gid="sample",
+        )  # fmt: skip
+    ax.plot(t_future, median[:, i], color="C0", linewidth=2, label="median", gid="median")
+    if future_obs is not None:
+        ax.plot(t_future, future_obs[:, i], color="black", linestyle="--", label="true future", gid="future")
+    ax.axvline(C - 0.5, color="grey", linestyle=":", gid="context_end")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_imagination_windows(
+    windows: Sequence[tuple[str, Imagination, torch.Tensor]],
+    *,
+    dim_names: Sequence[str] | None = None,
+    band: float = 0.9,
+    max_paths: int = 5,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Several windows side by side, one column each and one row per observation
+    dimension, drawn as :func:`plot_imagination` draws one.
+
+    :param windows: ``(title, imagination of one episode, its true future (1, H, X) or (H, X))``
+        per column; e.g. a random window, the median one and the 10th-percentile one.
+    """
+    if not windows:
+        raise ValueError("windows: expected at least one (title, imagination, future), got none")
+    if not isinstance(band, (int, float)) or isinstance(band, bool) or not 0.0 < band < 1.0:
+        raise ValueError(f"band: expected a probability in (0, 1), got {band!r}")
+    X = windows[0][1].obs.shape[-1]
+    dim_names = [f"x[{i}]" for i in range(X)] if dim_names is None else list(dim_names)
+    if len(dim_names) != X:
+        raise ValueError(f"dim_names: expected {X} names, one per observation dimension, got {len(dim_names)}")
+    fig = _Figure(figsize=(4.5 * len(windows), 1.0 + 1.9 * X), layout="constrained")
+    grid = fig.subplots(X, len(windows), sharex="col", squeeze=False)
+    q = torch.tensor([(1.0 - band) / 2, 0.5, (1.0 + band) / 2], dtype=torch.float64)
+    for j, (title, im, future) in enumerate(windows):
+        if im.obs.dim() != 4 or im.obs.shape[1] != 1 or im.obs.shape[-1] != X:
+            raise ValueError(
+                f"windows[{j}]: expected an imagination of one episode, obs (S, 1, H, {X}), got {tuple(im.obs.shape)}"
+            )
+        samples = im.obs[:, 0].detach().to("cpu", torch.float64)  # (S, H, X)
+        lo, median, hi = torch.quantile(samples, q, dim=0).numpy()
+        fut = None if future is None else _numpy(torch.as_tensor(future).reshape(samples.shape[1:]))
+        context = _numpy(im.context_obs[0])
+        for i in range(X):
+            _draw_dimension(grid[i, j], i, context, samples.numpy(), lo, median, hi, fut, band, max_paths)
+            if j == 0:
+                grid[i, j].set_ylabel(dim_names[i])
+        grid[0, j].set_title(title, fontsize="medium")
+    grid[0, 0].legend(fontsize="small")
+    S, _, H, _ = windows[0][1].obs.shape
+    fig.suptitle(f"Imagination: {windows[0][1].context_obs.shape[1]} context steps, {H} imagined, {S} samples")
+    return save_figure(fig, path)
+
+
 def plot_open_loop(open_loop: OpenLoop, path: str | os.PathLike | None = None) -> Figure:
-    """MSE and log-likelihood against horizon h = 1 … H, one line per predictor.
+    """Each predictor's scores against horizon h = 1 … H, one colour per predictor.
+
+    Four panels: the MSE of the predicted mean (log scale); the log-likelihood of
+    the truth (the mean over windows with its standard-error band, the median
+    dashed, the 10th percentile dotted; a symmetric-log scale, as a few windows
+    can score thousands of nats below the rest); the CRPS (log scale); and the
+    calibration panel, the observed coverage of the central 50% (dashed) and 90%
+    (solid) intervals against the nominal levels (grey). Scores the
+    :class:`~pyro_worldmodel.evaluate.OpenLoop` lacks are left out.
 
     :param open_loop: an :class:`~pyro_worldmodel.evaluate.OpenLoop`.
     :param path: if given, save the figure here as a PNG.
     """
     H = open_loop.horizon
     names = list(dict.fromkeys([*open_loop.mse, *open_loop.log_lik]))
-    for field_name in ("mse", "log_lik"):
-        for name, values in getattr(open_loop, field_name).items():
+    per_h = {
+        "mse": open_loop.mse, "log_lik": open_loop.log_lik, "log_lik_se": open_loop.log_lik_se,
+        "log_lik_median": open_loop.log_lik_median, "log_lik_p10": open_loop.log_lik_p10,
+        "log_lik_gaussian": open_loop.log_lik_gaussian, "crps": open_loop.crps,
+        **{f"coverage[{lv!r}]": values for lv, values in open_loop.coverage.items()},
+    }  # fmt: skip
+    for field_name, table in per_h.items():
+        for name, values in table.items():
             if len(values) != H:
                 raise ValueError(
                     f"open_loop: expected {field_name}[{name!r}] to hold horizon = {H} values, got {len(values)}"
                 )
-    fig = _Figure(figsize=(11, 4), layout="constrained")
-    ax_mse, ax_ll = fig.subplots(1, 2, sharex=True)
+    fig = _Figure(figsize=(11, 8), layout="constrained")
+    (ax_mse, ax_ll), (ax_crps, ax_cal) = fig.subplots(2, 2, sharex=True)
     h = np.arange(1, H + 1)
     for i, name in enumerate(names):
+        color = f"C{i}"
         if name in open_loop.mse:
-            ax_mse.plot(h, open_loop.mse[name], marker="o", markersize=3, color=f"C{i}", label=name)
+            ax_mse.plot(h, open_loop.mse[name], marker="o", markersize=3, color=color, label=name)
         if name in open_loop.log_lik:
-            ax_ll.plot(h, open_loop.log_lik[name], marker="o", markersize=3, color=f"C{i}", label=name)
+            mean = _values(open_loop.log_lik[name])
+            ax_ll.plot(h, mean, marker="o", markersize=3, color=color, label=name)
+            if name in open_loop.log_lik_se:
+                se = _values(open_loop.log_lik_se[name])
+                ax_ll.fill_between(h, mean - se, mean + se, color=color, alpha=0.2, linewidth=0)
+            if name in open_loop.log_lik_median:
+                ax_ll.plot(h, open_loop.log_lik_median[name], linestyle="--", color=color)
+            if name in open_loop.log_lik_p10:
+                ax_ll.plot(h, open_loop.log_lik_p10[name], linestyle=":", color=color)
+            gaussian = open_loop.log_lik_gaussian.get(name)
+            if gaussian is not None and gaussian != open_loop.log_lik[name]:
+                ax_ll.plot(h, gaussian, linestyle="-.", color=color, linewidth=1)
+        if name in open_loop.crps:
+            ax_crps.plot(h, open_loop.crps[name], marker="o", markersize=3, color=color, label=name)
+        for level, style in (("0.5", "--"), ("0.9", "-")):
+            if name in open_loop.coverage.get(level, {}):
+                label = name if level == "0.9" else None
+                ax_cal.plot(h, open_loop.coverage[level][name], linestyle=style, color=color, label=label)
+    for level in open_loop.coverage:
+        ax_cal.axhline(float(level), color="grey", linewidth=1, zorder=0)
     ax_mse.set_yscale("log")
-    ax_mse.set(xlabel="horizon h", ylabel="MSE of the predicted mean", title="Mean squared error")
-    ax_ll.set(xlabel="horizon h", ylabel=r"$\log p(x_{C+h})$ (nats)", title="Log-likelihood of the truth")
-    for ax in (ax_mse, ax_ll):
-        ax.legend(fontsize="small")
+    ax_mse.set(ylabel="MSE of the predicted mean", title="Mean squared error")
+    ax_ll.set_yscale("symlog", linthresh=10)
+    ax_ll.set(
+        ylabel=r"$\log p(x_{C+h})$ (nats)",
+        title="Log-likelihood: mean ± s.e., median (--), 10th pct (:), moment-matched Gaussian (-.)",
+    )
+    if any(open_loop.crps.values()):
+        ax_crps.set_yscale("log")
+    ax_crps.set(xlabel="horizon h", ylabel="CRPS (real units)", title="CRPS, lower is better")
+    ax_cal.set(
+        xlabel="horizon h", ylabel="observed coverage", ylim=(0, 1.02),
+        title="Calibration: central 90% (—) and 50% (--) intervals; grey: nominal",
+    )  # fmt: skip
+    for ax in (ax_mse, ax_ll, ax_crps, ax_cal):
+        if ax.get_lines():
+            ax.legend(fontsize="small")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    samples = f", {open_loop.num_samples} draws each" if open_loop.num_samples else ""
     fig.suptitle(
-        f"Open-loop prediction after {open_loop.context} context steps, {open_loop.num_windows} windows"
+        f"Open-loop prediction after {open_loop.context} context steps, {open_loop.num_windows} windows{samples}"
     )
     return save_figure(fig, path)
 

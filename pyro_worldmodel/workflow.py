@@ -255,7 +255,9 @@ class EvalSettings:
     :ivar iwae_particles: K of the held-out IWAE bound.
     :ivar max_windows: open-loop windows at most.
     :ivar seed: seeds the evaluation's draws.
-    :ivar episode: the held-out episode drawn in ``imagination.png`` (the longest if None).
+    :ivar episode: the held-out episode whose first window ``imagination.png`` draws;
+        None draws three open-loop windows: a random one, the median one and the
+        10th-percentile one by the model's log-likelihood.
     """
 
     context: int = 5
@@ -285,18 +287,18 @@ def evaluate(
     :param train: the training episodes, with the normaliser the model trains in.
     :param val: the episodes to evaluate on (real units; the normaliser is train's).
     """
-    from .plots import plot_imagination, plot_kl_per_t, plot_open_loop
+    from .plots import plot_imagination_windows, plot_kl_per_t, plot_open_loop
 
     s = settings or EvalSettings()
     normalizer = train.normalizer
     val = replace(val, normalizer=normalizer)
-    episode = int(val.lengths.argmax()) if s.episode is None else s.episode
-    L = int(val.lengths[episode]) if 0 <= episode < len(val) else 0
-    if L <= s.context:
-        raise ValueError(
-            f"episode: expected a held-out episode longer than context={s.context} to draw,"
-            f" got episode {episode} of {L} steps among {len(val)}"
-        )
+    if s.episode is not None:
+        L = int(val.lengths[s.episode]) if 0 <= s.episode < len(val) else 0
+        if L <= s.context:
+            raise ValueError(
+                f"episode: expected a held-out episode longer than context={s.context} to draw,"
+                f" got episode {s.episode} of {L} steps among {len(val)}"
+            )
     pyro.set_rng_seed(s.seed)
     obs, actions, mask = val.normalized()
     bounds = heldout_bounds(model, guide, obs, actions, mask, iwae_particles=s.iwae_particles)
@@ -322,14 +324,22 @@ def evaluate(
         max_windows=s.max_windows,
         seed=s.seed,
     )
-    drawn = min(s.horizon, L - s.context)
-    im, future = imagine_episode(
-        model, guide, val, episode, context=s.context, horizon=drawn, num_samples=s.num_samples
-    )
+    if s.episode is None:
+        windows = drawn_windows(ol, s.seed)
+    else:
+        windows = [(f"episode {s.episode}", s.episode, 0)]
+    panels = []
+    for title, episode, start in windows:
+        horizon = min(s.horizon, int(val.lengths[episode]) - start - s.context)
+        im, future = imagine_episode(
+            model, guide, val, episode, start=start, context=s.context, horizon=horizon,
+            num_samples=s.num_samples,
+        )  # fmt: skip
+        panels.append((f"{title}: episode {episode}, step {start}", im, future))
     figures = {
         "kl_per_t.png": plot_kl_per_t(kl_per_t, monte_carlo=bool(kl_terms.monte_carlo_kl)),
         "open_loop.png": plot_open_loop(ol),
-        "imagination.png": plot_imagination(im, future),
+        "imagination.png": plot_imagination_windows(panels),
     }
     metrics = {
         "env_id": env_id,
@@ -339,6 +349,22 @@ def evaluate(
         "open_loop": asdict(ol),
     }
     return Evaluation(metrics, figures)
+
+
+def drawn_windows(ol, seed: int = 0) -> list[tuple[str, int, int]]:
+    """``(title, episode, start)`` of three open-loop windows to draw: a random one, and
+    the median and the 10th-percentile one when ranked by the model's log-likelihood
+    (:attr:`OpenLoop.window_log_lik <pyro_worldmodel.evaluate.OpenLoop.window_log_lik>`)."""
+    n = len(ol.windows)
+    order = sorted(range(n), key=lambda i: ol.window_log_lik[i])
+    pick = {
+        "random": int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed))),
+        "median": order[(n - 1) // 2],
+        "10th percentile": order[int(0.1 * (n - 1))],
+    }
+    return [
+        (f"{title}, log-lik {ol.window_log_lik[i]:.3g}", *ol.windows[i]) for title, i in pick.items()
+    ]
 
 
 def imagine_episode(

@@ -1,6 +1,7 @@
 """Figures: the plotted data against the numbers they were made from, and atomic PNG files."""
 
 import io
+from dataclasses import replace
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -10,7 +11,14 @@ from matplotlib.figure import Figure
 
 from pyro_worldmodel.evaluate import Imagination, OpenLoop
 from pyro_worldmodel.infer import History
-from pyro_worldmodel.plots import DPI, plot_imagination, plot_kl_per_t, plot_open_loop, plot_training
+from pyro_worldmodel.plots import (
+    DPI,
+    plot_imagination,
+    plot_imagination_windows,
+    plot_kl_per_t,
+    plot_open_loop,
+    plot_training,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 S, B, C, H, X = 4000, 2, 4, 6, 3
@@ -243,7 +251,7 @@ def open_loop():
 
 def test_open_loop_plots_each_predictors_numbers_against_horizon(open_loop):
     fig = plot_open_loop(open_loop)
-    ax_mse, ax_ll = fig.axes
+    ax_mse, ax_ll, ax_crps, ax_cal = fig.axes
     assert ax_mse.get_yscale() == "log"
     for ax, numbers in ((ax_mse, open_loop.mse), (ax_ll, open_loop.log_lik)):
         lines = ax.get_lines()
@@ -257,8 +265,60 @@ def test_open_loop_plots_each_predictors_numbers_against_horizon(open_loop):
     assert [line.get_color() for line in ax_mse.get_lines()] == [
         line.get_color() for line in ax_ll.get_lines()
     ]
+    # without the probabilistic scores, their panels stay empty
+    assert not ax_crps.get_lines() and not ax_cal.get_lines()
     title = fig.get_suptitle()
     assert "10 context steps" in title and "37 windows" in title
+
+
+def test_open_loop_draws_the_spread_crps_and_calibration(open_loop):
+    open_loop.log_lik_median = {"model": [2.5, 2.0, 1.5, 1.0]}
+    open_loop.log_lik_p10 = {"model": [0.0, -1.0, -20.0, -300.0]}
+    open_loop.log_lik_gaussian = {"model": [2.1, 1.7, 1.3, 0.9], "last value": open_loop.log_lik["last value"]}
+    open_loop.crps = {"model": [0.1, 0.2, 0.3, 0.4], "last value": [0.2, 0.4, 0.6, 0.8]}
+    open_loop.coverage = {
+        "0.5": {"model": [0.6, 0.55, 0.5, 0.45], "last value": [0.3, 0.3, 0.3, 0.3]},
+        "0.9": {"model": [0.95, 0.9, 0.88, 0.85], "last value": [0.7, 0.7, 0.7, 0.7]},
+    }
+    open_loop.num_samples = 100
+    fig = plot_open_loop(open_loop)
+    _, ax_ll, ax_crps, ax_cal = fig.axes
+    ys = [list(line.get_ydata()) for line in ax_ll.get_lines()]
+    # median, 10th percentile and the Gaussian for the model; the baseline's Gaussian is its log-lik
+    assert open_loop.log_lik_p10["model"] in ys and open_loop.log_lik_median["model"] in ys
+    assert open_loop.log_lik_gaussian["model"] in ys and ys.count(open_loop.log_lik["last value"]) == 1
+    assert ax_ll.get_yscale() == "symlog"
+    assert [list(line.get_ydata()) for line in ax_crps.get_lines()] == list(open_loop.crps.values())
+    cal = {(line.get_linestyle(), tuple(line.get_ydata())) for line in ax_cal.get_lines()}
+    for level, style in (("0.5", "--"), ("0.9", "-")):
+        for values in open_loop.coverage[level].values():
+            assert (style, tuple(values)) in cal
+    nominal = sorted(float(line.get_ydata()[0]) for line in ax_cal.get_lines() if line.get_color() == "grey")
+    assert nominal == [0.5, 0.9]
+    assert "100 draws" in fig.get_suptitle()
+
+
+def test_imagination_windows_side_by_side():
+    S, H, X, C = 20, 6, 2, 3
+    ims = []
+    for k in range(3):
+        obs = torch.randn(S, 1, H - k, X) + k
+        im = Imagination(
+            latents=torch.zeros(S, 1, H - k, 2), actions=torch.zeros(S, 1, H - k, 1),
+            obs_mean=obs, obs=obs, context_obs=torch.randn(1, C, X),
+        )  # fmt: skip
+        ims.append((f"window {k}", im, torch.randn(1, H - k, X)))
+    fig = plot_imagination_windows(ims, dim_names=["a", "b"])
+    axes = np.array(fig.axes).reshape(X, 3)
+    assert [axes[0, j].get_title() for j in range(3)] == ["window 0", "window 1", "window 2"]
+    for j, (_, im, future) in enumerate(ims):
+        truth = [line for line in axes[1, j].get_lines() if line.get_gid() == "future"][0]
+        np.testing.assert_array_equal(truth.get_ydata(), future[0, :, 1].numpy())
+        np.testing.assert_array_equal(truth.get_xdata(), np.arange(C, C + H - j))
+    with pytest.raises(ValueError, match="windows: expected at least one"):
+        plot_imagination_windows([])
+    with pytest.raises(ValueError, match=r"windows\[0\]: expected an imagination of one episode"):
+        plot_imagination_windows([("x", replace(ims[0][1], obs=torch.zeros(S, 2, H, X)), None)])
 
 
 def test_open_loop_rejects_a_list_of_the_wrong_length(open_loop):

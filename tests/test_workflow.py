@@ -178,3 +178,20 @@ def test_binary_observations_are_modelled_as_they_are(episodes, tmp_path, capsys
     )
     assert type(run.model.emission).__name__ == "BernoulliEmission"
     assert workflow.scales_observations(Spec()) and not workflow.scales_observations(Spec.preset("binary"))
+
+
+def test_the_drawn_windows_are_a_random_one_the_median_and_the_10th_percentile():
+    from pyro_worldmodel.evaluate import OpenLoop
+
+    scores = [5.0, -300.0, 2.0, 7.0, 1.0, 0.5, 3.0, 4.0, -2.0, 6.0, 8.0]  # 11 windows
+    ol = OpenLoop(
+        context=2, horizon=3, mse={}, log_lik={}, num_windows=11, count=[11, 11, 11],
+        windows=[[i, 10 * i] for i in range(11)], window_log_lik=scores,
+    )  # fmt: skip
+    drawn = workflow.drawn_windows(ol, seed=3)
+    assert [d[0].split(",")[0] for d in drawn] == ["random", "median", "10th percentile"]
+    ranked = sorted(range(11), key=scores.__getitem__)  # -300, -2, 0.5, 1, 2, 3, ...
+    assert drawn[1][1:] == (ranked[5], 10 * ranked[5]) and scores[ranked[5]] == 3.0
+    assert drawn[2][1:] == (ranked[1], 10 * ranked[1]) and scores[ranked[1]] == -2.0
+    assert drawn == workflow.drawn_windows(ol, seed=3)  # the random one is the seed's
+    assert {workflow.drawn_windows(ol, seed=s)[0][1] for s in range(20)} != {drawn[0][1]}

@@ -8,6 +8,7 @@ from .exact import LinearGaussianSSM
 from .imagination import Imagination, imagine
 from .open_loop import OpenLoop, open_loop
 from .profiling import PeakMemory, peak_memory
+from .scores import crps, interval_coverage, mixture_log_density, moment_matched
 
 __all__ = [
     "CopyLast",
@@ -25,4 +26,8 @@ __all__ = [
     "log_weights",
     "open_loop",
     "peak_memory",
+    "crps",
+    "interval_coverage",
+    "mixture_log_density",
+    "moment_matched",
 ]

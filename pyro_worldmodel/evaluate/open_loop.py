@@ -3,26 +3,49 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..spaces import INT_DTYPES, check_inputs, check_observed
 from .imagination import imagine
+from .scores import LEVELS, crps, interval_coverage, mixture_log_density, moment_matched, summarise
 
 
 @dataclass
 class OpenLoop:
     """Open-loop prediction: after ``context`` observed steps, predict ``horizon`` more.
 
-    Each predictor (``"model"`` and the baselines) is given the true actions.
-    Figures are per horizon h = 1 … H, averaged over the windows:
+    Each predictor (``"model"`` and the baselines) is given the true actions and
+    scored as a predictive distribution on the same windows. Every figure is a
+    list over horizons h = 1 … H and a mean over the windows that reach h,
+    except where said; the estimators are those of
+    :mod:`pyro_worldmodel.evaluate.scores`.
 
-    :ivar mse: predictor → ``[H]`` mean squared error of the predicted mean, in
-        real units, averaged over observation dimensions.
-    :ivar log_lik: predictor → ``[H]`` log-density of the true x_{C+h} under the
+    :ivar mse: predictor → mean squared error of the predicted mean, in real
+        units, averaged over observation dimensions.
+    :ivar log_lik: predictor → log-density of the true x_{C+h} under the
         predictor's distribution for it, in nats (summed over dimensions, in
-        real units).
+        real units). The model's is the sample mixture's, log (1/S) Σ_s p(x | z_s),
+        biased low; a baseline's is its Gaussian's, exact.
+    :ivar log_lik_se: the standard error of ``log_lik`` over the windows.
+    :ivar log_lik_median: the median of the per-window log-likelihood.
+    :ivar log_lik_p10: its 10th percentile: how bad the worst tenth of windows is.
+    :ivar log_lik_gaussian: the log-density under the moment-matched Gaussian
+        (the predictive's mean and full covariance); a baseline's equals ``log_lik``.
+        The model's is missing where its emission is not real-valued.
+    :ivar crps: the CRPS of each dimension from S draws, in real units, averaged
+        over dimensions; lower is better.
+    :ivar coverage: level (``"0.5"``, ``"0.9"``) → predictor → the fraction of true
+        values, over windows and dimensions, inside the central interval of
+        that probability, from S draws. Calibrated: equal to the level.
+    :ivar sq_z: the squared error over the predictive variance, per dimension,
+        averaged: 1 when the variance is right, above 1 when overconfident.
+    :ivar num_samples: S, draws per window of each predictor.
+    :ivar windows: ``[episode, start]`` of each window, the episode an index into
+        the data given; its context is steps start … start + C − 1.
+    :ivar window_log_lik: the model's log-likelihood of each window, averaged over
+        the horizons its episode reaches: which windows it dreams well and which badly.
     :ivar num_windows: windows evaluated.
     :ivar count: ``[H]`` windows whose episode reaches each horizon; the
         figures at horizon h average over these.
@@ -36,22 +59,55 @@ class OpenLoop:
     log_lik: dict[str, list[float]]
     num_windows: int
     count: list[int]
+    log_lik_se: dict[str, list[float]] = field(default_factory=dict)
+    log_lik_median: dict[str, list[float]] = field(default_factory=dict)
+    log_lik_p10: dict[str, list[float]] = field(default_factory=dict)
+    log_lik_gaussian: dict[str, list[float]] = field(default_factory=dict)
+    crps: dict[str, list[float]] = field(default_factory=dict)
+    coverage: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    sq_z: dict[str, list[float]] = field(default_factory=dict)
+    num_samples: int | None = None
+    windows: list[list[int]] = field(default_factory=list)
+    window_log_lik: list[float] = field(default_factory=list)
 
     def table(self, horizons=(1, 5, 15)) -> str:
-        """A markdown table of MSE and log-likelihood at ``horizons``."""
+        """A markdown table, one row per horizon and predictor: MSE, the log-likelihood's
+        mean ± standard error, median and 10th percentile, the moment-matched Gaussian's
+        log-likelihood, CRPS and the coverage of the central 50% and 90% intervals."""
         horizons = [h for h in horizons if 1 <= h <= self.horizon]
-        head = "| predictor | " + " | ".join(f"MSE h={h}" for h in horizons)
-        head += " | " + " | ".join(f"log-lik h={h}" for h in horizons) + " |"
-        rule = "|---|" + "---:|" * (2 * len(horizons))
-        rows = [
-            f"| {name} | "
-            + " | ".join(f"{self.mse[name][h - 1]:.3g}" for h in horizons)
-            + " | "
-            + " | ".join(f"{self.log_lik[name][h - 1]:.2f}" for h in horizons)
-            + " |"
-            for name in self.mse
-        ]
+        head = (
+            "| h | predictor | MSE | log-lik ± s.e. | median | 10th pct | Gaussian log-lik"
+            " | CRPS | 50% cov. | 90% cov. |"
+        )
+        rule = "|---:|---|" + "---:|" * 8
+        rows = []
+        for h in horizons:
+            for name in self.mse:
+                i = h - 1
+                rows.append(
+                    f"| {h} | {name} | {self.mse[name][i]:.3g} | {_ll(self.log_lik, name, i)}"
+                    + (f" ± {self.log_lik_se[name][i]:.2g}" if name in self.log_lik_se else "")
+                    + f" | {_ll(self.log_lik_median, name, i)} | {_ll(self.log_lik_p10, name, i)}"
+                    + f" | {_ll(self.log_lik_gaussian, name, i)} | {_num(self.crps, name, i, '.3g')}"
+                    + f" | {_num(self.coverage.get('0.5', {}), name, i, '.2f')}"
+                    + f" | {_num(self.coverage.get('0.9', {}), name, i, '.2f')} |"
+                )
         return "\n".join([head, rule, *rows])
+
+
+def _num(values: dict, name: str, i: int, fmt: str) -> str:
+    if name not in values or values[name][i] is None or not math.isfinite(values[name][i]):
+        return "–"
+    return format(values[name][i], fmt)
+
+
+def _ll(values: dict, name: str, i: int) -> str:
+    """A log-likelihood to as many digits as a rerun repeats: three significant, at most two decimals."""
+    if name not in values or values[name][i] is None or not math.isfinite(values[name][i]):
+        return "–"
+    v = values[name][i]
+    decimals = max(0, min(2, 2 - int(math.floor(math.log10(abs(v)))) if v else 2))
+    return f"{v:.{decimals}f}"
 
 
 def open_loop(
@@ -77,7 +133,12 @@ def open_loop(
     horizon h a window counts only if its episode reaches that step. The model
     predicts by :func:`~pyro_worldmodel.evaluate.imagine`: the mean is the
     average of ``num_samples`` emission means, and the log-likelihood is
-    log (1/S) Σ_s p(x | z_s), a Monte Carlo estimate of the predictive density.
+    log (1/S) Σ_s p(x | z_s), a Monte Carlo estimate of the predictive density
+    that is biased low, beside the moment-matched Gaussian's
+    (:mod:`~pyro_worldmodel.evaluate.scores` states each estimator's bias). Each
+    baseline's Gaussian is scored exactly where it can be (log-likelihood) and
+    from ``num_samples`` draws where the model is (CRPS, coverage), so that
+    both carry the same sampling error.
 
     :param obs: ``(N, T, X)`` real units; :param actions: ``(N, T, ...)``.
     :param mask: ``(N, T)`` bool, each row a prefix of True values; at least one True.
@@ -114,11 +175,13 @@ def open_loop(
     w_act = torch.where(inside[..., None] if w_act.dim() == 3 else inside, w_act, 0)
     valid = inside[:, context:]  # (n, H)
     to_model = (lambda x: x) if normalizer is None else normalizer.obs
+    to_real = (lambda x: x) if normalizer is None else normalizer.obs_inverse
     # log-density in real units = in model units − log |d real / d model|
     log_jac = 0.0 if normalizer is None else float(normalizer.obs_scale.log().sum())
     predictors = {"model": None, **(baselines or {})}
-    sq_err = {name: [] for name in predictors}
-    log_lik = {name: [] for name in predictors}
+    keys = ("sq_err", "log_lik", "log_lik_gaussian", "crps", "sq_z", *(f"cov{lv}" for lv in LEVELS))
+    scores = {name: {k: [] for k in keys} for name in predictors}
+    gaussian_model = getattr(model.emission, "real_valued", True)
     device = next(model.parameters()).device
     for lo in range(0, len(episode), chunk_size):
         sl = slice(lo, lo + chunk_size)
@@ -130,31 +193,71 @@ def open_loop(
         )  # fmt: skip
         target = to_model(future_obs).to(device)  # (b, H, X)
         with torch.no_grad():
-            log_p = model.emission(im.emission_input).log_prob(target)  # (S, b, H)
-        sq_err["model"].append((im.obs_mean.mean(0).cpu() - future_obs) ** 2)
-        log_lik["model"].append((torch.logsumexp(log_p, 0) - math.log(num_samples)).cpu() - log_jac)
+            emission = model.emission(im.emission_input)  # batch (S, b, H), event (X,)
+            mixture = mixture_log_density(emission.log_prob(target)).cpu() - log_jac  # (b, H)
+            matched = moment_matched(emission.mean.double(), emission.variance.double())
+        draws = {"model": im.obs.cpu()}  # (S, b, H, X) real units
+        means = {"model": im.obs_mean.mean(0).cpu()}
+        record = {"model": (mixture, None)}
+        if gaussian_model:
+            record["model"] = (mixture, matched.log_prob(target.double()).cpu() - log_jac)
+        variance = {"model": matched.variance.cpu()}  # model units
         for name, predictor in (baselines or {}).items():
             model_act = w_act[sl, : W - 1]
             if normalizer is not None and model_act.is_floating_point():
                 model_act = normalizer.actions(model_act)
             pred = predictor.predict(to_model(ctx_obs), model_act, horizon)
-            mean = pred.mean if normalizer is None else normalizer.obs_inverse(pred.mean)
-            sq_err[name].append((mean - future_obs) ** 2)
-            log_lik[name].append(pred.log_prob(to_model(future_obs)).sum(-1) - log_jac)
+            means[name] = to_real(pred.mean)
+            draws[name] = to_real(pred.sample((num_samples,)))
+            ll = pred.log_prob(to_model(future_obs)).sum(-1) - log_jac
+            record[name] = (ll, ll)
+            variance[name] = pred.variance
+        target = target.cpu()
+        for name in predictors:
+            s = scores[name]
+            s["sq_err"].append(((means[name] - future_obs) ** 2).mean(-1))
+            s["log_lik"].append(record[name][0])
+            if record[name][1] is not None:
+                s["log_lik_gaussian"].append(record[name][1])
+            s["crps"].append(crps(draws[name], future_obs).mean(-1))
+            for lv in LEVELS:
+                s[f"cov{lv}"].append(interval_coverage(draws[name], future_obs, lv).double().mean(-1))
+            loc = to_model(means[name])
+            s["sq_z"].append(((target - loc) ** 2 / variance[name]).mean(-1))
     count = valid.sum(0)  # (H,); a horizon no window reaches gets NaN
 
-    def per_h(chunks, reduce_dims):
-        x = torch.cat(chunks)
-        x = x.mean(-1) if reduce_dims else x  # (n, H)
+    def mean(chunks):
+        x = torch.cat(chunks)  # (n, H)
         return (torch.where(valid, x, 0.0).sum(0) / count).tolist()
 
+    out = {k: {} for k in ("mse", "log_lik", "log_lik_se", "log_lik_median", "log_lik_p10",
+                           "log_lik_gaussian", "crps", "sq_z")}  # fmt: skip
+    coverage = {str(lv): {} for lv in LEVELS}
+    model_ll = torch.cat(scores["model"]["log_lik"])  # (n, H)
+    window_ll = torch.where(valid, model_ll, 0.0).sum(1) / valid.sum(1)
+    for name, s in scores.items():
+        ll = summarise(torch.cat(s["log_lik"]), valid)
+        out["mse"][name] = mean(s["sq_err"])
+        out["log_lik"][name] = ll["mean"]
+        out["log_lik_se"][name] = ll["se"]
+        out["log_lik_median"][name] = ll["median"]
+        out["log_lik_p10"][name] = ll["p10"]
+        if s["log_lik_gaussian"]:
+            out["log_lik_gaussian"][name] = mean(s["log_lik_gaussian"])
+        out["crps"][name] = mean(s["crps"])
+        out["sq_z"][name] = mean(s["sq_z"])
+        for lv in LEVELS:
+            coverage[str(lv)][name] = mean(s[f"cov{lv}"])
     return OpenLoop(
         context=context,
         horizon=horizon,
-        mse={name: per_h(v, True) for name, v in sq_err.items()},
-        log_lik={name: per_h(v, False) for name, v in log_lik.items()},
         num_windows=len(episode),
         count=count.tolist(),
+        coverage=coverage,
+        num_samples=num_samples,
+        windows=torch.stack([episode, start], 1).tolist(),
+        window_log_lik=window_ll.tolist(),
+        **out,
     )
 
 
