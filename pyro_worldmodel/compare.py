@@ -127,6 +127,7 @@ def default_estimators(num_particles: int = 8, num_steps: int = 200) -> list[dic
         {"name": "KLAnnealing_ELBO", "warmup_steps": max(num_steps // 2, 1)},
         {"name": "FreeNats_ELBO"},
         {"name": "KLBalancing_ELBO"},
+        {"name": "LatentOvershooting_ELBO"},
     ]
 
 

@@ -65,6 +65,7 @@ from .infer.elbos import (
     JitTraceMeanField_ELBO,
     KLAnnealing_ELBO,
     KLBalancing_ELBO,
+    LatentOvershooting_ELBO,
     TraceMeanField_ELBO,
 )
 from .infer.training import MAX_PLATE_NESTING, fit
@@ -170,7 +171,14 @@ for _slot, _name, _cls in (
     register(_slot, _name)(_cls)
 # TraceMeanField_ELBO is Pyro's with its Monte Carlo fallback made loud; the
 # world-model objectives and a Jit mean-field ELBO that compiles once per shape (elbos.py).
-for _cls in (TraceMeanField_ELBO, JitTraceMeanField_ELBO, KLAnnealing_ELBO, FreeNats_ELBO, KLBalancing_ELBO):
+for _cls in (
+    TraceMeanField_ELBO,
+    JitTraceMeanField_ELBO,
+    KLAnnealing_ELBO,
+    FreeNats_ELBO,
+    KLBalancing_ELBO,
+    LatentOvershooting_ELBO,
+):
     register("elbo", _cls.__name__)(_cls)
 for _name in (
     "Trace_ELBO",

@@ -15,6 +15,7 @@ from pyro_worldmodel.infer.elbos import (
     FreeNats_ELBO,
     KLAnnealing_ELBO,
     KLBalancing_ELBO,
+    LatentOvershooting_ELBO,
     TraceMeanField_ELBO,
 )
 from pyro_worldmodel.model.components import (
@@ -344,3 +345,87 @@ def test_every_argument_is_kept_under_its_name_and_trains(cls, kwargs):
     history = fit(model, guide, *data(), num_steps=2, elbo=elbo, progress=False)
     assert all(torch.isfinite(torch.tensor(history.loss)))
     assert any(not torch.equal(p, before[n]) for n, p in params(model, guide).items())
+
+
+# ---------------------------------------------------------------- latent overshooting
+
+
+def test_overshooting_with_distance_one_is_the_elbo():
+    model, guide = world()
+    args = data()
+    want_loss, want = loss_and_grads(plain(), model, guide, args)
+    for beta in (0.0, 1.0, 5.0):
+        loss, got = loss_and_grads(LatentOvershooting_ELBO(distance=1, beta=beta), model, guide, args)
+        assert loss == pytest.approx(want_loss, rel=1e-6)
+        assert_grads_equal(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_overshooting_adds_the_d_step_kls_at_beta_over_d():
+    """With β = 0 it is the ELBO at any D; with β, the loss grows by (β / D) Σ_t Σ_{d≥2} KL_d,
+    the same terms whatever β: linear in β on one draw."""
+    from pyro_worldmodel.infer.batched import multi_step_kl  # noqa: F401 (the terms it adds)
+
+    model, guide = world()
+    args = data()
+    elbo_loss, want = loss_and_grads(plain(), model, guide, args)
+    loss0, got = loss_and_grads(LatentOvershooting_ELBO(distance=4, beta=0.0), model, guide, args)
+    assert loss0 == pytest.approx(elbo_loss, rel=1e-6)
+    assert_grads_equal(got, want, rtol=1e-5, atol=1e-6)
+    loss1, _ = loss_and_grads(LatentOvershooting_ELBO(distance=4, beta=1.0), model, guide, args)
+    loss3, _ = loss_and_grads(LatentOvershooting_ELBO(distance=4, beta=3.0), model, guide, args)
+    assert loss1 > loss0  # KLs are non-negative: a looser bound
+    assert loss3 - loss0 == pytest.approx(3 * (loss1 - loss0), rel=1e-4)
+
+
+def test_overshooting_terms_train_the_transition_only():
+    model, guide = world()
+    args = data()
+    _, base = loss_and_grads(LatentOvershooting_ELBO(distance=4, beta=0.0), model, guide, args)
+    _, over = loss_and_grads(LatentOvershooting_ELBO(distance=4, beta=1.0), model, guide, args)
+    changed = {n for n in base if not torch.allclose(base[n], over[n], rtol=1e-6, atol=1e-7)}
+    assert changed and all(n.startswith("model.transition.") for n in changed)
+
+
+def test_the_two_step_kl_is_unbiased_for_its_closed_form():
+    """For z' = F z + G a + b + σ ε, E_s[KL(q ‖ N(F s + G a' + b, σ²))] with s ~ p(· | z_{t-2})
+    is KL(q ‖ N(F m + G a' + b, σ²)) + ½ Σ_i (F diag(σ²) Fᵀ)_ii / σ_i², m = F z_{t-2} + G a + b."""
+    from pyro_worldmodel.infer.batched import multi_step_kl
+    from pyro_worldmodel.model.components import LinearGaussianTransition
+
+    torch.manual_seed(0)
+    model, _ = world()
+    model.transition = tr = LinearGaussianTransition(2, 2)
+    with torch.no_grad():
+        tr.F.copy_(torch.tensor([[0.9, 0.2], [-0.3, 0.8]]))
+        tr.G.copy_(torch.randn(2, 2))
+        tr.bias.copy_(torch.tensor([0.1, -0.2]))
+        tr.log_scale.copy_(torch.tensor([0.3, 0.6]).log())
+    N = 200_000
+    z = torch.randn(1, 3, 2).expand(N, 3, 2)
+    a_feat = torch.randn(1, 3, 2).expand(N, 3, 2)
+    q = dist.Normal(torch.randn(1, 3, 2).expand(N, 3, 2), torch.tensor([0.2, 0.5]).expand(N, 3, 2))
+    mask = torch.ones(N, 3, dtype=torch.bool)
+    with torch.no_grad():
+        kl = multi_step_kl(model, z, q, a_feat, mask, 2)  # (N, 1): z_2 from z_0
+    F, G, b, var = tr.F, tr.G, tr.bias, tr.log_scale.exp().detach() ** 2
+    m = F @ z[0, 0] + G @ a_feat[0, 0] + b
+    p = dist.Normal(F @ m + G @ a_feat[0, 1] + b, var.sqrt())
+    q2 = dist.Normal(q.loc[0, 2], q.scale[0, 2])
+    exact = torch.distributions.kl_divergence(q2, p).sum() + 0.5 * ((F @ torch.diag(var) @ F.T).diagonal() / var).sum()
+    assert kl.mean().item() == pytest.approx(exact.item(), abs=4 * kl.std().item() / N**0.5)
+
+
+def test_overshooting_refuses_what_it_cannot_compute():
+    from pyro_worldmodel import Spec, build
+
+    with pytest.raises(ValueError, match="distance: expected an int >= 1, got 0"):
+        LatentOvershooting_ELBO(distance=0)
+    with pytest.raises(ValueError, match="batched: LatentOvershooting_ELBO is computed on the batched path only"):
+        LatentOvershooting_ELBO(batched=False)
+    rssm = build(Spec.preset("planet", "smoke"), X, world()[0].action_space)
+    with pytest.raises(ValueError, match=r"LatentOvershooting_ELBO: .*\(the transition is recurrent\)"):
+        LatentOvershooting_ELBO().differentiable_loss(rssm.model.model, rssm.guide, *data())
+    model, guide = world()
+    with pytest.raises(ValueError, match=r"\(a Pyro handler is active\)"):
+        with poutine.scale(scale=0.5):
+            LatentOvershooting_ELBO().differentiable_loss(model.model, guide, *data())

@@ -157,6 +157,7 @@ def _loss(elbo, model, guide, obs, actions, mask, rewards=None, continues=None):
     p = Normal(torch.cat([n.loc for n in normals], 1), torch.cat([n.scale for n in normals], 1))
     q, p = Independent(q, 1).mask(mask), Independent(p, 1).mask(mask)  # as the z_t sites are masked
     kl = elbo.shape_kl(f"z_0 … z_{T - 1}", kl_divergence(q, p), q, p, mask, "analytic")  # (B, T)
+    kl = elbo.combine_kl(kl, model, z, q.base_dist.base_dist, a_feat, mask)
     sites = model.observation_sites(features, a_feat, obs, actions, rewards, continues)
     log_px, *others = (d.mask(mask).log_prob(value).sum() for d, value in sites.values())
     log_pa = others[0]  # log π(a|z), then the heads', in the order of the sites
@@ -189,3 +190,26 @@ def guide_draws(guide, obs, a_feat, mask) -> tuple[torch.Tensor, Normal]:
 def _standard_normal(like):
     """The draw ``Normal.rsample`` makes for a loc like ``like`` (``empty(...).normal_()``): the same numbers."""
     return torch.randn_like(like)
+
+
+def multi_step_kl(model, z, q: Normal, a_feat, mask, distance: int) -> torch.Tensor:
+    """KL(q(z_t | ·) ‖ p(z_t | z_{t-d})) for t ≥ d, per element: ``(B, T - d)``, zero outside ``mask``.
+
+    p(z_t | z_{t-d}) is the model's d-step prior from the guide's draw of z_{t-d}:
+    d − 1 transitions sampled (reparameterised) under the recorded actions, then
+    the last transition's Normal, so the KL is a one-sample estimate of
+    E_{p(z_{t-1} | z_{t-d})}[KL(q_t ‖ p(z_t | z_{t-1}))] for a Markov transition.
+    Computed for every t at once, through :meth:`WorldModel.step <pyro_worldmodel.model.WorldModel.step>`.
+
+    :param z: ``(B, T, Z)`` the guide's draws; :param q: the guide's Normal, batch ``(B, T, Z)``.
+    :param distance: d ≥ 1.
+    """
+    T = z.shape[1]
+    s = z[:, : T - distance]  # z_{t-d} for t = d … T-1
+    for k in range(distance):
+        prior = _normal(model.step(s, a_feat[:, k : k + T - distance])[0])
+        if k < distance - 1:
+            s = torch.addcmul(prior.loc, torch.randn_like(prior.loc), prior.scale)
+    q_t = Normal(q.loc[:, distance:], q.scale[:, distance:])
+    kl = kl_divergence(q_t, prior).sum(-1)  # (B, T - d)
+    return torch.where(mask[:, distance:], kl, 0.0)

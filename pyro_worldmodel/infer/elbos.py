@@ -15,7 +15,8 @@ override; each says whether it is still a bound on log p(x, a):
 
 - :class:`KLAnnealing_ELBO`: β·KL, β warmed up over SVI steps;
 - :class:`FreeNats_ELBO`: max(KL_t, c) per observed step;
-- :class:`KLBalancing_ELBO`: DreamerV2's α·KL(sg(q) ‖ p) + (1 − α)·KL(q ‖ sg(p)).
+- :class:`KLBalancing_ELBO`: DreamerV2's α·KL(sg(q) ‖ p) + (1 − α)·KL(q ‖ sg(p));
+- :class:`LatentOvershooting_ELBO`: PlaNet's KL against the d-step priors, d = 1 … D.
 
 :class:`JitTraceMeanField_ELBO` is the same bound compiled once per input shape.
 """
@@ -34,7 +35,7 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import check_fully_reparametrized, is_validation_enabled, torch_item
 from pyro.util import warn_if_nan
-from torch.distributions import kl_divergence
+from torch.distributions import Normal, kl_divergence
 
 from . import batched
 
@@ -240,6 +241,15 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
             already carries each side's scale and mask.
         :returns: a tensor (or number) of the same shape, whose sum is the
             site's KL term, subtracted from the objective.
+        """
+        return kl
+
+    def combine_kl(self, kl, model, z, q, a_feat, mask):
+        """The KL terms of all latent sites, ``(B, T)``, after :meth:`shape_kl`, as the batched
+        path (:mod:`pyro_worldmodel.infer.batched`) sums them; here, unchanged. Objectives that add
+        terms of their own across time steps (latent overshooting) override it.
+
+        :param z: ``(B, T, Z)`` the guide's draws; :param q: its Normal, batch ``(B, T, Z)``.
         """
         return kl
 
@@ -535,6 +545,86 @@ class KLBalancing_ELBO(TraceMeanField_ELBO):
         )
 
 
+class LatentOvershooting_ELBO(TraceMeanField_ELBO):
+    """PlaNet's latent overshooting (Hafner et al., 2019): besides the one-step KL, the KL of
+    every step against the d-step priors p(z_t | z_{t-d}) for d = 2 … D.
+
+        ELBO − (β / D) Σ_t Σ_{d=2}^{min(D, t)} KL(q(z_t | ·) ‖ p(z_t | z_{t-d}))
+
+    weighted as PlaNet's reference implementations weigh it: the one-step KL at
+    full weight, each longer distance at β / D. p(z_t | z_{t-d}) starts at the
+    guide's draw of z_{t-d} and samples d − 1 transitions under the recorded
+    actions (:func:`~pyro_worldmodel.infer.batched.multi_step_kl`). As in PlaNet,
+    the overshooting terms train the transition only: q and the draw of z_{t-d}
+    enter them without gradient. The transition is then trained to predict d
+    steps ahead from a posterior state, which is what open-loop imagination
+    asks of it.
+
+    With D = 1, or β = 0, it is the ELBO, value and gradient. Otherwise it is the
+    ELBO less non-negative terms: still a lower bound on log p(x, a), a looser one.
+
+    It is computed on the batched path only (a :class:`~pyro_worldmodel.model.WorldModel`
+    whose transition is Markov and gives diagonal Normals, with a filter, smoothing or
+    mean-field guide); anything else raises ``ValueError`` naming why.
+
+    :param distance: D ≥ 1, the longest distance (PlaNet: 50).
+    :param beta: β ≥ 0, the weight of the overshooting terms (PlaNet: 1).
+
+    The other arguments are :class:`TraceMeanField_ELBO`'s.
+    """
+
+    def __init__(
+        self,
+        distance: int = 3,
+        beta: float = 1.0,
+        *,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = False,
+        strict_enumeration_warning: bool = True,
+        ignore_jit_warnings: bool = False,
+        retain_graph: bool | None = None,
+        monte_carlo_kl: str | list[str] = "warn",
+        batched: bool = True,
+    ):
+        self.distance = _check_int("distance", distance, low=1)
+        self.beta = _check_real("beta", beta, low=0.0)
+        if not batched:
+            raise ValueError("batched: LatentOvershooting_ELBO is computed on the batched path only, got False")
+        super().__init__(
+            num_particles,
+            max_plate_nesting,
+            vectorize_particles,
+            strict_enumeration_warning,
+            ignore_jit_warnings,
+            retain_graph,
+            monte_carlo_kl=monte_carlo_kl,
+            batched=batched,
+        )
+
+    def _batched(self, model, guide, args, kwargs) -> bool:
+        if super()._batched(model, guide, args, kwargs):
+            model_ = model.__self__
+            if not model_.deter_dim:
+                return True
+            self.path = "pyro traces: the transition is recurrent"
+        raise ValueError(
+            f"LatentOvershooting_ELBO: computed on the batched path only, and this call cannot take it"
+            f" ({self.path.removeprefix('pyro traces: ')}); it needs WorldModel.model with a Markov transition"
+            " of diagonal Normals (not rssm), a filter, smoothing or mean-field guide, and no Pyro handler"
+        )
+
+    def combine_kl(self, kl, model, z, q, a_feat, mask):
+        T, D = z.shape[1], self.distance
+        if D == 1 or T <= 2 or self.beta == 0:
+            return kl
+        z_sg, q_sg = z.detach(), Normal(q.loc.detach(), q.scale.detach())
+        extra = torch.zeros_like(kl)
+        for d in range(2, min(D, T - 1) + 1):
+            extra[:, d:] = extra[:, d:] + batched.multi_step_kl(model, z_sg, q_sg, a_feat, mask, d)
+        return kl + (self.beta / D) * extra
+
+
 def _refuse_monte_carlo(elbo, name, q, p, why, instead):
     """The ValueError of an objective that is defined only for an analytic KL."""
     raise ValueError(
@@ -766,4 +856,5 @@ _BATCHED_SHAPE_KL = {
     KLAnnealing_ELBO.shape_kl,
     FreeNats_ELBO.shape_kl,
     KLBalancing_ELBO.shape_kl,
+    LatentOvershooting_ELBO.shape_kl,
 }
