@@ -420,7 +420,7 @@ def plot_open_loop(open_loop: OpenLoop, path: str | os.PathLike | None = None) -
     ax_ll.set_yscale("symlog", linthresh=10)
     ax_ll.set(
         ylabel=r"$\log p(x_{C+h})$ (nats)",
-        title="Log-likelihood: mean ± s.e., median (--), 10th pct (:), moment-matched Gaussian (-.)",
+        title="Log-likelihood: mean ± s.e., median --, 10th pct :, Gaussian -.",
     )
     if any(open_loop.crps.values()):
         ax_crps.set_yscale("log")

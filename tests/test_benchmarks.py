@@ -60,3 +60,25 @@ def test_fit_checks_benchmark_prints_both_paths_and_their_ratio():
     assert set(times) == {"fit", "SVI.step"} and all(float(t) > 0 for t in times.values())
     ratio = float(re.search(r"fit / SVI\.step: ([\d.]+)", result.stdout).group(1))
     assert abs(ratio - float(times["fit"]) / float(times["SVI.step"])) < 0.01
+
+
+def test_imagination_benchmark_prints_every_score_and_the_targets(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "imagination.py"), "--tiny", "--envs", "CartPole-v1",
+         "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # one row per horizon (the tiny run predicts 5) and predictor, every score a number
+    rows = [line for line in out.splitlines() if re.match(r"\| [1-5] \| (model|copy_last|linear) \|", line)]
+    assert len(rows) == 15
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")][2:]
+        assert len(cells) == 8 and all(float(c) == float(c) for c in cells)
+    for target in ("best MSE", "best log-lik (Gaussian)", "best CRPS", "90% coverage in [0.85, 0.95]"):
+        assert f"- {target}" in out
+    assert (tmp_path / "imagination.md").read_text().strip() in out
+    assert (tmp_path / "CartPole-v1" / "seed0" / "metrics.json").is_file()

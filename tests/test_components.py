@@ -161,9 +161,9 @@ def test_emissions():
         assert d.batch_shape == (4, 6) and d.event_shape == (X,)
     fixed = GaussianMLPEmission(Z, X, hidden=(16,), scale=0.1)
     torch.testing.assert_close(fixed(z).stddev, torch.full((4, 6, X), 0.1))
-    assert "log_scale" not in dict(fixed.named_parameters())
+    assert not any("log_scale" in name for name, _ in fixed.named_parameters())
     learned = GaussianMLPEmission(Z, X, hidden=(16,))
-    assert "log_scale" in dict(learned.named_parameters())
+    assert "gained_log_scale.raw" in dict(learned.named_parameters())
     with pytest.raises(ValueError, match=r"scale: expected 'learned' or a positive float, got -1"):
         GaussianMLPEmission(Z, X, scale=-1)
 
@@ -262,3 +262,21 @@ def test_an_emission_checks_its_observations_exactly_when_its_support_is_restric
         support = em(torch.randn(2, Z)).base_dist.support
         assert support in (constraints.real, constraints.boolean)
         assert hasattr(em, "check_obs") == (support is not constraints.real), type(em).__name__
+
+
+@pytest.mark.parametrize("emission", [GaussianMLPEmission, StudentTEmission])
+def test_one_adam_step_moves_a_learned_log_scale_by_gain_times_the_learning_rate(emission):
+    """Adam's first step is lr · sign(gradient) per parameter, so log σ moves by gain · lr."""
+    torch.manual_seed(0)
+    z, x = torch.randn(5, Z), 10 * torch.randn(5, X)  # far off: every log σ wants to grow
+    for gain in (1.0, 10.0):
+        emit = emission(Z, X, hidden=(16,), scale_gain=gain)
+        before = emit.log_scale.detach().clone()
+        opt = torch.optim.Adam(emit.parameters(), lr=1e-3)
+        (-emit(z).log_prob(x).sum()).backward()
+        opt.step()
+        torch.testing.assert_close(emit.log_scale.detach() - before, torch.full((X,), gain * 1e-3), rtol=1e-3, atol=0)
+    emit.gained_log_scale.set(torch.full((X,), -3.0))
+    torch.testing.assert_close(emit(z).base_dist.scale, torch.full((5, X), math.exp(-3.0)))
+    with pytest.raises(ValueError, match="scale_gain: expected a finite float > 0, got 0"):
+        emission(Z, X, scale_gain=0)

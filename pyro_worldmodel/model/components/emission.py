@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .nets import LearnedDF, check_dim, check_hidden, mlp, set_linear_gaussian
+from .nets import DEFAULT_SCALE_GAIN, GainedParameter, LearnedDF, check_dim, check_hidden, mlp, set_linear_gaussian
 
 
 class _MLPMean(nn.Module):
@@ -32,6 +32,8 @@ class GaussianMLPEmission(_MLPMean):
 
     :param scale: ``"learned"`` for a learned σ per observation dimension, or
         a positive float for a fixed σ.
+    :param scale_gain: g, the gain of a learned log σ: the parameter
+        ``gained_log_scale.raw`` holds log σ / g (:class:`~pyro_worldmodel.model.components.nets.GainedParameter`).
     """
 
     def __init__(
@@ -40,15 +42,22 @@ class GaussianMLPEmission(_MLPMean):
         obs_dim: int,
         hidden: Sequence[int] = (64, 64),
         scale: float | str = "learned",
+        scale_gain: float = DEFAULT_SCALE_GAIN,
     ):
         super().__init__(latent_dim, obs_dim, hidden)
         if scale == "learned":
-            self.log_scale = nn.Parameter(torch.zeros(obs_dim))
+            self.gained_log_scale = GainedParameter(obs_dim, scale_gain)
         elif isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
-            self.register_buffer("log_scale", torch.full((obs_dim,), float(scale)).log())
+            self.register_buffer("fixed_log_scale", torch.full((obs_dim,), float(scale)).log())
         else:
             raise ValueError(f"scale: expected 'learned' or a positive float, got {scale!r}")
         self.scale = scale
+        self.scale_gain = scale_gain
+
+    @property
+    def log_scale(self) -> torch.Tensor:
+        """log σ, ``(X,)``."""
+        return self.gained_log_scale() if self.scale == "learned" else self.fixed_log_scale
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: a Normal with event shape ``(X,)``."""
@@ -61,8 +70,7 @@ class GaussianMLPEmission(_MLPMean):
         :param weight: ``(X, Z)``; :param bias: ``(X,)``; :param scale: ``(X,)``.
         """
         set_linear_gaussian(self.linear, self.net[-1], weight, bias, None, 0.0)
-        with torch.no_grad():
-            self.log_scale.copy_(torch.as_tensor(scale).log())
+        self.gained_log_scale.set(torch.as_tensor(scale).log())
 
 
 class LinearGaussianEmission(nn.Module):
@@ -87,14 +95,26 @@ class StudentTEmission(LearnedDF, _MLPMean):
 
     :param df: ``"learned"`` for a learned ν > 2 per dimension (so the mean and
         variance exist), or a fixed float > 0.
+    :param scale_gain: the gain of the learned log σ, as :class:`GaussianMLPEmission`'s.
     """
 
     def __init__(
-        self, latent_dim: int, obs_dim: int, hidden: Sequence[int] = (64, 64), df: float | str = "learned"
+        self,
+        latent_dim: int,
+        obs_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        df: float | str = "learned",
+        scale_gain: float = DEFAULT_SCALE_GAIN,
     ):
         super().__init__(latent_dim, obs_dim, hidden)
-        self.log_scale = nn.Parameter(torch.zeros(obs_dim))
+        self.gained_log_scale = GainedParameter(obs_dim, scale_gain)
+        self.scale_gain = scale_gain
         self._init_df(df, obs_dim)
+
+    @property
+    def log_scale(self) -> torch.Tensor:
+        """log σ, ``(X,)``."""
+        return self.gained_log_scale()
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: a StudentT with event shape ``(X,)``."""
