@@ -8,6 +8,7 @@ gathers every open-loop score of `metrics.json` over the seeds:
     python benchmarks/imagination.py                         # 4 environments x 3 seeds
     python benchmarks/imagination.py --envs Acrobot-v1 --seeds 0 1 2 3 4
     python benchmarks/imagination.py --tiny                  # seconds: a smoke test
+    python benchmarks/imagination.py --set transition.name=ensemble --set train.num_steps=4500
 
 It prints, per environment, predictor and horizon 1 ... 15, the mean over
 seeds and (in brackets) the spread, max - min, of: MSE, the sample mixture's
@@ -42,13 +43,13 @@ SCORES = (
 )
 
 
-def run_one(env_id: str, seed: int, out: Path, tiny: bool) -> dict:
+def run_one(env_id: str, seed: int, out: Path, tiny: bool, presets=(), overrides=None) -> dict:
     from pyro_worldmodel import Spec, workflow
     from pyro_worldmodel.data import collect
 
     episodes = collect(env_id, 12 if tiny else 60, seed=seed, num_envs=4 if tiny else 8, progress=False)
-    spec = Spec.preset("smoke") if tiny else Spec()
-    spec = workflow.training_spec(spec)
+    spec = Spec.preset(*presets, *(["smoke"] if tiny else []))
+    spec = workflow.training_spec(spec.with_overrides(overrides or {}))
     settings = workflow.TrainSettings(seed=seed)
     if tiny:
         settings.evaluate = workflow.EvalSettings(horizon=5, num_samples=10, iwae_particles=2, max_windows=50, seed=seed)
@@ -95,7 +96,15 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=None, help="keep the runs and write the tables here")
     p.add_argument("--tiny", action="store_true", help="one small run per environment, to check the script")
+    p.add_argument("--preset", nargs="+", default=[], help="presets laid over Spec(), as train's --preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as train's --set")
     args = p.parse_args(argv)
+    from pyro_worldmodel.config import yaml_value
+
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = yaml_value(value, f"--set {key.strip()}")
     if args.tiny:
         args.seeds = args.seeds[:1]
     work = args.out or Path(tempfile.mkdtemp(prefix="imagination-"))
@@ -109,12 +118,13 @@ def main(argv=None) -> int:
     for env_id in args.envs:
         results = []
         for seed in args.seeds:
-            m = run_one(env_id, seed, work / env_id / f"seed{seed}", args.tiny)
+            m = run_one(env_id, seed, work / env_id / f"seed{seed}", args.tiny, args.preset, overrides)
             results.append(m)
             print(f"{env_id} seed {seed}: trained and evaluated in {m['wall_s']:.0f} s", file=sys.stderr, flush=True)
         scores = gather(results)
         report[env_id] = {"scores": scores, "wall_s": [m["wall_s"] for m in results], "seeds": args.seeds}
-        say(f"## {env_id}: mean over seeds {args.seeds} (max − min)")
+        spec = " ".join([*(f"--preset {p}" for p in args.preset), *(f"--set {x}" for x in args.set)])
+        say(f"## {env_id}: mean over seeds {args.seeds} (max − min){': ' + spec if spec else ''}")
         say()
         say("| h | predictor | " + " | ".join(label for _, label, _, _ in SCORES) + " |")
         say("|---:|---|" + "---:|" * len(SCORES))

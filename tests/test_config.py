@@ -252,7 +252,7 @@ def test_two_specs_in_one_process_keep_their_own_parameters():
         (
             {"transition": {"name": "gausian_mlp"}},
             BOX,
-            "transition.name: unknown 'gausian_mlp' (did you mean 'gaussian_mlp'?); registered: ['gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t'",
+            "transition.name: unknown 'gausian_mlp' (did you mean 'gaussian_mlp'?); registered: ['ensemble', 'gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t'",
         ),
         ({"guide": {"name": "smoother"}}, BOX, "guide.name: unknown 'smoother' (did you mean 'smoothing'?)"),
         (

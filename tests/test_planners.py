@@ -316,3 +316,94 @@ def test_acting_needs_a_guide_that_does_not_read_the_future():
     )
     with pytest.raises(ValueError, match="guide: SmoothingGuide reads a_t and the future"):
         belief(built.model, built.guide, torch.zeros(1, 3, 2), torch.zeros(1, 3, 1))
+
+
+# ------------------------------------------------------------------ ensembles: one dynamics per future
+
+
+def two_member_model(space, signs=(1.0, -1.0), Z=2):
+    """An ensemble whose member k moves z[0] by signs[k] · a: z' = z + signs[k] a, the MLPs at zero."""
+    from pyro_worldmodel.model.components import EnsembleTransition
+
+    transition = EnsembleTransition(Z, 1, members=len(signs), hidden=(4,))
+    with torch.no_grad():
+        for member, sign in zip(transition.member, signs):
+            member.linear.weight.zero_()
+            member.linear.weight[0, Z] = sign
+
+    class FirstCoordinate(nn.Module):  # r = z[0]
+        latent_dim, action_space = Z, space
+
+        def forward(self, z, a):
+            loc = z[..., 0] + 0 * a.sum(-1)
+            return dist.Normal(loc, torch.ones_like(loc))
+
+    return WorldModel(
+        StandardNormalInit(Z),
+        transition,
+        GaussianMLPEmission(Z, 2, hidden=(4,)),
+        NormalPolicy(Z, space, hidden=(4,)),
+        reward=FirstCoordinate(),
+    )
+
+
+def test_ensemble_member_k_gives_rows_k_mod_K_of_the_leading_dimension():
+    from pyro_worldmodel.model.components import EnsembleTransition
+
+    torch.manual_seed(0)
+    tr = EnsembleTransition(2, 1, members=3, hidden=(4,))
+    for member in tr.member:  # members apart, as training makes them
+        nn.init.normal_(member.net[-1].weight)
+        nn.init.normal_(member.linear.bias)
+    z, a = torch.randn(7, 5, 2), torch.randn(5, 1)  # a broadcasts, as a planner's does
+    d = tr(z, a).base_dist
+    for k in range(3):
+        want = tr.member[k](z[k::3], a.expand(7, 5, 1)[k::3]).base_dist
+        torch.testing.assert_close(d.loc[k::3], want.loc)
+        torch.testing.assert_close(d.scale[k::3], want.scale)
+    torch.testing.assert_close(tr(z[:1], a).base_dist.loc, tr.member[0](z[:1], a).base_dist.loc)
+
+
+def test_each_imagined_future_follows_one_member_from_context_to_horizon():
+    from pyro_worldmodel import FilterGuide
+    from pyro_worldmodel.evaluate import imagine
+    from pyro_worldmodel.model.components import EnsembleTransition
+
+    space = ActionSpace.box(1)
+    K, Z = 3, 2
+    transition = EnsembleTransition(Z, 1, members=K, hidden=(4,), min_scale=0.0)
+    with torch.no_grad():
+        for k, member in enumerate(transition.member):  # z' = z + (k, 0), noise ~ 1e-13
+            member.linear.bias.copy_(torch.tensor([float(k), 0.0]))
+            member.net[-1].bias[Z:] = -30.0
+    model = WorldModel(StandardNormalInit(Z), transition, GaussianMLPEmission(Z, 2, hidden=(4,)),
+                       NormalPolicy(Z, space, hidden=(4,)))  # fmt: skip
+    guide = FilterGuide.for_model(model, rnn_dim=4)
+    im = imagine(model, guide, torch.randn(2, 4, 2), torch.randn(2, 4, 1), 5,
+                 future_actions=torch.randn(2, 5, 1), num_samples=2 * K)  # fmt: skip
+    steps = im.latents[:, :, 1:, 0] - im.latents[:, :, :-1, 0]  # (S, B, H-1)
+    for s in range(2 * K):
+        torch.testing.assert_close(steps[s], torch.full_like(steps[s], float(s % K)), atol=1e-4, rtol=0)
+
+
+def test_cem_is_optimistic_or_pessimistic_about_what_the_members_disagree_on():
+    space = ActionSpace.box(1, -1.0, 1.0)
+    # r_1 = z_1[0] = ±a_0: mean over members 0.25 a_0, spread 0.75 |a_0|
+    model = two_member_model(space, signs=(1.0, -0.5))
+    z0 = torch.zeros(3, 2)
+    pyro.set_rng_seed(0)
+    common = dict(horizon=2, candidates=300, top_k=30, iterations=5, discount=1.0)  # r_1 = ±a_0
+    bold = CEMPlanner(epistemic=1.0, **common).plan(model, LatentState(z0))
+    careful = CEMPlanner(epistemic=-1.0, **common).plan(model, LatentState(z0))
+    # optimism: 0.25 a + 0.75 |a|, best at a = 1; pessimism: 0.25 a − 0.75 |a|, best at a = 0
+    assert (bold > 0.95).all() and (careful.abs() < 0.1).all(), (bold, careful)
+    # one member that alone decides: optimism and pessimism plan alike, for its best action
+    agree = two_member_model(space, signs=(1.0, 1.0))
+    for kappa in (1.0, -1.0, 0.0):
+        a = CEMPlanner(epistemic=kappa, **common).plan(agree, LatentState(z0)) if kappa else None
+        if a is not None:
+            torch.testing.assert_close(a, torch.ones_like(a), atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match="epistemic: 1.0 weighs the disagreement of an ensemble's members"):
+        CEMPlanner(epistemic=1.0, **common).plan(linear_quadratic_model(ActionSpace.box(1)), LatentState(z0.double()))
+    with pytest.raises(ValueError, match="epistemic: expected a finite number, got inf"):
+        CEMPlanner(epistemic=float("inf"))

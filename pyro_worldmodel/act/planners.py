@@ -208,6 +208,12 @@ class CEMPlanner:
         :class:`ActorCriticPlanner` that :meth:`update` trains in imagination.
         Without it the search sees nothing past H steps.
     :param value_updates: that critic's gradient steps per :meth:`update`.
+    :param epistemic: κ, how the model's epistemic uncertainty enters the score, with an
+        ensemble transition (:class:`~pyro_worldmodel.model.components.EnsembleTransition`):
+        0 imagines each candidate under one member (candidate n under member n mod K,
+        PETS's sampling of one dynamics per candidate); otherwise under every member, and
+        the score is the members' mean return + κ · their standard deviation: κ > 0 is
+        optimism (explore where the members disagree), κ < 0 pessimism (avoid it).
     :param latent_dim, action_space: filled in by :func:`~pyro_worldmodel.config.build`;
         needed only with ``terminal_value``.
     """
@@ -226,9 +232,13 @@ class CEMPlanner:
         sample_latents: bool = False,
         terminal_value: bool = False,
         value_updates: int = 100,
+        epistemic: float = 0.0,
         latent_dim: int | None = None,
         action_space: ActionSpace | None = None,
     ):
+        if not isinstance(epistemic, (int, float)) or isinstance(epistemic, bool) or not abs(epistemic) < float("inf"):
+            raise ValueError(f"epistemic: expected a finite number, got {epistemic!r}")
+        self.epistemic = float(epistemic)
         for arg, v in (
             ("horizon", horizon),
             ("candidates", candidates),
@@ -281,20 +291,34 @@ class CEMPlanner:
         _check_heads(model, "'cem'")
         space = model.action_space
         B, N, K, H = state.z.shape[0], self.candidates, self.top_k, self.horizon
-        many = state.expand(N)  # (N, B, ·)
+        members = 1
+        if self.epistemic:
+            members = getattr(model.transition, "members", 1)
+            if members < 2:
+                raise ValueError(
+                    f"epistemic: {self.epistemic} weighs the disagreement of an ensemble's members, and"
+                    f" the transition is a {type(model.transition).__name__}; use transition: {{name: ensemble}}"
+                    " or epistemic: 0"
+                )
+        many = state.expand(N)  # (N, B, ·): candidate n under member n mod K
+        if members > 1:
+            many = many.expand(members)  # (M, N, B, ·): every candidate under every member
         ref = state.z
 
         def score(seqs):
-            return imagined_returns(
+            returns = imagined_returns(
                 model,
                 many,
-                seqs,
+                seqs if members == 1 else seqs.expand(members, *seqs.shape),
                 discount=self.discount,
                 reward_scale=reward_scale,
                 reward_loc=reward_loc,
                 sample=self.sample_latents,
                 value=None if self.critic is None else self.critic.value,
-            )  # (N, B)
+            )  # (N, B), or (M, N, B)
+            if members == 1:
+                return returns
+            return returns.mean(0) + self.epistemic * returns.std(0, unbiased=False)
 
         if space.kind == "discrete":
             probs = torch.full((B, H, space.dim), 1.0 / space.dim, dtype=ref.dtype, device=ref.device)
@@ -362,7 +386,9 @@ class ActorCriticPlanner(nn.Module):
     The critic regresses v_k on R_k (held fixed); the actor maximises the
     weighted Σ_k R_k, by gradients through the model's dynamics for box actions
     (Dreamer) and by REINFORCE with the critic as baseline for discrete ones
-    (DreamerV2), plus an entropy bonus. The model is not changed.
+    (DreamerV2), plus an entropy bonus. The model is not changed. With an ensemble
+    transition each imagined rollout follows one member (start state n under member
+    n mod K), so the actor learns against the members' disagreement.
 
     :param latent_dim: what the actor and critic read, Z (or D + Z); filled in by :func:`~pyro_worldmodel.config.build`.
     :param action_space: the actions in model units; filled in likewise.

@@ -7,6 +7,7 @@ from .heads import BernoulliContinue, GaussianReward
 from .init import LearnedGaussianInit, StandardNormalInit
 from .policy import CategoricalPolicy, LinearGaussianPolicy, NormalPolicy, TanhNormalPolicy, auto_policy
 from .transition import (
+    EnsembleTransition,
     GatedTransition,
     GaussianMLPTransition,
     LinearGaussianTransition,
@@ -24,6 +25,7 @@ __all__ = [
     "Combiner",
     "GaussianMLPEmission",
     "GatedTransition",
+    "EnsembleTransition",
     "GaussianMLPTransition",
     "LearnedGaussianInit",
     "LinearGaussianEmission",

@@ -63,6 +63,68 @@ class GaussianMLPTransition(nn.Module):
         set_linear_gaussian(self.linear, self.net[-1], weight - eye, bias, scale, self.min_scale)
 
 
+class EnsembleTransition(nn.Module):
+    """A PETS-style ensemble of K Gaussian MLP transitions (Chua et al., 2018), one dynamics
+    per imagined future.
+
+    Member k gives p(z_{t+1} | z_t, a_t) for the rows k, k + K, k + 2K, … of the leading
+    batch dimension of its input, whatever that dimension is:
+
+    - in training, the episodes of a minibatch: each member learns from its share of
+      every (random) minibatch, which keeps the members apart as bootstrapping does;
+    - in imagination (:func:`~pyro_worldmodel.evaluate.imagine`, vectorised), the S
+      futures: future s follows member s mod K from the context to the horizon, so the
+      spread of the futures holds the members' disagreement, the model's epistemic
+      uncertainty, beside each member's own noise;
+    - in a planner, the candidates (:class:`~pyro_worldmodel.act.CEMPlanner` scores each
+      under one member, or under every member with ``epistemic``).
+
+    Each episode is thus modelled by one member, and the ELBO is that model's bound.
+    The members start alike from a linear warm start (their MLPs' hidden layers are
+    initialised apart) and differ by what they learn.
+
+    :param members: K ≥ 1.
+    The other arguments are :class:`GaussianMLPTransition`'s, for every member.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        action_dim: int,
+        members: int = 5,
+        hidden: Sequence[int] = (64, 64),
+        min_scale: float = 1e-3,
+    ):
+        super().__init__()
+        self.members = check_dim("members", members)
+        self.member = nn.ModuleList(
+            GaussianMLPTransition(latent_dim, action_dim, hidden, min_scale) for _ in range(members)
+        )
+        self.latent_dim, self.action_dim = latent_dim, action_dim
+        self.hidden, self.min_scale = self.member[0].hidden, self.member[0].min_scale
+
+    def forward(self, z_prev: torch.Tensor, a_prev: torch.Tensor) -> dist.Distribution:
+        """:param z_prev: ``(..., Z)``; :param a_prev: ``(..., A)`` action features."""
+        shape = torch.broadcast_shapes(z_prev.shape[:-1], a_prev.shape[:-1])
+        if not shape:  # one state: the first member
+            return self.member[0](z_prev, a_prev)
+        z = z_prev.expand(*shape, self.latent_dim)
+        a = a_prev.expand(*shape, a_prev.shape[-1])
+        K, n = self.members, shape[0]
+        if n == 1 or K == 1:
+            return self.member[0](z, a)
+        loc, scale = z.new_empty(z.shape), z.new_empty(z.shape)
+        for k in range(min(K, n)):
+            d = self.member[k](z[k::K], a[k::K]).base_dist
+            loc[k::K], scale[k::K] = d.loc, d.scale
+        return dist.Normal(loc, scale).to_event(1)
+
+    def init_linear(self, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> None:
+        """Start every member as :meth:`GaussianMLPTransition.init_linear` starts one."""
+        for member in self.member:
+            member.init_linear(weight, bias, scale)
+
+
 class LinearGaussianTransition(nn.Module):
     """p(z_{t+1} | z_t, a_t) = N(F z_t + G a_t + b, diag(σ²))."""
 
