@@ -38,12 +38,13 @@ def test_model_based_loop_benchmark_prints_a_row_per_environment(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if re.match(r"\| (Pendulum|CartPole)-v1 \|", line)]
-    assert [r.split("|")[1].strip() for r in rows] == ["Pendulum-v1", "CartPole-v1"]
+    envs = ["Pendulum-v1", "CartPole-v1", "MountainCar-v0"]
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\| (Pendulum-v1|CartPole-v1|MountainCar-v0) \|", line)]
+    assert [r.split("|")[1].strip() for r in rows] == envs
     import json
 
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert [r["env"] for r in saved] == ["Pendulum-v1", "CartPole-v1"]
+    assert [r["env"] for r in saved] == envs
     assert all(r["final_env_steps"] > 0 and r["seconds"] > 0 for r in saved)
     assert (tmp_path / "CartPole-v1" / "loop.png").exists()
 

@@ -407,3 +407,21 @@ def test_cem_is_optimistic_or_pessimistic_about_what_the_members_disagree_on():
         CEMPlanner(epistemic=1.0, **common).plan(linear_quadratic_model(ActionSpace.box(1)), LatentState(z0.double()))
     with pytest.raises(ValueError, match="epistemic: expected a finite number, got inf"):
         CEMPlanner(epistemic=float("inf"))
+
+
+def test_cem_explores_where_the_members_disagree_on_the_next_state():
+    """The members move z[0] by +a and −0.5a, so their states part by 1.5|a|: the exploration
+    bonus Σ_k γ^k · mean_i std_m(z_k,i) is 0.375 |a_0| + …, largest at |a| = 1."""
+    space = ActionSpace.box(1, -1.0, 1.0)
+    model = two_member_model(space, signs=(1.0, -0.5))  # r = z[0]: the members' mean return is 0.25 a_0
+    z0 = torch.zeros(2, 2)
+    pyro.set_rng_seed(0)
+    common = dict(horizon=2, candidates=300, top_k=30, iterations=5, discount=1.0)
+    calm = CEMPlanner(**{**common, "explore": 0.0, "epistemic": -1.0}).plan(model, LatentState(z0))
+    curious = CEMPlanner(**{**common, "explore": 10.0, "epistemic": -1.0}).plan(model, LatentState(z0))
+    # pessimism alone stays at a = 0; a large enough exploration bonus outweighs it
+    assert (calm.abs() < 0.1).all() and (curious.abs() > 0.9).all(), (calm, curious)
+    with pytest.raises(ValueError, match="explore: expected a finite number >= 0, got -1"):
+        CEMPlanner(explore=-1)
+    with pytest.raises(ValueError, match="explore: 1.0 weighs the disagreement of an ensemble's members"):
+        CEMPlanner(explore=1.0, **common).plan(linear_quadratic_model(ActionSpace.box(1)), LatentState(z0.double()))

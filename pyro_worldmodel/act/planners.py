@@ -117,6 +117,7 @@ def imagined_returns(
     reward_loc=0.0,
     sample: bool = False,
     value=None,
+    latents: list | None = None,
 ):
     """The value of each action sequence from ``state``, imagined with the model alone.
 
@@ -126,6 +127,7 @@ def imagined_returns(
     :param reward_scale, reward_loc: the reward head's units to real ones: r = loc + scale · r̂.
     :param sample: draw z_{t+1} from p(z_{t+1} | ·) instead of taking its mean.
     :param value: optional ``v(features) -> (...)``, the value after the last step.
+    :param latents: a list to append z_1 … z_H to, each ``(..., B, Z)``.
     :returns: ``(..., B)`` returns.
     """
     H = actions.shape[-1] if model.action_space.kind == "discrete" else actions.shape[-2]
@@ -143,6 +145,8 @@ def imagined_returns(
         weight = weight * discount
         prior, h = model.step(z, a_k, h)
         z = prior.rsample() if sample else prior.mean
+        if latents is not None:
+            latents.append(z)
     if value is not None:
         total = total + weight * value(model.features(z, h))
     return total
@@ -214,6 +218,11 @@ class CEMPlanner:
         PETS's sampling of one dynamics per candidate); otherwise under every member, and
         the score is the members' mean return + κ · their standard deviation: κ > 0 is
         optimism (explore where the members disagree), κ < 0 pessimism (avoid it).
+    :param explore: β ≥ 0, a bonus for imagined states the members disagree on, with an
+        ensemble: β · Σ_k γ^k · d_k, d_k the members' standard deviation of z_k averaged
+        over latent dimensions (model units), Plan2Explore's disagreement as an intrinsic
+        reward. It drives the agent to what its model does not know yet, where a sparse
+        reward (−1 per step until a goal the data never reached) gives no signal.
     :param latent_dim, action_space: filled in by :func:`~pyro_worldmodel.config.build`;
         needed only with ``terminal_value``.
     """
@@ -233,12 +242,16 @@ class CEMPlanner:
         terminal_value: bool = False,
         value_updates: int = 100,
         epistemic: float = 0.0,
+        explore: float = 0.0,
         latent_dim: int | None = None,
         action_space: ActionSpace | None = None,
     ):
         if not isinstance(epistemic, (int, float)) or isinstance(epistemic, bool) or not abs(epistemic) < float("inf"):
             raise ValueError(f"epistemic: expected a finite number, got {epistemic!r}")
         self.epistemic = float(epistemic)
+        if not isinstance(explore, (int, float)) or isinstance(explore, bool) or not 0 <= explore < float("inf"):
+            raise ValueError(f"explore: expected a finite number >= 0, got {explore!r}")
+        self.explore = float(explore)
         for arg, v in (
             ("horizon", horizon),
             ("candidates", candidates),
@@ -292,20 +305,22 @@ class CEMPlanner:
         space = model.action_space
         B, N, K, H = state.z.shape[0], self.candidates, self.top_k, self.horizon
         members = 1
-        if self.epistemic:
-            members = getattr(model.transition, "members", 1)
-            if members < 2:
-                raise ValueError(
-                    f"epistemic: {self.epistemic} weighs the disagreement of an ensemble's members, and"
-                    f" the transition is a {type(model.transition).__name__}; use transition: {{name: ensemble}}"
-                    " or epistemic: 0"
-                )
+        for arg, weight in (("epistemic", self.epistemic), ("explore", self.explore)):
+            if weight:
+                members = getattr(model.transition, "members", 1)
+                if members < 2:
+                    raise ValueError(
+                        f"{arg}: {weight} weighs the disagreement of an ensemble's members, and the"
+                        f" transition is a {type(model.transition).__name__}; use transition:"
+                        f" {{name: ensemble}} or {arg}: 0"
+                    )
         many = state.expand(N)  # (N, B, ·): candidate n under member n mod K
         if members > 1:
             many = many.expand(members)  # (M, N, B, ·): every candidate under every member
         ref = state.z
 
         def score(seqs):
+            zs = [] if self.explore else None
             returns = imagined_returns(
                 model,
                 many,
@@ -315,10 +330,15 @@ class CEMPlanner:
                 reward_loc=reward_loc,
                 sample=self.sample_latents,
                 value=None if self.critic is None else self.critic.value,
+                latents=zs,
             )  # (N, B), or (M, N, B)
             if members == 1:
                 return returns
-            return returns.mean(0) + self.epistemic * returns.std(0, unbiased=False)
+            out = returns.mean(0) + self.epistemic * returns.std(0, unbiased=False)
+            if self.explore:
+                for k, z in enumerate(zs):  # (M, N, B, Z) each
+                    out = out + self.explore * self.discount**k * z.std(0, unbiased=False).mean(-1)
+            return out
 
         if space.kind == "discrete":
             probs = torch.full((B, H, space.dim), 1.0 / space.dim, dtype=ref.dtype, device=ref.device)
