@@ -52,7 +52,9 @@ def run_one(env_id: str, seed: int, out: Path, tiny: bool, presets=(), overrides
     spec = workflow.training_spec(spec.with_overrides(overrides or {}))
     settings = workflow.TrainSettings(seed=seed)
     if tiny:
-        settings.evaluate = workflow.EvalSettings(horizon=5, num_samples=10, iwae_particles=2, max_windows=50, seed=seed)
+        settings.evaluate = workflow.EvalSettings(
+            horizon=5, num_samples=10, iwae_particles=2, max_windows=50, seed=seed
+        )
     else:
         settings.evaluate = workflow.EvalSettings(seed=seed)
     t0 = time.perf_counter()
@@ -120,7 +122,11 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             m = run_one(env_id, seed, work / env_id / f"seed{seed}", args.tiny, args.preset, overrides)
             results.append(m)
-            print(f"{env_id} seed {seed}: trained and evaluated in {m['wall_s']:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"{env_id} seed {seed}: trained and evaluated in {m['wall_s']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
         scores = gather(results)
         report[env_id] = {"scores": scores, "wall_s": [m["wall_s"] for m in results], "seeds": args.seeds}
         spec = " ".join([*(f"--preset {p}" for p in args.preset), *(f"--set {x}" for x in args.set)])
@@ -144,12 +150,16 @@ def main(argv=None) -> int:
                 best = max(others) if better == "high" else min(others)
                 if not (model > best if better == "high" else model < best):
                     lost.append(h)
-            say(f"- best {label} at every horizon: {'yes' if not lost else 'no, not at h = ' + ', '.join(map(str, lost))}")
+            say(
+                f"- best {label} at every horizon: {'yes' if not lost else 'no, not at h = ' + ', '.join(map(str, lost))}"
+            )
         for key, lo, hi in (("coverage90", 0.85, 0.95), ("coverage50", 0.42, 0.58)):
             got = [mean_at(scores[key]["model"], h) for h in HORIZONS if h <= H]
             ok = all(lo <= g <= hi for g in got)
-            say(f"- {key[-2:]}% coverage in [{lo}, {hi}] at h = {', '.join(str(h) for h in HORIZONS if h <= H)}: "
-                f"{'yes' if ok else 'no'} ({', '.join(f'{g:.2f}' for g in got)})")
+            say(
+                f"- {key[-2:]}% coverage in [{lo}, {hi}] at h = {', '.join(str(h) for h in HORIZONS if h <= H)}: "
+                f"{'yes' if ok else 'no'} ({', '.join(f'{g:.2f}' for g in got)})"
+            )
         walls = report[env_id]["wall_s"]
         say(f"- collect, train and evaluate: {min(walls):.0f}–{max(walls):.0f} s per seed")
         say()

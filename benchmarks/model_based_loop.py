@@ -63,8 +63,17 @@ SETTINGS = {
     # A sparse reward: the planner explores where an ensemble's members disagree.
     "MountainCar-v0": dict(
         spec={"transition.name": "ensemble"},
-        planner={"name": "cem", "horizon": 20, "candidates": 300, "top_k": 50, "iterations": 4, "explore": 1.0},
-        loop=dict(iterations=20, seed_episodes=5, train_steps=300, eval_every=2, eval_episodes=3, explore=0.1),
+        planner={
+            "name": "cem",
+            "horizon": 20,
+            "candidates": 300,
+            "top_k": 50,
+            "iterations": 4,
+            "explore": 1.0,
+        },
+        loop=dict(
+            iterations=20, seed_episodes=5, train_steps=300, eval_every=2, eval_episodes=3, explore=0.1
+        ),
     ),
 }
 TINY = dict(

@@ -457,8 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="episodes .npz to evaluate on (default: the run's held-out split)",
     )
     p.add_argument(
-        "--episode", type=int, default=None, help="episode whose first window imagination.png draws (default: a random window, the median"
-        " one and the 10th-percentile one by the model's log-likelihood)"
+        "--episode",
+        type=int,
+        default=None,
+        help="episode whose first window imagination.png draws (default: a random window, the median"
+        " one and the 10th-percentile one by the model's log-likelihood)",
     )
     _eval_options(p)
     common(p, out=False)

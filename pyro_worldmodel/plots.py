@@ -300,7 +300,14 @@ def _draw_dimension(ax, i, context, samples, lo, median, hi, future_obs, band, m
     t_context, t_future = np.arange(C), np.arange(C, C + H)
     ax.plot(t_context, context[:, i], color="black", label="context", gid="context")
     ax.fill_between(
-        t_future, lo[:, i], hi[:, i], color="C0", alpha=0.25, linewidth=0, label=f"{band:.0%} band", gid="band"
+        t_future,
+        lo[:, i],
+        hi[:, i],
+        color="C0",
+        alpha=0.25,
+        linewidth=0,
+        label=f"{band:.0%} band",
+        gid="band",
     )
     for s in range(min(max_paths, S)):
         ax.plot(
@@ -335,7 +342,9 @@ def plot_imagination_windows(
     X = windows[0][1].obs.shape[-1]
     dim_names = [f"x[{i}]" for i in range(X)] if dim_names is None else list(dim_names)
     if len(dim_names) != X:
-        raise ValueError(f"dim_names: expected {X} names, one per observation dimension, got {len(dim_names)}")
+        raise ValueError(
+            f"dim_names: expected {X} names, one per observation dimension, got {len(dim_names)}"
+        )
     fig = _Figure(figsize=(4.5 * len(windows), 1.0 + 1.9 * X), layout="constrained")
     grid = fig.subplots(X, len(windows), sharex="col", squeeze=False)
     q = torch.tensor([(1.0 - band) / 2, 0.5, (1.0 + band) / 2], dtype=torch.float64)
@@ -355,7 +364,9 @@ def plot_imagination_windows(
         grid[0, j].set_title(title, fontsize="medium")
     grid[0, 0].legend(fontsize="small")
     S, _, H, _ = windows[0][1].obs.shape
-    fig.suptitle(f"Imagination: {windows[0][1].context_obs.shape[1]} context steps, {H} imagined, {S} samples")
+    fig.suptitle(
+        f"Imagination: {windows[0][1].context_obs.shape[1]} context steps, {H} imagined, {S} samples"
+    )
     return save_figure(fig, path)
 
 

@@ -362,9 +362,7 @@ def drawn_windows(ol, seed: int = 0) -> list[tuple[str, int, int]]:
         "median": order[(n - 1) // 2],
         "10th percentile": order[int(0.1 * (n - 1))],
     }
-    return [
-        (f"{title}, log-lik {ol.window_log_lik[i]:.3g}", *ol.windows[i]) for title, i in pick.items()
-    ]
+    return [(f"{title}, log-lik {ol.window_log_lik[i]:.3g}", *ol.windows[i]) for title, i in pick.items()]
 
 
 def imagine_episode(

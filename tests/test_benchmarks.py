@@ -39,7 +39,11 @@ def test_model_based_loop_benchmark_prints_a_row_per_environment(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     envs = ["Pendulum-v1", "CartPole-v1", "MountainCar-v0"]
-    rows = [line for line in result.stdout.splitlines() if re.match(r"\| (Pendulum-v1|CartPole-v1|MountainCar-v0) \|", line)]
+    rows = [
+        line
+        for line in result.stdout.splitlines()
+        if re.match(r"\| (Pendulum-v1|CartPole-v1|MountainCar-v0) \|", line)
+    ]
     assert [r.split("|")[1].strip() for r in rows] == envs
     import json
 

@@ -557,7 +557,10 @@ def test_a_bad_config_is_refused_before_anything_is_written(pendulum_data, tmp_p
     rc, _, err = cli(
         capsys, "train", "--data", pendulum_data, "--set", "transition.name=lstm", *TRAIN, "--out", out
     )
-    assert rc == 2 and "registered: ['ensemble', 'gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t']" in err
+    assert (
+        rc == 2
+        and "registered: ['ensemble', 'gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t']" in err
+    )
     assert not out.exists()
 
 

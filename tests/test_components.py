@@ -275,7 +275,9 @@ def test_one_adam_step_moves_a_learned_log_scale_by_gain_times_the_learning_rate
         opt = torch.optim.Adam(emit.parameters(), lr=1e-3)
         (-emit(z).log_prob(x).sum()).backward()
         opt.step()
-        torch.testing.assert_close(emit.log_scale.detach() - before, torch.full((X,), gain * 1e-3), rtol=1e-3, atol=0)
+        torch.testing.assert_close(
+            emit.log_scale.detach() - before, torch.full((X,), gain * 1e-3), rtol=1e-3, atol=0
+        )
     emit.gained_log_scale.set(torch.full((X,), -3.0))
     torch.testing.assert_close(emit(z).base_dist.scale, torch.full((5, X), math.exp(-3.0)))
     with pytest.raises(ValueError, match="scale_gain: expected a finite float > 0, got 0"):

@@ -220,7 +220,7 @@ def test_bad_input():
         model.model(obs, actions, mask, horizon=2)
 
 
-def test_open_loop_of_the_true_model_matches_the_exact_forecast(system):
+def test_open_loop_of_the_true_model_matches_the_exact_forecast(system, monkeypatch):
     """At the true parameters, the model's open-loop MSE and log-likelihood are the Kalman forecast's."""
     N, T, C, H = 8, 12, 4, 5
     obs, actions, _ = system.sample(N, T, seed=8)
@@ -231,7 +231,7 @@ def test_open_loop_of_the_true_model_matches_the_exact_forecast(system):
     pyro.set_rng_seed(0)
     ol = open_loop(model, guide, obs, actions, mask, context=C, horizon=H, num_samples=3000, max_windows=None)
     # By hand: every start s with s + C < L, and at horizon h the windows where s + C + h - 1 < L.
-    sq, ll, crps, cov = [[] for _ in range(H)], [[] for _ in range(H)], [[] for _ in range(H)], [[] for _ in range(H)]
+    sq, ll, crps, cov, ll_diag = ([[] for _ in range(H)] for _ in range(5))
     for n in range(N):
         L = int(lengths[n])
         for s in range(L - C):
@@ -243,6 +243,7 @@ def test_open_loop_of_the_true_model_matches_the_exact_forecast(system):
                 sq[h].append(((f.loc[0, h] - x) ** 2).mean())
                 ll[h].append(dist.MultivariateNormal(f.loc[0, h], f.covariance_matrix[0, h]).log_prob(x))
                 sd = f.covariance_matrix[0, h].diagonal().sqrt()
+                ll_diag[h].append(dist.Normal(f.loc[0, h], sd).log_prob(x).sum())
                 crps[h].append(gaussian_crps(f.loc[0, h], sd, x).mean())
                 cov[h].append(((x - f.loc[0, h]).abs() <= 1.6448536 * sd).double().mean())
     assert ol.num_windows == sum(int(L) - C for L in lengths)
@@ -260,7 +261,9 @@ def test_open_loop_of_the_true_model_matches_the_exact_forecast(system):
     assert (gaussian - log_lik).abs().mean() < (torch.tensor(ol.log_lik["model"]) - log_lik).abs().mean()
     # CRPS from 3000 draws against the closed form of each Gaussian marginal.
     exact_crps = torch.stack([torch.stack(v).mean() for v in crps])
-    torch.testing.assert_close(torch.tensor(ol.crps["model"], dtype=torch.float64), exact_crps, rtol=0.03, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(ol.crps["model"], dtype=torch.float64), exact_crps, rtol=0.03, atol=0
+    )
     # The 90% interval from the draws covers what the exact 90% interval covers, up to the
     # draws' quantile error (≈ 0.01 of probability at S = 3000) on these windows.
     exact_cov = torch.stack([torch.stack(v).mean() for v in cov])
@@ -272,6 +275,23 @@ def test_open_loop_of_the_true_model_matches_the_exact_forecast(system):
     assert all(p <= m for p, m in zip(ol.log_lik_p10["model"], ol.log_lik_median["model"]))
     assert len(ol.windows) == len(ol.window_log_lik) == ol.num_windows
     assert sorted(map(tuple, ol.windows)) == [(n, s) for n in range(N) for s in range(int(lengths[n]) - C)]
+    # Beyond FULL_COVARIANCE_DIMS observation dimensions the Gaussian is the diagonal one:
+    # the product of the exact forecast's marginals.
+    import importlib
+
+    monkeypatch.setattr(
+        importlib.import_module("pyro_worldmodel.evaluate.open_loop"), "FULL_COVARIANCE_DIMS", 3
+    )
+    pyro.set_rng_seed(0)
+    diag = open_loop(
+        model, guide, obs, actions, mask, context=C, horizon=H, num_samples=3000, max_windows=None
+    )
+    exact_diag = torch.stack([torch.stack(v).mean() for v in ll_diag])
+    # the variances from 3,000 draws, at the horizon with the fewest windows: within 0.05 nats
+    torch.testing.assert_close(
+        torch.tensor(diag.log_lik_gaussian["model"], dtype=torch.float64), exact_diag, rtol=0, atol=0.05
+    )
+    assert (exact_diag - log_lik).abs().max() > 0.1  # the dimensions are correlated: the two differ
 
 
 def gaussian_crps(loc, scale, x):

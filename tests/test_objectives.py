@@ -411,7 +411,10 @@ def test_the_two_step_kl_is_unbiased_for_its_closed_form():
     m = F @ z[0, 0] + G @ a_feat[0, 0] + b
     p = dist.Normal(F @ m + G @ a_feat[0, 1] + b, var.sqrt())
     q2 = dist.Normal(q.loc[0, 2], q.scale[0, 2])
-    exact = torch.distributions.kl_divergence(q2, p).sum() + 0.5 * ((F @ torch.diag(var) @ F.T).diagonal() / var).sum()
+    exact = (
+        torch.distributions.kl_divergence(q2, p).sum()
+        + 0.5 * ((F @ torch.diag(var) @ F.T).diagonal() / var).sum()
+    )
     assert kl.mean().item() == pytest.approx(exact.item(), abs=4 * kl.std().item() / N**0.5)
 
 
@@ -420,7 +423,9 @@ def test_overshooting_refuses_what_it_cannot_compute():
 
     with pytest.raises(ValueError, match="distance: expected an int >= 1, got 0"):
         LatentOvershooting_ELBO(distance=0)
-    with pytest.raises(ValueError, match="batched: LatentOvershooting_ELBO is computed on the batched path only"):
+    with pytest.raises(
+        ValueError, match="batched: LatentOvershooting_ELBO is computed on the batched path only"
+    ):
         LatentOvershooting_ELBO(batched=False)
     rssm = build(Spec.preset("planet", "smoke"), X, world()[0].action_space)
     with pytest.raises(ValueError, match=r"LatentOvershooting_ELBO: .*\(the transition is recurrent\)"):

@@ -404,7 +404,9 @@ def test_cem_is_optimistic_or_pessimistic_about_what_the_members_disagree_on():
         if a is not None:
             torch.testing.assert_close(a, torch.ones_like(a), atol=0.02, rtol=0)
     with pytest.raises(ValueError, match="epistemic: 1.0 weighs the disagreement of an ensemble's members"):
-        CEMPlanner(epistemic=1.0, **common).plan(linear_quadratic_model(ActionSpace.box(1)), LatentState(z0.double()))
+        CEMPlanner(epistemic=1.0, **common).plan(
+            linear_quadratic_model(ActionSpace.box(1)), LatentState(z0.double())
+        )
     with pytest.raises(ValueError, match="epistemic: expected a finite number, got inf"):
         CEMPlanner(epistemic=float("inf"))
 
@@ -424,4 +426,6 @@ def test_cem_explores_where_the_members_disagree_on_the_next_state():
     with pytest.raises(ValueError, match="explore: expected a finite number >= 0, got -1"):
         CEMPlanner(explore=-1)
     with pytest.raises(ValueError, match="explore: 1.0 weighs the disagreement of an ensemble's members"):
-        CEMPlanner(explore=1.0, **common).plan(linear_quadratic_model(ActionSpace.box(1)), LatentState(z0.double()))
+        CEMPlanner(explore=1.0, **common).plan(
+            linear_quadratic_model(ActionSpace.box(1)), LatentState(z0.double())
+        )

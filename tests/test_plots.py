@@ -274,7 +274,10 @@ def test_open_loop_plots_each_predictors_numbers_against_horizon(open_loop):
 def test_open_loop_draws_the_spread_crps_and_calibration(open_loop):
     open_loop.log_lik_median = {"model": [2.5, 2.0, 1.5, 1.0]}
     open_loop.log_lik_p10 = {"model": [0.0, -1.0, -20.0, -300.0]}
-    open_loop.log_lik_gaussian = {"model": [2.1, 1.7, 1.3, 0.9], "last value": open_loop.log_lik["last value"]}
+    open_loop.log_lik_gaussian = {
+        "model": [2.1, 1.7, 1.3, 0.9],
+        "last value": open_loop.log_lik["last value"],
+    }
     open_loop.crps = {"model": [0.1, 0.2, 0.3, 0.4], "last value": [0.2, 0.4, 0.6, 0.8]}
     open_loop.coverage = {
         "0.5": {"model": [0.6, 0.55, 0.5, 0.45], "last value": [0.3, 0.3, 0.3, 0.3]},
@@ -311,7 +314,7 @@ def test_imagination_windows_side_by_side():
     fig = plot_imagination_windows(ims, dim_names=["a", "b"])
     axes = np.array(fig.axes).reshape(X, 3)
     assert [axes[0, j].get_title() for j in range(3)] == ["window 0", "window 1", "window 2"]
-    for j, (_, im, future) in enumerate(ims):
+    for j, (_, _im, future) in enumerate(ims):
         truth = [line for line in axes[1, j].get_lines() if line.get_gid() == "future"][0]
         np.testing.assert_array_equal(truth.get_ydata(), future[0, :, 1].numpy())
         np.testing.assert_array_equal(truth.get_xdata(), np.arange(C, C + H - j))

@@ -15,7 +15,6 @@ from pyro_worldmodel.evaluate.scores import (
     summarise,
 )
 
-
 # z ~ N(m, s²), x | z ~ N(z, σ²): p(x) = N(x; m, s² + σ²) in closed form.
 M, S_Z, SIGMA = 0.3, 1.0, 0.2
 
@@ -37,7 +36,9 @@ def test_mixture_estimate_is_biased_low_by_the_delta_method_amount():
     x = torch.tensor(M + 1.5)  # a tail value, where the bias is large
     exact = dist.Normal(M, math.hypot(S_Z, SIGMA)).log_prob(x)
     # E[p(x|z)²] / p(x)² in closed form: ∫ N(x; z, σ²)² N(z; m, s²) dz = N(x; m, s² + σ²/2) / (2σ√π).
-    second = dist.Normal(M, math.sqrt(S_Z**2 + SIGMA**2 / 2)).log_prob(x).exp() / (2 * SIGMA * math.sqrt(math.pi))
+    second = dist.Normal(M, math.sqrt(S_Z**2 + SIGMA**2 / 2)).log_prob(x).exp() / (
+        2 * SIGMA * math.sqrt(math.pi)
+    )
     rel_var = float(second / exact.exp() ** 2 - 1)
     for S in (100, 1000):
         est = mixture_estimates(x, S, 4000, seed=S)

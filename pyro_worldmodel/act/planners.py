@@ -246,10 +246,18 @@ class CEMPlanner:
         latent_dim: int | None = None,
         action_space: ActionSpace | None = None,
     ):
-        if not isinstance(epistemic, (int, float)) or isinstance(epistemic, bool) or not abs(epistemic) < float("inf"):
+        if (
+            not isinstance(epistemic, (int, float))
+            or isinstance(epistemic, bool)
+            or not abs(epistemic) < float("inf")
+        ):
             raise ValueError(f"epistemic: expected a finite number, got {epistemic!r}")
         self.epistemic = float(epistemic)
-        if not isinstance(explore, (int, float)) or isinstance(explore, bool) or not 0 <= explore < float("inf"):
+        if (
+            not isinstance(explore, (int, float))
+            or isinstance(explore, bool)
+            or not 0 <= explore < float("inf")
+        ):
             raise ValueError(f"explore: expected a finite number >= 0, got {explore!r}")
         self.explore = float(explore)
         for arg, v in (

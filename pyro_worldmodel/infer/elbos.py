@@ -590,7 +590,9 @@ class LatentOvershooting_ELBO(TraceMeanField_ELBO):
         self.distance = _check_int("distance", distance, low=1)
         self.beta = _check_real("beta", beta, low=0.0)
         if not batched:
-            raise ValueError("batched: LatentOvershooting_ELBO is computed on the batched path only, got False")
+            raise ValueError(
+                "batched: LatentOvershooting_ELBO is computed on the batched path only, got False"
+            )
         super().__init__(
             num_particles,
             max_plate_nesting,

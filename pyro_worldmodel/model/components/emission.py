@@ -8,7 +8,15 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .nets import DEFAULT_SCALE_GAIN, GainedParameter, LearnedDF, check_dim, check_hidden, mlp, set_linear_gaussian
+from .nets import (
+    DEFAULT_SCALE_GAIN,
+    GainedParameter,
+    LearnedDF,
+    check_dim,
+    check_hidden,
+    mlp,
+    set_linear_gaussian,
+)
 
 
 class _MLPMean(nn.Module):
