@@ -282,3 +282,17 @@ def test_one_adam_step_moves_a_learned_log_scale_by_gain_times_the_learning_rate
     torch.testing.assert_close(emit(z).base_dist.scale, torch.full((5, X), math.exp(-3.0)))
     with pytest.raises(ValueError, match="scale_gain: expected a finite float > 0, got 0"):
         emission(Z, X, scale_gain=0)
+
+
+def test_a_state_dict_from_before_the_gain_loads_with_the_same_scale():
+    """Checkpoints written when the parameter was ``log_scale`` (log σ itself) still load."""
+    for make in (
+        lambda: GaussianMLPEmission(Z, X, hidden=(16,)),
+        lambda: GaussianMLPEmission(Z, X, hidden=(16,), scale=0.3),
+        lambda: StudentTEmission(Z, X, hidden=(16,)),
+    ):
+        new = make()
+        old = {k: v for k, v in new.state_dict().items() if "log_scale" not in k}
+        old["log_scale"] = torch.linspace(-3.0, 0.5, X)
+        new.load_state_dict(old)
+        torch.testing.assert_close(new.log_scale, torch.linspace(-3.0, 0.5, X))

@@ -574,3 +574,39 @@ def test_a_callable_must_return_one_action_per_particle_and_episode():
     )  # fmt: skip
     assert im.actions.dtype == torch.int64
     assert torch.equal(im.actions, (im.latents[..., 0] > 0).long())
+
+
+def test_open_loop_scores_emissions_without_a_finite_variance_or_real_values():
+    """A Student-t emission with ν = 2 has no finite variance: its Gaussian score and squared
+    error over variance are NaN (null in metrics.json), the rest as usual. A Bernoulli
+    emission of saturated probabilities has no Gaussian score at all."""
+    from pyro_worldmodel.model.components import (
+        BernoulliEmission,
+        GaussianMLPTransition,
+        NormalPolicy,
+        StandardNormalInit,
+        StudentTEmission,
+    )
+
+    def model_with(emission):
+        return WorldModel(
+            StandardNormalInit(2),
+            GaussianMLPTransition(2, 1, hidden=(4,)),
+            emission,
+            NormalPolicy(2, ActionSpace.box(1), hidden=(4,)),
+        )
+
+    obs, actions = torch.randn(3, 9, 2), torch.randn(3, 9, 1)
+    model = model_with(StudentTEmission(2, 2, hidden=(4,), df=2.0))
+    guide = FilterGuide.for_model(model, rnn_dim=4)
+    ol = open_loop(model, guide, obs, actions, context=3, horizon=4, num_samples=6)
+    assert all(math.isnan(v) for v in ol.log_lik_gaussian["model"] + ol.sq_z["model"])
+    assert all(math.isfinite(v) for v in ol.mse["model"] + ol.crps["model"] + ol.log_lik["model"])
+    assert "| 1 | model |" in ol.table(horizons=(1,)) and "–" in ol.table(horizons=(1,))
+    model = model_with(BernoulliEmission(2, 2, hidden=(4,)))
+    with torch.no_grad():
+        model.emission.linear.bias.fill_(40.0)  # p = 1 - 4e-18: a zero variance
+    guide = FilterGuide.for_model(model, rnn_dim=4)
+    binary = (torch.rand(3, 9, 2) < 0.5).float()
+    ol = open_loop(model, guide, binary, actions, context=3, horizon=4, num_samples=6)
+    assert "model" not in ol.log_lik_gaussian and "model" in ol.crps

@@ -111,3 +111,18 @@ def test_summary_per_horizon_over_valid_windows_only():
     assert out["p10"][0] == pytest.approx(1.3)
     none = summarise(values, torch.zeros_like(valid))
     assert all(math.isnan(v) for v in none["mean"])
+
+
+def test_the_standard_error_is_clustered_by_group():
+    """k identical copies of each of G values carry G values' information: the clustered
+    standard error is the plain one of the G values, not of the G·k rows."""
+    g = torch.Generator().manual_seed(3)
+    distinct = torch.randn(12, 1, generator=g)
+    copies = distinct.repeat_interleave(5, 0)  # (60, 1)
+    groups = torch.arange(12).repeat_interleave(5)
+    valid = torch.ones(60, 1, dtype=torch.bool)
+    plain = summarise(distinct, valid[:12])["se"][0]
+    assert summarise(copies, valid, groups)["se"][0] == pytest.approx(plain, rel=1e-9)
+    assert summarise(copies, valid)["se"][0] < 0.5 * plain  # unclustered: too small
+    # every row its own group: the plain standard error
+    assert summarise(distinct, valid[:12], torch.arange(12))["se"][0] == pytest.approx(plain, rel=1e-9)

@@ -74,3 +74,26 @@ def test_warm_start_refuses_what_it_cannot_set():
     lg = LinearGaussianSSM.random(latent_dim=3, obs_dim=3, action_dim=1).world_model().float()
     with pytest.raises(ValueError, match="model.transition: expected a component with init_linear"):
         linear_warm_start(lg, FilterGuide.for_model(lg, rnn_dim=8), obs, actions)
+
+
+def test_a_fixed_emission_scale_is_left_as_it_is_by_the_warm_start():
+    from pyro_worldmodel import ActionSpace, FilterGuide, WorldModel
+    from pyro_worldmodel.infer import linear_warm_start
+    from pyro_worldmodel.model.components import (
+        GaussianMLPEmission,
+        GaussianMLPTransition,
+        NormalPolicy,
+        StandardNormalInit,
+    )
+
+    model = WorldModel(
+        StandardNormalInit(3),
+        GaussianMLPTransition(3, 1, hidden=(4,)),
+        GaussianMLPEmission(3, 2, hidden=(4,), scale=0.1),
+        NormalPolicy(3, ActionSpace.box(1), hidden=(4,)),
+    )
+    guide = FilterGuide.for_model(model, rnn_dim=4)
+    obs = torch.cumsum(torch.randn(8, 10, 2), 1)
+    linear_warm_start(model, guide, obs, torch.randn(8, 10, 1))
+    torch.testing.assert_close(model.emission.log_scale.exp(), torch.full((2,), 0.1))
+    torch.testing.assert_close(model.emission.linear.weight, torch.eye(2, 3))  # the read-out was set

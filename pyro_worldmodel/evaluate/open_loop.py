@@ -32,7 +32,8 @@ class OpenLoop:
         predictor's distribution for it, in nats (summed over dimensions, in
         real units). The model's is the sample mixture's, log (1/S) Σ_s p(x | z_s),
         biased low; a baseline's is its Gaussian's, exact.
-    :ivar log_lik_se: the standard error of ``log_lik`` over the windows.
+    :ivar log_lik_se: the standard error of ``log_lik``, clustered by episode: the windows
+        of one episode overlap, and their scores are correlated.
     :ivar log_lik_median: the median of the per-window log-likelihood.
     :ivar log_lik_p10: its 10th percentile: how bad the worst tenth of windows is.
     :ivar log_lik_gaussian: the log-density under the moment-matched Gaussian
@@ -201,16 +202,24 @@ def open_loop(
         with torch.no_grad():
             emission = model.emission(im.emission_input)  # batch (S, b, H), event (X,)
             mixture = mixture_log_density(emission.log_prob(target)).cpu() - log_jac  # (b, H)
-            full = model.obs_dim <= FULL_COVARIANCE_DIMS
-            matched = moment_matched(emission.mean.double(), emission.variance.double(), full=full)
+            # The predictive's variance per dimension, by the law of total variance; where an
+            # emission has none that is finite (a Student-t with ν ≤ 2), NaN.
+            mean_s, var_s = emission.mean.double(), emission.variance.double()
+            spread = ((mean_s - mean_s.mean(0)) ** 2).sum(0) / max(num_samples - 1, 1)
+            variance = {"model": (var_s.mean(0) + spread).cpu()}  # (b, H, X), model units
+            finite = bool(torch.isfinite(mean_s).all() and torch.isfinite(var_s).all())
+            gaussian = None  # none for an emission of binary values
+            if gaussian_model and finite:
+                full = model.obs_dim <= FULL_COVARIANCE_DIMS
+                gaussian = moment_matched(mean_s, var_s, full=full).log_prob(target.double())
+                gaussian = (gaussian if full else gaussian.sum(-1)).cpu() - log_jac  # diagonal: per dimension
+            elif gaussian_model:
+                gaussian = torch.full_like(mixture, float("nan"), dtype=torch.float64)
+            if not finite:
+                variance["model"] = torch.full_like(variance["model"], float("nan"))
+            record = {"model": (mixture, gaussian)}
         draws = {"model": im.obs.cpu()}  # (S, b, H, X) real units
         means = {"model": im.obs_mean.mean(0).cpu()}
-        record = {"model": (mixture, None)}
-        if gaussian_model:
-            gaussian = matched.log_prob(target.double())
-            gaussian = gaussian if full else gaussian.sum(-1)  # a diagonal Normal: per dimension
-            record["model"] = (mixture, gaussian.cpu() - log_jac)
-        variance = {"model": matched.variance.cpu()}  # model units
         for name, predictor in (baselines or {}).items():
             model_act = w_act[sl, : W - 1]
             if normalizer is not None and model_act.is_floating_point():
@@ -245,7 +254,7 @@ def open_loop(
     model_ll = torch.cat(scores["model"]["log_lik"])  # (n, H)
     window_ll = torch.where(valid, model_ll, 0.0).sum(1) / valid.sum(1)
     for name, s in scores.items():
-        ll = summarise(torch.cat(s["log_lik"]), valid)
+        ll = summarise(torch.cat(s["log_lik"]), valid, groups=episode)
         out["mse"][name] = mean(s["sq_err"])
         out["log_lik"][name] = ll["mean"]
         out["log_lik_se"][name] = ll["se"]

@@ -88,20 +88,38 @@ def interval_coverage(samples: torch.Tensor, truth: torch.Tensor, level: float) 
     return (truth >= lo) & (truth <= hi)
 
 
-def summarise(values: torch.Tensor, valid: torch.Tensor) -> dict[str, list[float]]:
+def summarise(
+    values: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor | None = None
+) -> dict[str, list[float]]:
     """Per column of ``values`` ``(n, H)``, over the rows where ``valid`` ``(n, H)``:
     the mean, its standard error, the median and the 10th percentile.
-    A column with no valid row is NaN."""
+    A column with no valid row is NaN.
+
+    :param groups: ``(n,)`` a group per row, e.g. the episode of each open-loop window.
+        Windows of one episode overlap and their scores are correlated, so the standard
+        error is then the cluster-robust one, sqrt(G / (G − 1) · Σ_g (Σ_{i∈g} (v_i − v̄))²) / n
+        over the G groups; it equals the plain one when every row is its own group.
+    """
     out = {"mean": [], "se": [], "median": [], "p10": []}
     for h in range(values.shape[1]):
-        v = values[valid[:, h], h].double()
+        keep = valid[:, h]
+        v = values[keep, h].double()
         n = v.numel()
         if n == 0:
             for key in out:
                 out[key].append(float("nan"))
             continue
-        out["mean"].append(float(v.mean()))
-        out["se"].append(float(v.std() / math.sqrt(n)) if n > 1 else float("nan"))
+        mean = v.mean()
+        out["mean"].append(float(mean))
+        if groups is None:
+            se = v.std() / math.sqrt(n) if n > 1 else float("nan")
+        else:
+            g = groups[keep]
+            _, index = torch.unique(g, return_inverse=True)
+            G = int(index.max()) + 1
+            sums = torch.zeros(G, dtype=v.dtype).index_add_(0, index, v - mean)
+            se = (G / (G - 1) * (sums**2).sum()).sqrt() / n if G > 1 else float("nan")
+        out["se"].append(float(se))
         out["median"].append(float(v.quantile(0.5)))
         out["p10"].append(float(v.quantile(0.1)))
     return out

@@ -56,11 +56,21 @@ def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1)
     :param model: a :class:`~pyro_worldmodel.model.WorldModel`.
     :param guide: a guide over the same ``z_{t}`` sites.
     :param num_particles: number of guide samples to average.
+
+    With an ensemble transition (``members`` K > 1), whose member is chosen by an
+    episode's row, every episode is scored under every member once (each row
+    repeated K times), so the terms are the average over members, whatever the
+    order of the episodes: a lower bound on the log-likelihood of the members'
+    equal mixture, which :func:`~pyro_worldmodel.evaluate.iwae_log_likelihood`
+    estimates with particle k under member k mod K.
     """
     if not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles: expected a positive int, got {num_particles!r}")
     obs, actions, mask = model.check_inputs(obs, actions, mask)
     check_observed(mask)
+    members = getattr(model.transition, "members", 1)
+    if members > 1:
+        obs, actions, mask = (x.repeat_interleave(members, 0) for x in (obs, actions, mask))
     B, T = mask.shape
     n = mask.sum()
     log_lik = {"x": 0.0, "a": 0.0}

@@ -35,6 +35,18 @@ class _MLPMean(nn.Module):
         return self.linear(z) + self.net(z)
 
 
+def _renamed_log_scale(module, state_dict, prefix) -> None:
+    """Read a checkpoint written before the gain (``log_scale`` held log σ itself) as the
+    parameter now stored: ``gained_log_scale.raw`` = log σ / gain, or ``fixed_log_scale``."""
+    old = prefix + "log_scale"
+    if old in state_dict:
+        value = state_dict.pop(old)
+        if getattr(module, "scale", "learned") == "learned":
+            state_dict[prefix + "gained_log_scale.raw"] = value / module.gained_log_scale.gain
+        else:
+            state_dict[prefix + "fixed_log_scale"] = value
+
+
 class GaussianMLPEmission(_MLPMean):
     """p(x_t | z_t) = N(W z_t + f(z_t), diag(σ²)).
 
@@ -67,6 +79,10 @@ class GaussianMLPEmission(_MLPMean):
         """log σ, ``(X,)``."""
         return self.gained_log_scale() if self.scale == "learned" else self.fixed_log_scale
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _renamed_log_scale(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: a Normal with event shape ``(X,)``."""
         loc = self.mean_path(z)  # (..., X)
@@ -78,7 +94,8 @@ class GaussianMLPEmission(_MLPMean):
         :param weight: ``(X, Z)``; :param bias: ``(X,)``; :param scale: ``(X,)``.
         """
         set_linear_gaussian(self.linear, self.net[-1], weight, bias, None, 0.0)
-        self.gained_log_scale.set(torch.as_tensor(scale).log())
+        if self.scale == "learned":
+            self.gained_log_scale.set(torch.as_tensor(scale).log())
 
 
 class LinearGaussianEmission(nn.Module):
@@ -123,6 +140,10 @@ class StudentTEmission(LearnedDF, _MLPMean):
     def log_scale(self) -> torch.Tensor:
         """log σ, ``(X,)``."""
         return self.gained_log_scale()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _renamed_log_scale(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: a StudentT with event shape ``(X,)``."""

@@ -75,11 +75,15 @@ class EnsembleTransition(nn.Module):
     - in imagination (:func:`~pyro_worldmodel.evaluate.imagine`, vectorised), the S
       futures: future s follows member s mod K from the context to the horizon, so the
       spread of the futures holds the members' disagreement, the model's epistemic
-      uncertainty, beside each member's own noise;
+      uncertainty, beside each member's own noise (with ``parallel=False`` the leading
+      dimension is the episodes, and all the futures of an episode follow one member);
     - in a planner, the candidates (:class:`~pyro_worldmodel.act.CEMPlanner` scores each
       under one member, or under every member with ``epistemic``).
 
     Each episode is thus modelled by one member, and the ELBO is that model's bound.
+    Held-out terms (:func:`~pyro_worldmodel.elbo_terms`) score every episode under every
+    member, and the IWAE's particle k takes member k mod K: both then concern the
+    members' equal mixture, whatever the order of the episodes.
     The members start alike from a linear warm start (their MLPs' hidden layers are
     initialised apart) and differ by what they learn.
 
