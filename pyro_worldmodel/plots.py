@@ -275,8 +275,7 @@ def plot_imagination(
         future_obs = _numpy(future_obs)  # (H, X)
 
     samples = obs[:, episode].detach().to("cpu", torch.float64)  # (S, H, X)
-    q = torch.tensor([(1.0 - band) / 2, 0.5, (1.0 + band) / 2], dtype=torch.float64)
-    lo, median, hi = torch.quantile(samples, q, dim=0).numpy()  # 3 × (H, X)
+    lo, median, hi = _band(samples, band)  # 3 × (H, X)
     samples = samples.numpy()
     context = _numpy(context_obs[episode])  # (C, X)
 
@@ -291,6 +290,13 @@ def plot_imagination(
     axes[0].legend(fontsize="small")
     fig.suptitle(f"Imagination, episode {episode}: {C} context steps, {H} imagined, {S} samples")
     return save_figure(fig, path)
+
+
+def _band(samples: torch.Tensor, band: float) -> np.ndarray:
+    """The lower edge, the median and the upper edge of the central ``band`` of ``samples``
+    ``(S, H, X)`` float64, over S: ``(3, H, X)``."""
+    q = torch.tensor([(1.0 - band) / 2, 0.5, (1.0 + band) / 2], dtype=torch.float64)
+    return torch.quantile(samples, q, dim=0).numpy()
 
 
 def _draw_dimension(ax, i, context, samples, lo, median, hi, future_obs, band, max_paths) -> None:
@@ -347,14 +353,13 @@ def plot_imagination_windows(
         )
     fig = _Figure(figsize=(4.5 * len(windows), 1.0 + 1.9 * X), layout="constrained")
     grid = fig.subplots(X, len(windows), sharex="col", squeeze=False)
-    q = torch.tensor([(1.0 - band) / 2, 0.5, (1.0 + band) / 2], dtype=torch.float64)
     for j, (title, im, future) in enumerate(windows):
         if im.obs.dim() != 4 or im.obs.shape[1] != 1 or im.obs.shape[-1] != X:
             raise ValueError(
                 f"windows[{j}]: expected an imagination of one episode, obs (S, 1, H, {X}), got {tuple(im.obs.shape)}"
             )
         samples = im.obs[:, 0].detach().to("cpu", torch.float64)  # (S, H, X)
-        lo, median, hi = torch.quantile(samples, q, dim=0).numpy()
+        lo, median, hi = _band(samples, band)
         fut = None if future is None else _numpy(torch.as_tensor(future).reshape(samples.shape[1:]))
         context = _numpy(im.context_obs[0])
         for i in range(X):

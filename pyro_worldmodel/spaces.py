@@ -354,6 +354,20 @@ def check_int(name: str, value, low: int) -> int:
     return value
 
 
+def check_real(name: str, value, *, low=None, high=None) -> float:
+    """``value`` as a float if it is a finite real number (not a bool) in [``low``, ``high``],
+    else ``ValueError`` naming ``name``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (low is not None and value < low) or (high is not None and value > high):
+        expected = "a finite number"
+        if low is not None and high is not None:
+            expected += f" in [{low:g}, {high:g}]"
+        elif low is not None:
+            expected += f" >= {low:g}"
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return float(value)
+
+
 def check_observed(mask) -> None:
     """Refuse a mask with no observed step, where every figure per step would be 0 / 0."""
     if not bool(mask.any()):

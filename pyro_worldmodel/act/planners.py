@@ -33,7 +33,7 @@ from torch import nn
 
 from ..model.components.nets import cat_batched, check_dim, check_hidden, mlp
 from ..model.components.policy import TanhToBox
-from ..spaces import ActionSpace
+from ..spaces import ActionSpace, check_real
 
 
 @dataclass
@@ -246,20 +246,8 @@ class CEMPlanner:
         latent_dim: int | None = None,
         action_space: ActionSpace | None = None,
     ):
-        if (
-            not isinstance(epistemic, (int, float))
-            or isinstance(epistemic, bool)
-            or not abs(epistemic) < float("inf")
-        ):
-            raise ValueError(f"epistemic: expected a finite number, got {epistemic!r}")
-        self.epistemic = float(epistemic)
-        if (
-            not isinstance(explore, (int, float))
-            or isinstance(explore, bool)
-            or not 0 <= explore < float("inf")
-        ):
-            raise ValueError(f"explore: expected a finite number >= 0, got {explore!r}")
-        self.explore = float(explore)
+        self.epistemic = check_real("epistemic", epistemic)
+        self.explore = check_real("explore", explore, low=0.0)
         for arg, v in (
             ("horizon", horizon),
             ("candidates", candidates),

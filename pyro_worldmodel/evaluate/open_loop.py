@@ -9,7 +9,15 @@ import torch
 
 from ..spaces import INT_DTYPES, check_inputs, check_observed
 from .imagination import imagine
-from .scores import LEVELS, crps, interval_coverage, mixture_log_density, moment_matched, summarise
+from .scores import (
+    LEVELS,
+    crps,
+    interval_coverage,
+    mixture_log_density,
+    moment_matched,
+    predictive_variance,
+    summarise,
+)
 
 # Up to this many observation dimensions the moment-matched Gaussian has a full covariance:
 # (windows, H, X, X) per chunk, 15 MB at X = 64 for 256 windows and H = 15 in float64.
@@ -205,8 +213,7 @@ def open_loop(
             # The predictive's variance per dimension, by the law of total variance; where an
             # emission has none that is finite (a Student-t with ν ≤ 2), NaN.
             mean_s, var_s = emission.mean.double(), emission.variance.double()
-            spread = ((mean_s - mean_s.mean(0)) ** 2).sum(0) / max(num_samples - 1, 1)
-            variance = {"model": (var_s.mean(0) + spread).cpu()}  # (b, H, X), model units
+            variance = {"model": predictive_variance(mean_s, var_s).cpu()}  # (b, H, X), model units
             finite = bool(torch.isfinite(mean_s).all() and torch.isfinite(var_s).all())
             gaussian = None  # none for an emission of binary values
             if gaussian_model and finite:

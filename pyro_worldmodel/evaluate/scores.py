@@ -56,16 +56,22 @@ def moment_matched(mean: torch.Tensor, variance: torch.Tensor, *, full: bool = T
     :returns: a ``MultivariateNormal`` with event shape ``(X,)``, or with ``full=False``
         a ``Normal`` of batch shape ``(..., X)``.
     """
-    S = mean.shape[0]
     loc = mean.mean(0)
-    within = variance.mean(0)  # (..., X)
-    centred = mean - loc
-    divisor = max(S - 1, 1)
     if not full:
-        return Normal(loc, (within + (centred**2).sum(0) / divisor).sqrt())
-    between = torch.einsum("s...i,s...j->...ij", centred, centred) / divisor  # (..., X, X)
-    cov = between + torch.diag_embed(within)
-    return MultivariateNormal(loc, covariance_matrix=cov)
+        return Normal(loc, predictive_variance(mean, variance).sqrt())
+    centred = mean - loc
+    between = torch.einsum("s...i,s...j->...ij", centred, centred) / max(mean.shape[0] - 1, 1)  # (..., X, X)
+    return MultivariateNormal(loc, covariance_matrix=between + torch.diag_embed(variance.mean(0)))
+
+
+def predictive_variance(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """The mixture's variance per dimension, E_s[Var[x | z_s]] + Var_s[E[x | z_s]] (divisor
+    S − 1): the diagonal of :func:`moment_matched`'s covariance, without building a distribution.
+
+    :param mean: ``(S, ..., X)``; :param variance: ``(S, ..., X)``. :returns: ``(..., X)``.
+    """
+    spread = ((mean - mean.mean(0)) ** 2).sum(0) / max(mean.shape[0] - 1, 1)
+    return variance.mean(0) + spread
 
 
 def crps(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

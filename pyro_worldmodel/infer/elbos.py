@@ -23,7 +23,6 @@ override; each says whether it is still a bound on log p(x, a):
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 import weakref
@@ -37,6 +36,7 @@ from pyro.infer.util import check_fully_reparametrized, is_validation_enabled, t
 from pyro.util import warn_if_nan
 from torch.distributions import Normal, kl_divergence
 
+from ..spaces import check_real
 from . import batched
 
 ANALYTIC, MONTE_CARLO = "analytic", "monte_carlo"
@@ -379,9 +379,9 @@ class KLAnnealing_ELBO(TraceMeanField_ELBO):
         monte_carlo_kl: str | list[str] = "warn",
         batched: bool = True,
     ):
-        self.beta = _check_real("beta", beta, low=0.0)
+        self.beta = check_real("beta", beta, low=0.0)
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, low=0)
-        self.beta_start = _check_real("beta_start", beta_start, low=0.0)
+        self.beta_start = check_real("beta_start", beta_start, low=0.0)
         super().__init__(
             num_particles,
             max_plate_nesting,
@@ -447,7 +447,7 @@ class FreeNats_ELBO(TraceMeanField_ELBO):
         monte_carlo_kl: str | list[str] = "warn",
         batched: bool = True,
     ):
-        self.free_nats = _check_real("free_nats", free_nats, low=0.0)
+        self.free_nats = check_real("free_nats", free_nats, low=0.0)
         super().__init__(
             num_particles,
             max_plate_nesting,
@@ -515,7 +515,7 @@ class KLBalancing_ELBO(TraceMeanField_ELBO):
         monte_carlo_kl: str | list[str] = "warn",
         batched: bool = True,
     ):
-        self.alpha = _check_real("alpha", alpha, low=0.0, high=1.0)
+        self.alpha = check_real("alpha", alpha, low=0.0, high=1.0)
         super().__init__(
             num_particles,
             max_plate_nesting,
@@ -588,7 +588,7 @@ class LatentOvershooting_ELBO(TraceMeanField_ELBO):
         batched: bool = True,
     ):
         self.distance = _check_int("distance", distance, low=1)
-        self.beta = _check_real("beta", beta, low=0.0)
+        self.beta = check_real("beta", beta, low=0.0)
         if not batched:
             raise ValueError(
                 "batched: LatentOvershooting_ELBO is computed on the batched path only, got False"
@@ -658,18 +658,6 @@ def _scale_grad(x, w):
         return x.detach()
     x_sg = x.detach()
     return x_sg + (x - x_sg) * w
-
-
-def _check_real(name, value, *, low=None, high=None) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (low is not None and value < low) or (high is not None and value > high):
-        expected = "a finite number"
-        if low is not None and high is not None:
-            expected += f" in [{low:g}, {high:g}]"
-        elif low is not None:
-            expected += f" >= {low:g}"
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
-    return float(value)
 
 
 def _check_int(name, value, *, low) -> int:

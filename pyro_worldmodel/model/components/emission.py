@@ -35,19 +35,37 @@ class _MLPMean(nn.Module):
         return self.linear(z) + self.net(z)
 
 
-def _renamed_log_scale(module, state_dict, prefix) -> None:
-    """Read a checkpoint written before the gain (``log_scale`` held log σ itself) as the
-    parameter now stored: ``gained_log_scale.raw`` = log σ / gain, or ``fixed_log_scale``."""
-    old = prefix + "log_scale"
-    if old in state_dict:
-        value = state_dict.pop(old)
-        if getattr(module, "scale", "learned") == "learned":
-            state_dict[prefix + "gained_log_scale.raw"] = value / module.gained_log_scale.gain
+class _Scale(nn.Module):
+    """σ per observation dimension of the MLP emissions: learned, its log stored divided by
+    a gain (:class:`~pyro_worldmodel.model.components.nets.GainedParameter`), or fixed."""
+
+    def _init_scale(self, obs_dim: int, scale, gain: float) -> None:
+        if scale == "learned":
+            self.gained_log_scale = GainedParameter(obs_dim, gain)
+        elif isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+            self.register_buffer("fixed_log_scale", torch.full((obs_dim,), float(scale)).log())
         else:
-            state_dict[prefix + "fixed_log_scale"] = value
+            raise ValueError(f"scale: expected 'learned' or a positive float, got {scale!r}")
+        self.scale, self.scale_gain = scale, gain
+
+    @property
+    def log_scale(self) -> torch.Tensor:
+        """log σ, ``(X,)``."""
+        return self.gained_log_scale() if self.scale == "learned" else self.fixed_log_scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint written before the gain held log σ itself as ``log_scale``.
+        old = prefix + "log_scale"
+        if old in state_dict:
+            value = state_dict.pop(old)
+            if self.scale == "learned":
+                state_dict[prefix + "gained_log_scale.raw"] = value / self.gained_log_scale.gain
+            else:
+                state_dict[prefix + "fixed_log_scale"] = value
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class GaussianMLPEmission(_MLPMean):
+class GaussianMLPEmission(_Scale, _MLPMean):
     """p(x_t | z_t) = N(W z_t + f(z_t), diag(σ²)).
 
     :param scale: ``"learned"`` for a learned σ per observation dimension, or
@@ -65,23 +83,7 @@ class GaussianMLPEmission(_MLPMean):
         scale_gain: float = DEFAULT_SCALE_GAIN,
     ):
         super().__init__(latent_dim, obs_dim, hidden)
-        if scale == "learned":
-            self.gained_log_scale = GainedParameter(obs_dim, scale_gain)
-        elif isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
-            self.register_buffer("fixed_log_scale", torch.full((obs_dim,), float(scale)).log())
-        else:
-            raise ValueError(f"scale: expected 'learned' or a positive float, got {scale!r}")
-        self.scale = scale
-        self.scale_gain = scale_gain
-
-    @property
-    def log_scale(self) -> torch.Tensor:
-        """log σ, ``(X,)``."""
-        return self.gained_log_scale() if self.scale == "learned" else self.fixed_log_scale
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _renamed_log_scale(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._init_scale(obs_dim, scale, scale_gain)
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: a Normal with event shape ``(X,)``."""
@@ -115,7 +117,7 @@ class LinearGaussianEmission(nn.Module):
         return dist.Normal(loc, self.log_scale.exp().expand(loc.shape)).to_event(1)
 
 
-class StudentTEmission(LearnedDF, _MLPMean):
+class StudentTEmission(LearnedDF, _Scale, _MLPMean):
     """p(x_t | z_t) = StudentT(ν, W z_t + f(z_t), diag σ), heavy-tailed per dimension.
 
     :param df: ``"learned"`` for a learned ν > 2 per dimension (so the mean and
@@ -132,18 +134,8 @@ class StudentTEmission(LearnedDF, _MLPMean):
         scale_gain: float = DEFAULT_SCALE_GAIN,
     ):
         super().__init__(latent_dim, obs_dim, hidden)
-        self.gained_log_scale = GainedParameter(obs_dim, scale_gain)
-        self.scale_gain = scale_gain
+        self._init_scale(obs_dim, "learned", scale_gain)
         self._init_df(df, obs_dim)
-
-    @property
-    def log_scale(self) -> torch.Tensor:
-        """log σ, ``(X,)``."""
-        return self.gained_log_scale()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _renamed_log_scale(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         """:param z: ``(..., Z)``. :returns: a StudentT with event shape ``(X,)``."""
