@@ -74,6 +74,7 @@ from .model.components import (
     BernoulliContinue,
     BernoulliEmission,
     CategoricalPolicy,
+    BayesianMLPTransition,
     EnsembleTransition,
     GatedTransition,
     GaussianMLPEmission,
@@ -148,6 +149,7 @@ for _slot, _name, _cls in (
     ("init", "learned_gaussian", LearnedGaussianInit),
     ("transition", "gaussian_mlp", GaussianMLPTransition),
     ("transition", "ensemble", EnsembleTransition),
+    ("transition", "bayesian", BayesianMLPTransition),
     ("transition", "linear_gaussian", LinearGaussianTransition),
     ("transition", "gated", GatedTransition),
     ("transition", "rssm", RSSMTransition),
@@ -718,6 +720,8 @@ def _make_all(spec: Spec, obs_dim: int, action_space: ActionSpace, name: str | N
     encoder = _make("encoder", spec, supplied)
     guide_supplied = {**supplied, "encoder": encoder, **({} if name is None else {"name": name})}
     guide = _make("guide", spec, guide_supplied)
+    if hasattr(guide, "attach_globals"):
+        guide.attach_globals(model)  # a Bayesian transition's weights are drawn by the guide
     planner = _make("planner", spec, readers) if spec.planner else None
     return model, guide, planner
 

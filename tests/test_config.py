@@ -90,10 +90,11 @@ def test_the_small_sizes_name_registered_parts():
 
 def expected_kl(transition, guide, T):
     """Which estimator each z_t's KL must get: analytic wherever the pair has one."""
+    weights = {"transition_weights": "analytic"} if transition == "bayesian" else {}  # KL(Normal ‖ Normal)
     if guide == "iaf_filter":  # a flow: no pair has an analytic KL
-        return {f"z_{t}": "monte_carlo" for t in range(T)}
+        return {**weights, **{f"z_{t}": "monte_carlo" for t in range(T)}}
     later = "monte_carlo" if transition == "student_t" else "analytic"  # KL(Normal ‖ StudentT)
-    return {"z_0": "analytic", **{f"z_{t}": later for t in range(1, T)}}
+    return {**weights, "z_0": "analytic", **{f"z_{t}": later for t in range(1, T)}}
 
 
 @pytest.mark.parametrize("elbo", ["TraceMeanField_ELBO", "Trace_ELBO"])
@@ -252,7 +253,7 @@ def test_two_specs_in_one_process_keep_their_own_parameters():
         (
             {"transition": {"name": "gausian_mlp"}},
             BOX,
-            "transition.name: unknown 'gausian_mlp' (did you mean 'gaussian_mlp'?); registered: ['ensemble', 'gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t'",
+            "transition.name: unknown 'gausian_mlp' (did you mean 'gaussian_mlp'?); registered: ['bayesian', 'ensemble', 'gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t'",
         ),
         ({"guide": {"name": "smoother"}}, BOX, "guide.name: unknown 'smoother' (did you mean 'smoothing'?)"),
         (

@@ -152,6 +152,14 @@ def imagined_returns(
     return total
 
 
+def resample_dynamics(model) -> None:
+    """New posterior draws for a Bayesian transition's rows (:meth:`BayesianMLPTransition.resample
+    <pyro_worldmodel.model.components.BayesianMLPTransition.resample>`); nothing for another."""
+    resample = getattr(model.transition, "resample", None)
+    if resample is not None:
+        resample()
+
+
 def _box_bounds(space: ActionSpace, like: torch.Tensor):
     """``(low, high)`` as tensors like ``like``; None for a side without bounds."""
     low = None if space.low is None else torch.tensor(space.low, dtype=like.dtype, device=like.device)
@@ -213,7 +221,9 @@ class CEMPlanner:
         Without it the search sees nothing past H steps.
     :param value_updates: that critic's gradient steps per :meth:`update`.
     :param epistemic: κ, how the model's epistemic uncertainty enters the score, with an
-        ensemble transition (:class:`~pyro_worldmodel.model.components.EnsembleTransition`):
+        ensemble transition (:class:`~pyro_worldmodel.model.components.EnsembleTransition`)
+        or a Bayesian one (:class:`~pyro_worldmodel.model.components.BayesianMLPTransition`,
+        whose K posterior draws, drawn anew at every plan, act as the members):
         0 imagines each candidate under one member (candidate n under member n mod K,
         PETS's sampling of one dynamics per candidate); otherwise under every member, and
         the score is the members' mean return + κ · their standard deviation: κ > 0 is
@@ -308,8 +318,9 @@ class CEMPlanner:
                     raise ValueError(
                         f"{arg}: {weight} weighs the disagreement of an ensemble's members, and the"
                         f" transition is a {type(model.transition).__name__}; use transition:"
-                        f" {{name: ensemble}} or {arg}: 0"
+                        f" {{name: ensemble}} or {{name: bayesian}}, or {arg}: 0"
                     )
+        resample_dynamics(model)
         many = state.expand(N)  # (N, B, ·): candidate n under member n mod K
         if members > 1:
             many = many.expand(members)  # (M, N, B, ·): every candidate under every member
@@ -404,7 +415,8 @@ class ActorCriticPlanner(nn.Module):
     (Dreamer) and by REINFORCE with the critic as baseline for discrete ones
     (DreamerV2), plus an entropy bonus. The model is not changed. With an ensemble
     transition each imagined rollout follows one member (start state n under member
-    n mod K), so the actor learns against the members' disagreement.
+    n mod K), so the actor learns against the members' disagreement; with a Bayesian
+    one, one of its K posterior draws, drawn anew at every update step.
 
     :param latent_dim: what the actor and critic read, Z (or D + Z); filled in by :func:`~pyro_worldmodel.config.build`.
     :param action_space: the actions in model units; filled in likewise.
@@ -522,6 +534,7 @@ class ActorCriticPlanner(nn.Module):
             p.requires_grad_(False)
         try:
             for _ in range(self.updates):
+                resample_dynamics(model)  # a Bayesian transition: new posterior draws per step
                 idx = torch.randint(starts.z.shape[0], (min(self.batch_size, starts.z.shape[0]),))
                 stats = self._step(
                     model,

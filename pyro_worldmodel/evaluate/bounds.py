@@ -9,6 +9,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from ..infer.terms import elbo_terms, traces
+from ..model.components.transition import is_global
 from ..spaces import check_observed
 
 # Our programs nest two plates (episodes at -2, time at -1); particles go left of both.
@@ -28,7 +29,9 @@ def log_weights(model, guide, obs, actions, mask=None, *, num_particles: int) ->
 def _site_sum(trace) -> torch.Tensor:
     total = 0.0
     for site in trace.nodes.values():
-        if site["type"] == "sample" and not site_is_subsample(site):
+        # θ of a Bayesian transition is drawn from q(θ) per particle and left out of the
+        # weights: the estimate is of the posterior predictive, ∫ q(θ) p(x, a | θ) dθ.
+        if site["type"] == "sample" and not site_is_subsample(site) and not is_global(site):
             log_p = site["fn"].log_prob(site["value"])  # (K, B, 1) or (K, B, T)
             total = total + log_p.sum(-1)
     return total  # (K, B)

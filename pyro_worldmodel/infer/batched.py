@@ -35,6 +35,7 @@ from pyro.poutine.runtime import _PYRO_STACK  # Pyro's handler stack: no public 
 from pyro.poutine.trace_messenger import TraceMessenger
 from torch.distributions import kl_divergence
 
+from ..model.components.transition import WEIGHTS_SITE
 from ..model.guides import FilterGuide, MeanFieldGuide
 from ..model.naming import register_module
 from ..model.world_model import WorldModel
@@ -68,6 +69,8 @@ def supports(model_fn, guide, args, kwargs, *, vectorize_particles: bool) -> str
         return "the model is called with a horizon or other arguments"
     if vectorize_particles:
         return "particles are vectorised"
+    if not guide.draws_globals_of(model):
+        return "the guide does not draw the weights of the model's Bayesian transition"
     # Only SVI's parameter capture may watch: any other handler (scale, mask,
     # condition, a trace of the sample sites) needs Pyro's sites.
     if not all(isinstance(m, TraceMessenger) and m.param_only for m in _PYRO_STACK):
@@ -149,6 +152,20 @@ def mean_field_loss(
 
 
 def _loss(elbo, model, guide, obs, actions, mask, rewards=None, continues=None):
+    if not model.has_global_latents:
+        return _chain_loss(elbo, model, guide, obs, actions, mask, rewards, continues)
+    # A Bayesian transition: θ ~ q(θ) first, as the guide draws it, then the chain under θ.
+    transition = model.transition
+    q_theta, p_theta = transition.posterior(), transition.prior()
+    theta = q_theta.rsample()
+    kl = elbo.shape_kl(WEIGHTS_SITE, kl_divergence(q_theta, p_theta), q_theta, p_theta, None, "analytic")
+    with transition.using(theta):
+        loss = _chain_loss(elbo, model, guide, obs, actions, mask, rewards, continues)
+    elbo.kl_estimators[WEIGHTS_SITE] = "analytic"
+    return loss + kl * transition.kl_scale(mask.shape[0])
+
+
+def _chain_loss(elbo, model, guide, obs, actions, mask, rewards=None, continues=None):
     B, T = mask.shape
     a_feat = model.action_space.features(actions, obs.dtype)  # (B, T, A)
     z, q = guide_draws(guide, obs, a_feat, mask)  # (B, T, Z); Normal, batch (B, T, Z)

@@ -8,6 +8,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from ..model.components.transition import is_global
 from ..spaces import check_observed
 from .elbos import analytic_kl
 
@@ -63,12 +64,17 @@ def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1)
     order of the episodes: a lower bound on the log-likelihood of the members'
     equal mixture, which :func:`~pyro_worldmodel.evaluate.iwae_log_likelihood`
     estimates with particle k under member k mod K.
+
+    With a Bayesian transition, each particle draws its weights θ ~ q(θ), and the terms
+    leave out θ's KL: they bound the posterior predictive, E_q(θ) log p(x, a | θ) on
+    data not trained on, rather than the training bound (whose θ term
+    :func:`~pyro_worldmodel.fit` pays once per data set).
     """
     if not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles: expected a positive int, got {num_particles!r}")
     obs, actions, mask = model.check_inputs(obs, actions, mask)
     check_observed(mask)
-    members = getattr(model.transition, "members", 1)
+    members = 1 if model.has_global_latents else getattr(model.transition, "members", 1)
     if members > 1:
         obs, actions, mask = (x.repeat_interleave(members, 0) for x in (obs, actions, mask))
     B, T = mask.shape
@@ -80,8 +86,8 @@ def elbo_terms(model, guide, obs, actions, mask=None, *, num_particles: int = 1)
         for _ in range(num_particles):
             guide_tr, model_tr = traces(model, guide, obs, actions, mask)
             for name, site in model_tr.nodes.items():
-                if site["type"] != "sample" or site_is_subsample(site):
-                    continue
+                if site["type"] != "sample" or site_is_subsample(site) or is_global(site):
+                    continue  # θ of a Bayesian transition: the terms average over q(θ)
                 if site["is_observed"]:
                     log_lik[name] = log_lik.get(name, 0.0) + site["fn"].log_prob(site["value"]).sum()
                 else:

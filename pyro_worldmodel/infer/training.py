@@ -139,6 +139,9 @@ def fit(
     lengths = mask.sum(1).cpu()  # (N,)
     N = obs.shape[0]
     batch_size = min(batch_size, N)
+    if getattr(model, "has_global_latents", False):
+        # A minibatch of B episodes carries B / N of the global latents' KL.
+        model.transition.num_episodes.fill_(N)
 
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -307,6 +310,11 @@ def check_training_data(model, guide, obs, actions, mask=None, *, rewards=None, 
     targets = {k: v for k, v in (("rewards", rewards), ("continues", continues)) if v is not None}
     if hasattr(guide, "check_inputs"):
         guide.check_inputs(obs, actions, mask, check_values=False)
+    if hasattr(guide, "draws_globals_of") and not guide.draws_globals_of(model):
+        raise ValueError(
+            f"guide: expected it to draw the weights of the model's {type(model.transition).__name__},"
+            " got a guide that does not; call guide.attach_globals(model) (build() and for_model() do)"
+        )
     lengths = mask.sum(1).cpu()  # (N,)
     if (lengths == 0).any():
         raise ValueError(

@@ -18,7 +18,29 @@ from .components.nets import mlp, positive
 from .naming import register_module, unique_name
 
 
-class FilterGuide(ChecksInputs, nn.Module):
+class DrawsGlobals:
+    """A guide that also draws the model's global latents (a Bayesian transition's weights)
+    from their posterior, before the z_t, at the model's sites."""
+
+    _global_parts: tuple = ()
+
+    def attach_globals(self, model) -> None:
+        """Draw ``model``'s global latents in this guide. :func:`~pyro_worldmodel.build` and
+        ``for_model`` call it; a guide made by hand for a model with a Bayesian transition
+        needs it before training. The parts are referenced, not registered: their
+        parameters stay the model's."""
+        self._global_parts = tuple(p for p in (model.transition,) if hasattr(p, "guide_weights"))
+
+    def draws_globals_of(self, model) -> bool:
+        """Whether this guide draws every global latent of ``model``."""
+        return not model.has_global_latents or any(p is model.transition for p in self._global_parts)
+
+    def sample_globals(self, batch_size: int) -> None:
+        for part in self._global_parts:
+            part.guide_weights(batch_size)
+
+
+class FilterGuide(DrawsGlobals, ChecksInputs, nn.Module):
     """q(z_t | z_{t-1}, x_{≤t}, a_{<t}): the seed's Bayesian filter.
 
     A GRU summarises the past, h_t = GRU(h_{t-1}, [x_t, a_{t-1}]), and a
@@ -74,8 +96,10 @@ class FilterGuide(ChecksInputs, nn.Module):
 
     @classmethod
     def for_model(cls, model, **kwargs) -> FilterGuide:
-        """A filter whose sizes match ``model``'s."""
-        return cls(model.obs_dim, model.action_space, model.latent_dim, **kwargs)
+        """A filter whose sizes match ``model``'s, drawing its global latents (:meth:`attach_globals`)."""
+        guide = cls(model.obs_dim, model.action_space, model.latent_dim, **kwargs)
+        guide.attach_globals(model)
+        return guide
 
     def init_reading(self, obs_map: torch.Tensor, scale: torch.Tensor) -> None:
         """Start as q(z_t | ·) = N(obs_map x_t, diag scale²): the latent read off the observation.
@@ -102,6 +126,7 @@ class FilterGuide(ChecksInputs, nn.Module):
         obs, actions, mask = self.check_inputs(obs, actions, mask)
         B, T = mask.shape
         register_module(self.name, self)
+        self.sample_globals(B)
         a_feat = self.action_space.features(actions, obs.dtype)  # (B, T, A)
         # unbind, not c[:, t : t + 1]: the backward of each slice would zero a gradient of all of c.
         context = self.context(obs, a_feat, mask).unsqueeze(2).unbind(1)  # T × (B, 1, C)
@@ -287,7 +312,7 @@ def reverse_within(mask) -> torch.Tensor:
     return torch.where(t < L, L - 1 - t, t)
 
 
-class MeanFieldGuide(ChecksInputs, nn.Module):
+class MeanFieldGuide(DrawsGlobals, ChecksInputs, nn.Module):
     """q(z_t | x_t), independent across time: an encoder of each observation alone.
 
     The weakest guide here: it ignores the dynamics, actions and every other
@@ -320,13 +345,16 @@ class MeanFieldGuide(ChecksInputs, nn.Module):
 
     @classmethod
     def for_model(cls, model, **kwargs) -> MeanFieldGuide:
-        return cls(model.obs_dim, model.action_space, model.latent_dim, **kwargs)
+        guide = cls(model.obs_dim, model.action_space, model.latent_dim, **kwargs)
+        guide.attach_globals(model)
+        return guide
 
     def forward(self, obs, actions, mask=None, **_):
         """The Pyro guide; takes the model's arguments. :returns: ``(B, T, Z)``."""
         obs, actions, mask = self.check_inputs(obs, actions, mask)
         B, T = mask.shape
         register_module(self.name, self)
+        self.sample_globals(B)
         a_feat = self.action_space.features(actions, obs.dtype)
         context = self.context(obs, a_feat, mask).unsqueeze(2).unbind(1)  # T × (B, 1, 2Z)
         weights = self.step_weights()

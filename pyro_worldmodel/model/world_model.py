@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import pyro
 import torch
@@ -176,29 +177,31 @@ class WorldModel(ChecksInputs, nn.Module):
         register_module(self.name, self)
         a_feat = self.action_space.features(actions, obs.dtype)  # (B, T, A)
         z, feats = [], []
-        h = self.transition.initial_deter((B, 1), obs) if self.deter_dim else None  # h_1: (B, 1, D)
-        # Inside the loop the rightmost batch dim is one time slice, so the
-        # latent sites share the episodes plate with the likelihood sites.
-        with pyro.plate("episodes", B, dim=-2):
-            # pyro.markov declares a first-order chain; with a recurrent transition
-            # z_t also depends on z_{<t-1} through h_t, which only matters to enumeration,
-            # and no latent here is enumerated.
-            for t in pyro.markov(range(T)):
-                if t == 0:
-                    prior = self.init((B, 1))
-                else:
-                    prior, h = self.step(z[-1], a_feat[:, t - 1 : t], h)  # a_{t-1}: (B, 1, A)
-                z.append(pyro.sample(f"z_{t}", prior.mask(mask[:, t : t + 1])))  # (..., B, 1, Z)
-                feats.append(self.features(z[-1], h))
-            z = _cat_time(z)  # (..., B, T, Z)
-            features = _cat_time(feats)  # (..., B, T, D + Z)
-            with pyro.plate("time", T, dim=-1):
-                for site, (d, value) in self.observation_sites(
-                    features, a_feat, obs, actions, rewards, continues
-                ).items():
-                    pyro.sample(site, d.mask(mask), obs=value)
-            if horizon:
-                self._dream(z[..., -1:, :], h, a_feat[:, -1:], T, horizon, future_actions)
+        # A Bayesian transition draws its weights once, for every episode, before the chain.
+        with self.global_latents(B):
+            h = self.transition.initial_deter((B, 1), obs) if self.deter_dim else None  # h_1: (B, 1, D)
+            # Inside the loop the rightmost batch dim is one time slice, so the
+            # latent sites share the episodes plate with the likelihood sites.
+            with pyro.plate("episodes", B, dim=-2):
+                # pyro.markov declares a first-order chain; with a recurrent transition
+                # z_t also depends on z_{<t-1} through h_t, which only matters to enumeration,
+                # and no latent here is enumerated.
+                for t in pyro.markov(range(T)):
+                    if t == 0:
+                        prior = self.init((B, 1))
+                    else:
+                        prior, h = self.step(z[-1], a_feat[:, t - 1 : t], h)  # a_{t-1}: (B, 1, A)
+                    z.append(pyro.sample(f"z_{t}", prior.mask(mask[:, t : t + 1])))  # (..., B, 1, Z)
+                    feats.append(self.features(z[-1], h))
+                z = _cat_time(z)  # (..., B, T, Z)
+                features = _cat_time(feats)  # (..., B, T, D + Z)
+                with pyro.plate("time", T, dim=-1):
+                    for site, (d, value) in self.observation_sites(
+                        features, a_feat, obs, actions, rewards, continues
+                    ).items():
+                        pyro.sample(site, d.mask(mask), obs=value)
+                if horizon:
+                    self._dream(z[..., -1:, :], h, a_feat[:, -1:], T, horizon, future_actions)
         return z
 
     def targets(self, rewards, continues) -> dict:
@@ -256,6 +259,28 @@ class WorldModel(ChecksInputs, nn.Module):
         if h_prev is None:
             return self.transition(z_prev, a_prev), None
         return self.transition(z_prev, a_prev, h_prev)
+
+    def global_latents(self, batch_size: int):
+        """A context in which :meth:`model` samples its global latents and steps with them:
+        a Bayesian transition's weights (:meth:`BayesianMLPTransition.sampled
+        <pyro_worldmodel.model.components.BayesianMLPTransition.sampled>`), or nothing.
+
+        :param batch_size: B, the episodes of this run, which carry a share B / N of their KL.
+        """
+        sampled = getattr(self.transition, "sampled", None)
+        return nullcontext() if sampled is None else sampled(batch_size)
+
+    def sample_global_guide(self, batch_size: int) -> None:
+        """The guide's half of :meth:`global_latents`: draw the global latents from their
+        posterior, at the same sites (nothing for a model without them)."""
+        guide_weights = getattr(self.transition, "guide_weights", None)
+        if guide_weights is not None:
+            guide_weights(batch_size)
+
+    @property
+    def has_global_latents(self) -> bool:
+        """Whether :meth:`model` samples latents shared by every episode (a Bayesian transition's weights)."""
+        return hasattr(self.transition, "sampled")
 
     @staticmethod
     def features(z_t, h_t=None):

@@ -7,6 +7,7 @@ from .heads import BernoulliContinue, GaussianReward
 from .init import LearnedGaussianInit, StandardNormalInit
 from .policy import CategoricalPolicy, LinearGaussianPolicy, NormalPolicy, TanhNormalPolicy, auto_policy
 from .transition import (
+    BayesianMLPTransition,
     EnsembleTransition,
     GatedTransition,
     GaussianMLPTransition,
@@ -25,6 +26,7 @@ __all__ = [
     "Combiner",
     "GaussianMLPEmission",
     "GatedTransition",
+    "BayesianMLPTransition",
     "EnsembleTransition",
     "GaussianMLPTransition",
     "LearnedGaussianInit",

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
+import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from torch import nn
 
 from .nets import (
+    GainedParameter,
     LearnedDF,
     cat_batched,
     check_dim,
@@ -127,6 +131,160 @@ class EnsembleTransition(nn.Module):
         """Start every member as :meth:`GaussianMLPTransition.init_linear` starts one."""
         for member in self.member:
             member.init_linear(weight, bias, scale)
+
+
+# The site of a Bayesian transition's weights, in the model (their prior) and in the guide
+# (their posterior). Marked ``infer={"global": True}``: one draw serves every episode.
+WEIGHTS_SITE = "transition_weights"
+
+
+def is_global(site) -> bool:
+    """Whether a trace's sample site is a global latent (a Bayesian transition's weights),
+    drawn once for all the episodes rather than per episode and step."""
+    return bool(site.get("infer", {}).get("global", False))
+
+
+class BayesianMLPTransition(GaussianMLPTransition):
+    """The Gaussian MLP transition whose output weights carry a prior and a posterior:
+    a dynamics θ per imagined future (Bayes by backprop, Blundell et al., 2015).
+
+    θ is the linear path and the last layer of the MLP (the mean's residual and the
+    scale), the weights that map the MLP's features to the next state; the hidden
+    layers stay point estimates, features learned by maximum likelihood, as in a
+    Bayesian last layer. Then
+
+        θ ~ N(0, prior_scale² I),   p(z_{t+1} | z_t, a_t, θ) as in :class:`GaussianMLPTransition`,
+
+    and the guide's posterior over θ is the mean-field Normal q(θ) = N(μ, diag σ²), μ the
+    layers' weights (a warm start sets them as for the MLP transition) and log σ a learned
+    vector stored divided by a gain, as the emission's scale is.
+
+    In the Pyro programs θ is the sample site ``transition_weights``: :meth:`sampled` draws it
+    once per run of the model, from the prior (the guide's draw replayed), for every
+    episode, and the guide draws it from q with :meth:`guide_weights`; the guides of
+    :func:`~pyro_worldmodel.build` do so for a model that has this transition
+    (:meth:`FilterGuide.attach_globals <pyro_worldmodel.model.guides.FilterGuide.attach_globals>`).
+    Its KL enters the bound once per data set: scaled by B / N for a minibatch of B of
+    ``num_episodes`` N episodes (:func:`~pyro_worldmodel.fit` sets N). Under vectorised
+    imagination (:func:`~pyro_worldmodel.evaluate.imagine`) each of the S futures has its
+    own θ; held-out bounds average over q(θ) without its KL (the posterior predictive).
+
+    Outside the Pyro programs (the planners), the transition follows ``draws`` fixed draws
+    θ_k = μ + σ ε_k from q, row k mod K of the leading batch dimension under draw k, as an
+    :class:`EnsembleTransition`'s members do; ``members`` is K, so the planners' epistemic
+    weights use these draws, and :meth:`resample` draws new ε_k.
+
+    :param prior_scale: the prior's standard deviation of each weight.
+    :param posterior_scale: σ at the start.
+    :param draws: K, the fixed posterior draws the planners use.
+    The other arguments are :class:`GaussianMLPTransition`'s.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        action_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        min_scale: float = 1e-3,
+        prior_scale: float = 1.0,
+        posterior_scale: float = 1e-4,
+        draws: int = 5,
+        scale_gain: float = 30.0,
+    ):
+        super().__init__(latent_dim, action_dim, hidden, min_scale)
+        for arg, value in (("prior_scale", prior_scale), ("posterior_scale", posterior_scale)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"{arg}: expected a finite float > 0, got {value!r}")
+        self.prior_scale, self.posterior_scale = float(prior_scale), float(posterior_scale)
+        self.members = check_dim("draws", draws)
+        self.draws = self.members
+        self._layers = (self.linear, self.net[-1])
+        self.num_weights = sum(layer.weight.numel() + layer.bias.numel() for layer in self._layers)
+        self.weight_log_scale = GainedParameter(self.num_weights, scale_gain)
+        self.scale_gain = self.weight_log_scale.gain
+        self.weight_log_scale.set(torch.full((self.num_weights,), float(torch.tensor(posterior_scale).log())))
+        self.register_buffer("num_episodes", torch.tensor(0))  # N; 0: the KL unscaled
+        self.register_buffer("noise", torch.randn(self.members, self.num_weights))  # ε_k
+        self._theta = None
+
+    # ------------------------------------------------------------- θ's distributions
+
+    def weight_loc(self) -> torch.Tensor:
+        """μ, ``(P,)``: the layers' weights and biases, flattened."""
+        return torch.cat([t.reshape(-1) for layer in self._layers for t in (layer.weight, layer.bias)])
+
+    def posterior(self) -> dist.Distribution:
+        """q(θ) = N(μ, diag σ²), event ``(P,)``."""
+        return dist.Normal(self.weight_loc(), self.weight_log_scale().exp()).to_event(1)
+
+    def prior(self) -> dist.Distribution:
+        """p(θ) = N(0, prior_scale² I), event ``(P,)``."""
+        loc = self.weight_loc().detach().new_zeros(self.num_weights)
+        return dist.Normal(loc, loc.new_full((self.num_weights,), self.prior_scale)).to_event(1)
+
+    def kl_scale(self, batch_size: int) -> float:
+        """B / N, the share of θ's KL a minibatch of B episodes carries (1 while N is unset)."""
+        n = int(self.num_episodes)
+        return batch_size / n if n else 1.0
+
+    @contextmanager
+    def sampled(self, batch_size: int):
+        """In the model: draw θ at the site ``transition_weights`` from the prior (scaled by
+        :meth:`kl_scale`), and step with it inside the block."""
+        with poutine.scale(scale=self.kl_scale(batch_size)):
+            theta = pyro.sample(WEIGHTS_SITE, self.prior(), infer={"global": True})
+        with self.using(theta):
+            yield theta
+
+    def guide_weights(self, batch_size: int) -> torch.Tensor:
+        """In the guide: draw θ ~ q(θ) at the site ``transition_weights``."""
+        with poutine.scale(scale=self.kl_scale(batch_size)):
+            return pyro.sample(WEIGHTS_SITE, self.posterior(), infer={"global": True})
+
+    @contextmanager
+    def using(self, theta: torch.Tensor):
+        """Step with the weights ``theta``, ``(..., P)``, inside the block: leading dims
+        broadcast against the inputs' batch dims (one θ per imagined future)."""
+        previous, self._theta = self._theta, theta
+        try:
+            yield theta
+        finally:
+            self._theta = previous
+
+    @torch.no_grad()
+    def resample(self) -> None:
+        """Draw new ε_k for the fixed draws the planners follow."""
+        self.noise.normal_()
+
+    # ------------------------------------------------------------- the dynamics
+
+    def forward(self, z_prev: torch.Tensor, a_prev: torch.Tensor) -> dist.Distribution:
+        """:param z_prev: ``(..., Z)``; :param a_prev: ``(..., A)`` action features."""
+        u = cat_batched(z_prev, a_prev)  # (..., Z + A)
+        theta = self._theta
+        if theta is None:  # outside the programs: row r under the fixed draw r mod K
+            draws = self.weight_loc() + self.weight_log_scale().exp() * self.noise.to(u.dtype)  # (K, P)
+            if u.dim() == 1:
+                theta = draws[0]
+            else:
+                rows = torch.arange(u.shape[0], device=u.device) % self.members
+                theta = draws[rows].reshape(u.shape[0], *([1] * (u.dim() - 2)), self.num_weights)
+        w_lin, b_lin, w_head, b_head = self._unflatten(theta)
+        features = self.net[:-1](u)  # (..., hidden)
+        lin = torch.einsum("...oi,...i->...o", w_lin, u) + b_lin
+        out = torch.einsum("...oi,...i->...o", w_head, features) + b_head
+        delta, raw_scale = out.chunk(2, dim=-1)  # (..., Z) each
+        return dist.Normal(z_prev + lin + delta, positive(raw_scale, self.min_scale)).to_event(1)
+
+    def _unflatten(self, theta):
+        """θ ``(..., P)`` as the layers' ``(weight (..., out, in), bias (..., out))``, in order."""
+        out, start = [], 0
+        for layer in self._layers:
+            for t in (layer.weight, layer.bias):
+                piece = theta[..., start : start + t.numel()]
+                out.append(piece.reshape(*theta.shape[:-1], *t.shape))
+                start += t.numel()
+        return out
 
 
 class LinearGaussianTransition(nn.Module):
