@@ -71,10 +71,10 @@ from .infer.elbos import (
 from .infer.training import MAX_PLATE_NESTING, fit
 from .io import physical_memory
 from .model.components import (
+    BayesianMLPTransition,
     BernoulliContinue,
     BernoulliEmission,
     CategoricalPolicy,
-    BayesianMLPTransition,
     EnsembleTransition,
     GatedTransition,
     GaussianMLPEmission,

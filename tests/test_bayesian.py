@@ -50,9 +50,7 @@ def data(B=4, T=6, seed=1):
 
 def gaussian_kl(q_loc, q_scale, p_scale):
     """KL(N(q_loc, q_scale²) ‖ N(0, p_scale²)), summed: the closed form."""
-    return (
-        torch.log(p_scale / q_scale) + (q_scale**2 + q_loc**2) / (2 * p_scale**2) - 0.5
-    ).sum()
+    return (torch.log(p_scale / q_scale) + (q_scale**2 + q_loc**2) / (2 * p_scale**2) - 0.5).sum()
 
 
 def test_the_bound_is_the_mlp_transitions_plus_the_weights_kl_as_the_posterior_narrows():
@@ -93,9 +91,7 @@ def test_the_weights_kl_is_shared_out_over_the_episodes_of_the_data():
         tr.num_episodes.fill_(n)
         pyro.set_rng_seed(5)
         losses[n] = elbo.loss(model.model, guide, obs, actions)
-    kl = float(
-        gaussian_kl(tr.weight_loc().detach(), tr.weight_log_scale().exp().detach(), torch.tensor(0.7))
-    )
+    kl = float(gaussian_kl(tr.weight_loc().detach(), tr.weight_log_scale().exp().detach(), torch.tensor(0.7)))
     assert losses[0] - losses[80] == pytest.approx(kl * (1 - B / 80), rel=1e-4)
     assert losses[8] - losses[80] == pytest.approx(kl * (B / 8 - B / 80), rel=1e-4)
 
@@ -106,7 +102,9 @@ def test_fit_spreads_the_kl_over_its_episodes_and_refuses_a_guide_without_the_we
     fit(model, guide, obs, actions, num_steps=2, batch_size=2, progress=False, seed=0)
     assert int(model.transition.num_episodes) == 6
     bare = FilterGuide(X, SPACE, Z, rnn_dim=4)  # made by hand, not attached
-    with pytest.raises(ValueError, match="guide: expected it to draw the weights of the model's BayesianMLPTransition"):
+    with pytest.raises(
+        ValueError, match="guide: expected it to draw the weights of the model's BayesianMLPTransition"
+    ):
         fit(model, bare, obs, actions, num_steps=1, progress=False)
 
 
@@ -134,7 +132,9 @@ def test_the_spread_of_the_next_mean_over_the_posterior_is_the_linear_gaussian_o
         loc = tr(z.expand(S, Z), a.expand(S, A)).base_dist.loc  # (S, Z)
         u = torch.cat([z, a])
         f = tr.net[:-1](u)
-        var_lin, var_bias, var_head, var_head_bias = (v**2 for v in tr._unflatten(tr.weight_log_scale().exp()))
+        var_lin, var_bias, var_head, var_head_bias = (
+            v**2 for v in tr._unflatten(tr.weight_log_scale().exp())
+        )
     want = var_lin @ (u**2) + var_bias + var_head[:Z] @ (f**2) + var_head_bias[:Z]
     torch.testing.assert_close(loc.var(0), want, rtol=0.02, atol=0)
 

@@ -559,7 +559,8 @@ def test_a_bad_config_is_refused_before_anything_is_written(pendulum_data, tmp_p
     )
     assert (
         rc == 2
-        and "registered: ['bayesian', 'ensemble', 'gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t']" in err
+        and "registered: ['bayesian', 'ensemble', 'gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t']"
+        in err
     )
     assert not out.exists()
 

@@ -120,8 +120,43 @@ def test_student_t_transition_has_the_gaussian_mean_and_scale_and_heavy_tails():
     "cls", [GaussianMLPTransition, StudentTMLPTransition, GatedTransition, RSSMTransition]
 )
 def test_a_negative_scale_floor_is_refused(cls):
-    with pytest.raises(ValueError, match=r"min_scale: expected a finite float >= 0, got -0.1"):
+    with pytest.raises(ValueError, match=r"min_scale: expected a finite float >= 0 or 'learned', got -0.1"):
         cls(Z, A, min_scale=-0.1)
+
+
+def test_a_learned_floor_starts_at_the_fixed_one_and_falls_to_the_datas_noise():
+    """z' = z + W a + ε, σ(ε) = 1e-4: from the exact linear warm start, maximum likelihood
+    would put σ at the error of the fitted mean. A fixed floor of 1e-3 holds σ at 1e-3, many
+    times that error; a learned floor starts there (the same distribution before training)
+    and lets σ fall to within a few times the error."""
+    from pyro_worldmodel.model.components.nets import HARD_FLOOR
+
+    g = torch.Generator().manual_seed(0)
+    z, a = torch.randn(512, Z, generator=g), torch.randn(512, A, generator=g)
+    W = torch.randn(Z, A, generator=g)
+    z_next = z + a @ W.T + 1e-4 * torch.randn(512, Z, generator=g)
+    fitted = {}
+    for floor in (1e-3, "learned"):
+        torch.manual_seed(1)
+        tr = GaussianMLPTransition(Z, A, hidden=(8,), min_scale=floor)
+        tr.init_linear(torch.cat([torch.eye(Z), W], 1), torch.zeros(Z), torch.full((Z,), 2e-3))
+        if floor == "learned":
+            torch.manual_seed(1)
+            fixed = GaussianMLPTransition(Z, A, hidden=(8,), min_scale=1e-3)
+            fixed.init_linear(torch.cat([torch.eye(Z), W], 1), torch.zeros(Z), torch.full((Z,), 2e-3))
+            torch.testing.assert_close(tr(z, a).base_dist.scale, fixed(z, a).base_dist.scale)
+        opt = torch.optim.Adam(tr.parameters(), lr=1e-3)
+        for _ in range(1500):
+            opt.zero_grad()
+            (-tr(z, a).log_prob(z_next).mean()).backward()
+            opt.step()
+        with torch.no_grad():
+            d = tr(z, a).base_dist
+            fitted[floor] = (d.scale.median().item(), (d.loc - z_next).pow(2).mean().sqrt().item())
+    (fixed_scale, fixed_error), (learned_scale, learned_error) = fitted[1e-3], fitted["learned"]
+    assert 1e-3 <= fixed_scale and fixed_scale > 4 * fixed_error, fitted
+    assert learned_scale < 4 * learned_error and learned_scale < 0.5e-3, fitted
+    assert tr.scale_map.floor().min().item() >= HARD_FLOOR
 
 
 def test_rssm_transition_is_a_gru_then_a_gaussian():

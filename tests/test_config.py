@@ -889,7 +889,7 @@ def test_sgd_momentum_is_accepted_where_an_int_step_count_is_refused():
         ({"transition.hidden": [8, 0.5]}, "transition.hidden[1]: expected an int, got 0.5"),
         ({"transition.hidden": "64"}, "transition.hidden: expected a list of ints, got '64'"),
         ({"transition.hidden": [8, 100000]}, "transition.hidden[1]: expected an int in [1, 65536], got 100000"),
-        ({"transition.min_scale": None}, "transition.min_scale: expected a number, got None"),
+        ({"transition.min_scale": None}, "transition.min_scale: expected a number or one of ['learned'], got None"),
         ({"emission.scale": [1]}, "emission.scale: expected a number or a str, got [1]"),
         ({"guide.rnn_dim": True}, "guide.rnn_dim: expected an int, got True"),
         ({"guide.rnn_dim": 2**64}, "guide.rnn_dim: expected an int in [1, 65536], got an int of 65 bits"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import pyro
 import pyro.distributions as dist
@@ -14,7 +15,7 @@ from torch import nn
 
 from ..spaces import ActionSpace, ChecksInputs
 from .components import Combiner, IdentityEncoder
-from .components.nets import mlp, positive
+from .components.nets import ScaleMap, mlp
 from .naming import register_module, unique_name
 
 
@@ -60,6 +61,9 @@ class FilterGuide(DrawsGlobals, ChecksInputs, nn.Module):
     :param latent_dim: Z, the size of z_t.
     :param rnn_dim: size of the GRU state h_t.
     :param hidden: hidden widths of the combiner MLP.
+    :param min_scale: the floor of q(z_t | ·)'s scale: a float, or ``"learned"`` (the
+        default) for a floor per latent dimension that training lowers where the bound gains
+        (:class:`~pyro_worldmodel.model.components.nets.ScaleMap`).
     :param encoder: what the guide reads of each x_t, with an ``out_dim``;
         :class:`~pyro_worldmodel.model.components.IdentityEncoder` by default.
     :param name: prefix in Pyro's param store; unique by default.
@@ -78,6 +82,7 @@ class FilterGuide(DrawsGlobals, ChecksInputs, nn.Module):
         *,
         encoder: nn.Module | None = None,
         name: str | None = None,
+        min_scale: float | Literal["learned"] = "learned",
     ):
         super().__init__()
         self.obs_dim = obs_dim
@@ -90,7 +95,8 @@ class FilterGuide(DrawsGlobals, ChecksInputs, nn.Module):
         self.rnn = nn.GRU(E + action_space.feature_dim, rnn_dim, batch_first=True)
         # The combiner reads [h_t, e(x_t)] and this many action features.
         summary = rnn_dim + E + self._action_blocks * action_space.feature_dim
-        self.combiner = Combiner(latent_dim, summary, hidden)
+        self.combiner = Combiner(latent_dim, summary, hidden, min_scale)
+        self.min_scale = self.combiner.min_scale
         self.z_0 = nn.Parameter(torch.zeros(latent_dim))  # stands in for z_{t-1} at t = 0
         self.name = unique_name(self._prefix, name)
 
@@ -320,6 +326,7 @@ class MeanFieldGuide(DrawsGlobals, ChecksInputs, nn.Module):
     :meth:`step` on :meth:`context`, as the filter's.
 
     :param hidden: widths of the MLP on e(x_t).
+    :param min_scale: the floor of q(z_t | x_t)'s scale: a float or ``"learned"``, as the filter's.
     :param encoder: what the guide reads of each x_t; the identity by default.
     """
 
@@ -332,6 +339,7 @@ class MeanFieldGuide(DrawsGlobals, ChecksInputs, nn.Module):
         *,
         encoder: nn.Module | None = None,
         name: str | None = None,
+        min_scale: float | Literal["learned"] = 1e-3,
     ):
         super().__init__()
         self.obs_dim = obs_dim
@@ -340,7 +348,8 @@ class MeanFieldGuide(DrawsGlobals, ChecksInputs, nn.Module):
         self.hidden = tuple(hidden)
         self.encoder = _encoder(encoder, obs_dim)
         self.net = mlp(self.encoder.out_dim, self.hidden, 2 * latent_dim)
-        self.min_scale = 1e-3
+        self.scale_map = ScaleMap(latent_dim, min_scale)
+        self.min_scale = self.scale_map.min_scale
         self.name = unique_name("mean_field_guide", name)
 
     @classmethod
@@ -380,7 +389,7 @@ class MeanFieldGuide(DrawsGlobals, ChecksInputs, nn.Module):
     def step_params(self, z_prev, context_t, weights) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of q(z_t | x_t); ``z_prev`` is not read."""
         loc, raw_scale = context_t.chunk(2, dim=-1)
-        return loc, positive(raw_scale, self.min_scale)
+        return loc, self.scale_map(raw_scale)
 
     def step(self, z_prev, context_t, weights) -> dist.TorchDistribution:
         return dist.Normal(*self.step_params(z_prev, context_t, weights)).to_event(1)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .nets import check_dim, check_hidden, check_min_scale, mlp, positive, set_linear_gaussian
+from .nets import ScaleMap, check_dim, check_hidden, mlp, set_linear_gaussian
 
 
 class Combiner(nn.Module):
@@ -25,12 +26,13 @@ class Combiner(nn.Module):
         latent_dim: int,
         summary_dim: int,
         hidden: Sequence[int] = (64,),
-        min_scale: float = 1e-3,
+        min_scale: float | Literal["learned"] = 1e-3,
     ):
         super().__init__()
         self.latent_dim = check_dim("latent_dim", latent_dim)
         self.summary_dim = check_dim("summary_dim", summary_dim)
-        self.min_scale = check_min_scale(min_scale)
+        self.scale_map = ScaleMap(latent_dim, min_scale)
+        self.min_scale = self.scale_map.min_scale
         self.linear = nn.Linear(latent_dim + summary_dim, latent_dim)
         self.net = mlp(latent_dim + summary_dim, check_hidden(hidden), 2 * latent_dim)
         self._deep = len(self.net) > 1  # at least one hidden layer
@@ -81,7 +83,7 @@ class Combiner(nn.Module):
         linear, out = u.split([self.latent_dim, u.shape[-1] - self.latent_dim], dim=-1)
         if not self._deep:  # the first layer is the last: u holds [linear, delta, raw scale]
             delta, raw_scale = out.chunk(2, dim=-1)
-            return linear + delta, positive(raw_scale, self.min_scale)
+            return linear + delta, self.scale_map(raw_scale)
         for layer in self._hidden:  # without building a Sequential (or running hooks) each step
             out = layer.forward(out)
         _, w_loc, w_scale, b_scale = weights
@@ -89,11 +91,11 @@ class Combiner(nn.Module):
             loc, raw_scale = torch.addmm(linear, out, w_loc), torch.addmm(b_scale, out, w_scale)
         else:
             loc, raw_scale = linear + out @ w_loc, out @ w_scale + b_scale
-        return loc, positive(raw_scale, self.min_scale)
+        return loc, self.scale_map(raw_scale)
 
     def init_linear(self, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> None:
         """Start as N(weight [z_{t-1}, h_t] + bias, diag scale²), the MLP at zero.
 
         :param weight: ``(Z, Z + H)``; :param bias: ``(Z,)``; :param scale: ``(Z,)``.
         """
-        set_linear_gaussian(self.linear, self.net[-1], weight, bias, scale, self.min_scale)
+        set_linear_gaussian(self.linear, self.net[-1], weight, bias, scale, self.scale_map.start())

@@ -10,13 +10,14 @@ recurrent transition.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import pyro.distributions as dist
 import torch
 from torch import nn
 
 from ...spaces import ActionSpace
-from .nets import cat_batched, check_dim, check_hidden, check_min_scale, mlp, positive
+from .nets import ScaleMap, cat_batched, check_dim, check_hidden, mlp
 
 
 class GaussianReward(nn.Module):
@@ -36,13 +37,14 @@ class GaussianReward(nn.Module):
         latent_dim: int,
         action_space: ActionSpace,
         hidden: Sequence[int] = (64, 64),
-        min_scale: float = 0.1,
+        min_scale: float | Literal["learned"] = 0.1,
     ):
         super().__init__()
         self.latent_dim = check_dim("latent_dim", latent_dim)
         self.action_space = action_space
         self.hidden = check_hidden(hidden)
-        self.min_scale = check_min_scale(min_scale)
+        self.scale_map = ScaleMap(1, min_scale)
+        self.min_scale = self.scale_map.min_scale
         self.net = mlp(latent_dim + action_space.feature_dim, self.hidden, 1)
         self.raw_scale = nn.Parameter(torch.zeros(()))
 
@@ -50,7 +52,7 @@ class GaussianReward(nn.Module):
         """:param z: ``(..., Z)``; :param a_feat: ``(..., A)`` action features.
         :returns: a Normal with batch shape ``(...)`` and event shape ``()``."""
         loc = self.net(cat_batched(z, a_feat)).squeeze(-1)  # (...)
-        return dist.Normal(loc, positive(self.raw_scale, self.min_scale).expand(loc.shape))
+        return dist.Normal(loc, self.scale_map(self.raw_scale).expand(loc.shape))
 
 
 class BernoulliContinue(nn.Module):

@@ -27,8 +27,12 @@ def cat_batched(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat([t.expand(*shape, t.shape[-1]) for t in tensors], dim=-1)
 
 
-def positive(raw: torch.Tensor, min_scale: float) -> torch.Tensor:
-    """A scale from an unconstrained tensor, bounded away from zero."""
+def positive(raw: torch.Tensor, min_scale) -> torch.Tensor:
+    """A scale from an unconstrained tensor, bounded away from zero.
+
+    :param min_scale: the floor: a float, or a tensor ``(n,)`` of one floor per last-dim
+        entry (a :class:`ScaleMap`'s learned one).
+    """
     return nn.functional.softplus(raw) + min_scale
 
 
@@ -45,9 +49,11 @@ def check_hidden(hidden: Sequence[int]) -> tuple[int, ...]:
     return hidden
 
 
-def check_min_scale(value) -> float:
+def check_min_scale(value) -> float | str:
+    if value == "learned":
+        return value
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
-        raise ValueError(f"min_scale: expected a finite float >= 0, got {value!r}")
+        raise ValueError(f"min_scale: expected a finite float >= 0 or 'learned', got {value!r}")
     return float(value)
 
 
@@ -99,6 +105,67 @@ class LearnedDF(nn.Module):
 # and 97% at h = 15. Stored divided by a gain of 10 (GainedParameter), the log-scale
 # moves up to 3 nats.
 DEFAULT_SCALE_GAIN = 10.0
+
+
+# A learned floor starts where the fixed default is, and may fall 3 nats (to 5e-5) over the
+# default schedule (its log is a GainedParameter); it never falls below HARD_FLOOR, where
+# float32 scales of a unit-variance latent lose their precision.
+LEARNED_FLOOR_START = 1e-3
+HARD_FLOOR = 1e-6
+
+
+class ScaleMap(nn.Module):
+    """σ = softplus(raw) + floor: a network's raw output made a scale, per dimension.
+
+    The floor is fixed (a float, 1e-3 by default) or learned per dimension
+    (``min_scale="learned"``). A fixed floor keeps σ away from zero, where one Adam step
+    moves a mean by many standard deviations (about the learning rate, 1e-3 at the
+    start) and the KL between two narrow Normals and the log-density of a
+    near-deterministic latent jump; but where the data's one-step error is smaller than
+    the floor (near-deterministic dynamics in normalised units), the floor, not the data,
+    sets the width of every imagined future. A learned floor starts at
+    ``LEARNED_FLOOR_START`` and is lowered only as far as the bound gains, as the means
+    settle: log(floor − HARD_FLOOR) is a :class:`GainedParameter`, which moves up to
+    about 3 nats over the default schedule.
+
+    :param dim: the number of scales.
+    :param min_scale: the floor, a float >= 0 or ``"learned"``.
+    """
+
+    def __init__(self, dim: int, min_scale=1e-3):
+        super().__init__()
+        self.min_scale = check_min_scale(min_scale)
+        if self.min_scale == "learned":
+            self.log_floor = GainedParameter(dim)
+            self.log_floor.set(torch.full((dim,), LEARNED_FLOOR_START - HARD_FLOOR).log())
+
+    @property
+    def learned(self) -> bool:
+        return self.min_scale == "learned"
+
+    def floor(self):
+        """The floor: the float, or a ``(dim,)`` tensor when learned."""
+        if not self.learned:
+            return self.min_scale
+        return self.log_floor().exp() + HARD_FLOOR
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        """σ from ``raw`` ``(..., dim)``."""
+        return positive(raw, self.floor())
+
+    def start(self) -> float:
+        """The floor before training: what a warm start subtracts from the scale it sets."""
+        return LEARNED_FLOOR_START if self.learned else self.min_scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint written before floors were learned trained with the fixed 1e-3, where
+        # a learned floor starts: it loads as that.
+        key = prefix + "log_floor.raw"
+        if self.learned and key not in state_dict:
+            state_dict[key] = torch.full_like(self.log_floor.raw, LEARNED_FLOOR_START - HARD_FLOOR).log() / (
+                self.log_floor.gain
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class GainedParameter(nn.Module):

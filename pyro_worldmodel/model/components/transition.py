@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import Literal
 
 import pyro
 import pyro.distributions as dist
@@ -14,12 +15,11 @@ from torch import nn
 from .nets import (
     GainedParameter,
     LearnedDF,
+    ScaleMap,
     cat_batched,
     check_dim,
     check_hidden,
-    check_min_scale,
     mlp,
-    positive,
     set_linear_gaussian,
 )
 
@@ -31,6 +31,10 @@ class GaussianMLPTransition(nn.Module):
     linear, and an MLP alone, trained briefly, does not reach least squares.
     The linear path and the MLP's last layer start at zero, so an untrained
     transition is a random walk.
+
+    :param min_scale: σ's floor: a float, or ``"learned"`` (the default) for one per latent
+        dimension, started at 1e-3 and lowered by training where the bound gains
+        (:class:`~pyro_worldmodel.model.components.nets.ScaleMap`).
     """
 
     def __init__(
@@ -38,13 +42,14 @@ class GaussianMLPTransition(nn.Module):
         latent_dim: int,
         action_dim: int,
         hidden: Sequence[int] = (64, 64),
-        min_scale: float = 1e-3,
+        min_scale: float | Literal["learned"] = "learned",
     ):
         super().__init__()
         self.latent_dim = check_dim("latent_dim", latent_dim)
         self.action_dim = check_dim("action_dim", action_dim)
         self.hidden = check_hidden(hidden)
-        self.min_scale = check_min_scale(min_scale)
+        self.scale_map = ScaleMap(latent_dim, min_scale)
+        self.min_scale = self.scale_map.min_scale
         self.linear = nn.Linear(latent_dim + action_dim, latent_dim)
         self.net = mlp(latent_dim + action_dim, self.hidden, 2 * latent_dim)
         for layer in (self.linear, self.net[-1]):
@@ -56,7 +61,7 @@ class GaussianMLPTransition(nn.Module):
         u = cat_batched(z_prev, a_prev)  # (..., Z + A)
         delta, raw_scale = self.net(u).chunk(2, dim=-1)  # (..., Z) each
         loc = z_prev + self.linear(u) + delta
-        return dist.Normal(loc, positive(raw_scale, self.min_scale)).to_event(1)
+        return dist.Normal(loc, self.scale_map(raw_scale)).to_event(1)
 
     def init_linear(self, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> None:
         """Start as the linear-Gaussian N(weight [z, a] + bias, diag scale²), the MLP at zero.
@@ -64,7 +69,7 @@ class GaussianMLPTransition(nn.Module):
         :param weight: ``(Z, Z + A)``; :param bias: ``(Z,)``; :param scale: ``(Z,)``.
         """
         eye = torch.eye(self.latent_dim, self.latent_dim + self.action_dim)  # the residual z
-        set_linear_gaussian(self.linear, self.net[-1], weight - eye, bias, scale, self.min_scale)
+        set_linear_gaussian(self.linear, self.net[-1], weight - eye, bias, scale, self.scale_map.start())
 
 
 class EnsembleTransition(nn.Module):
@@ -101,7 +106,7 @@ class EnsembleTransition(nn.Module):
         action_dim: int,
         members: int = 5,
         hidden: Sequence[int] = (64, 64),
-        min_scale: float = 1e-3,
+        min_scale: float | Literal["learned"] = "learned",
     ):
         super().__init__()
         self.members = check_dim("members", members)
@@ -185,7 +190,7 @@ class BayesianMLPTransition(GaussianMLPTransition):
         latent_dim: int,
         action_dim: int,
         hidden: Sequence[int] = (64, 64),
-        min_scale: float = 1e-3,
+        min_scale: float | Literal["learned"] = "learned",
         prior_scale: float = 1.0,
         posterior_scale: float = 1e-4,
         draws: int = 5,
@@ -274,7 +279,7 @@ class BayesianMLPTransition(GaussianMLPTransition):
         lin = torch.einsum("...oi,...i->...o", w_lin, u) + b_lin
         out = torch.einsum("...oi,...i->...o", w_head, features) + b_head
         delta, raw_scale = out.chunk(2, dim=-1)  # (..., Z) each
-        return dist.Normal(z_prev + lin + delta, positive(raw_scale, self.min_scale)).to_event(1)
+        return dist.Normal(z_prev + lin + delta, self.scale_map(raw_scale)).to_event(1)
 
     def _unflatten(self, theta):
         """θ ``(..., P)`` as the layers' ``(weight (..., out, in), bias (..., out))``, in order."""
@@ -323,7 +328,7 @@ class StudentTMLPTransition(LearnedDF, GaussianMLPTransition):
         latent_dim: int,
         action_dim: int,
         hidden: Sequence[int] = (64, 64),
-        min_scale: float = 1e-3,
+        min_scale: float | Literal["learned"] = "learned",
         df: float | str = "learned",
     ):
         super().__init__(latent_dim, action_dim, hidden, min_scale)
@@ -353,13 +358,14 @@ class GatedTransition(nn.Module):
         latent_dim: int,
         action_dim: int,
         hidden: Sequence[int] = (64,),
-        min_scale: float = 1e-3,
+        min_scale: float | Literal["learned"] = 1e-3,
     ):
         super().__init__()
         self.latent_dim = check_dim("latent_dim", latent_dim)
         self.action_dim = check_dim("action_dim", action_dim)
         self.hidden = check_hidden(hidden)
-        self.min_scale = check_min_scale(min_scale)
+        self.scale_map = ScaleMap(latent_dim, min_scale)
+        self.min_scale = self.scale_map.min_scale
         U = latent_dim + action_dim
         self.gate = mlp(U, self.hidden, latent_dim)
         self.proposed_mean = mlp(U, self.hidden, latent_dim)
@@ -375,7 +381,7 @@ class GatedTransition(nn.Module):
         gate = torch.sigmoid(self.gate(u))  # (..., Z)
         proposed_mean = self.proposed_mean(u)  # (..., Z)
         loc = (1 - gate) * self.linear(u) + gate * proposed_mean
-        scale = positive(self.scale(torch.relu(proposed_mean)), self.min_scale)
+        scale = self.scale_map(self.scale(torch.relu(proposed_mean)))
         return dist.Normal(loc, scale).to_event(1)
 
 
@@ -404,7 +410,7 @@ class RSSMTransition(nn.Module):
         action_dim: int,
         deter_dim: int = 64,
         hidden: Sequence[int] = (64,),
-        min_scale: float = 1e-3,
+        min_scale: float | Literal["learned"] = 1e-3,
     ):
         super().__init__()
         self.latent_dim = check_dim("latent_dim", latent_dim)
@@ -413,7 +419,8 @@ class RSSMTransition(nn.Module):
         self.hidden = check_hidden(hidden)
         if not self.hidden:
             raise ValueError(f"hidden: expected at least one width for the GRU's input, got {hidden!r}")
-        self.min_scale = check_min_scale(min_scale)
+        self.scale_map = ScaleMap(latent_dim, min_scale)
+        self.min_scale = self.scale_map.min_scale
         self.embed = nn.Sequential(mlp(latent_dim + action_dim, self.hidden[:-1], self.hidden[-1]), nn.ELU())
         self.cell = nn.GRUCell(self.hidden[-1], deter_dim)
         self.prior = mlp(deter_dim, self.hidden, 2 * latent_dim)
@@ -433,4 +440,4 @@ class RSSMTransition(nn.Module):
         h_prev = h_prev.expand(*shape, self.deter_dim).reshape(-1, self.deter_dim)
         h = self.cell(e, h_prev).reshape(*shape, self.deter_dim)  # (..., D)
         loc, raw_scale = self.prior(h).chunk(2, dim=-1)  # (..., Z) each
-        return dist.Normal(loc, positive(raw_scale, self.min_scale)).to_event(1), h
+        return dist.Normal(loc, self.scale_map(raw_scale)).to_event(1), h
