@@ -257,14 +257,21 @@ def test_anything_else_takes_pyros_traces_and_says_why(spec, call, reason):
     assert elbo.path == f"pyro traces: {reason}"
 
 
-def test_fit_takes_the_batched_path_by_default_and_the_traces_when_one_side_is_frozen():
+@pytest.mark.parametrize("train", ["all", "guide", "model"])
+def test_fit_takes_the_batched_path_and_updates_only_the_side_it_trains(train):
     b = build({"latent_dim": 3, "guide": {"name": "filter", "rnn_dim": 8}}, 3, BOX)
     obs, actions, mask = data(BOX)
     elbo = TraceMeanField_ELBO(max_plate_nesting=2)
-    history = fit(b.model, b.guide, obs, actions, mask, num_steps=3, elbo=elbo, progress=False)
+    before = {
+        side: [p.detach().clone() for p in part.parameters()]
+        for side, part in (("model", b.model), ("guide", b.guide))
+    }
+    history = fit(b.model, b.guide, obs, actions, mask, num_steps=3, elbo=elbo, train=train, progress=False)
     assert elbo.path == "batched" and all(torch.isfinite(torch.tensor(history.loss)))
-    fit(b.model, b.guide, obs, actions, mask, num_steps=1, elbo=elbo, train="guide", progress=False)
-    assert elbo.path == "pyro traces: the model is not WorldModel.model"
+    for side, part in (("model", b.model), ("guide", b.guide)):
+        moved = any(not torch.equal(p, q) for p, q in zip(part.parameters(), before[side]))
+        assert moved == (train in ("all", side)), side
+        assert all(p.grad is None or not p.grad.any() for p in part.parameters())
 
 
 def test_batched_must_be_a_bool():

@@ -258,3 +258,17 @@ def test_an_ensembles_held_out_terms_do_not_depend_on_the_order_of_the_episodes(
     reversed_ = elbo_terms(model, guide, obs.flip(0), act.flip(0), num_particles=100).elbo
     assert batch == pytest.approx(sum(alone) / 4, abs=0.3)
     assert batch == pytest.approx(reversed_, abs=0.3)
+
+
+def test_log_weights_hold_no_autograd_graph(anchor):
+    """The estimate is a number, not a loss: it keeps no graph of its particles (kept, 20
+    results of 1,000 particles held 1.6 GiB against 0.7)."""
+    from pyro_worldmodel.evaluate.bounds import log_weights
+
+    model, obs, actions, exact = anchor
+    guide = FilterGuide.for_model(model).double()
+    assert any(p.requires_grad for p in guide.parameters())
+    w = log_weights(model, guide, obs[:4], actions[:4], num_particles=3)
+    assert w.shape == (3, 4) and not w.requires_grad and w.grad_fn is None
+    # and it is the importance weight: below log p(x, a) on average (Jensen), finite
+    assert torch.isfinite(w).all() and (w.mean(0) < exact[:4]).all()

@@ -21,9 +21,12 @@ def log_weights(model, guide, obs, actions, mask=None, *, num_particles: int) ->
 
     :returns: ``(K, B)``.
     """
-    with torch.no_grad(), pyro.plate("particles", num_particles, dim=_PARTICLE_DIM):
-        guide_tr, model_tr = traces(model, guide, obs, actions, mask)
-    return _site_sum(model_tr) - _site_sum(guide_tr)
+    with torch.no_grad():
+        with pyro.plate("particles", num_particles, dim=_PARTICLE_DIM):
+            guide_tr, model_tr = traces(model, guide, obs, actions, mask)
+        # The log-densities are computed here, from the traces' parameters: inside no_grad,
+        # or the result would hold the autograd graph of every particle.
+        return _site_sum(model_tr) - _site_sum(guide_tr)
 
 
 def _site_sum(trace) -> torch.Tensor:

@@ -158,12 +158,11 @@ def fit(
             elbo.step = start
 
     frozen = {"all": None, "guide": model, "model": guide}[train]
+    # The frozen side's parameters are left out of each update, not hidden from Pyro: a
+    # poutine.block around the model would take the loss off the batched path.
+    frozen_ids = set() if frozen is None else {id(p) for p in frozen.parameters()}
     model_fn = model.model
     guide_fn = guide
-    if train == "guide":
-        model_fn = poutine.block(model_fn, hide_types=["param"])
-    elif train == "model":
-        guide_fn = poutine.block(guide_fn, hide_types=["param"])
     names = _parameter_names(model, guide)  # {parameter: name}, in the order first seen
     params = list(names)
     # Two snapshots, alternately overwritten: the parameters at the start of this step and
@@ -268,7 +267,7 @@ def fit(
                 raise diverged(step, f"the gradient of {names.get(first, 'a parameter')} is not finite", now)
             if due:  # the parameters of this step are finite and gave a finite loss: a good checkpoint
                 save(step, rng)
-            optim(set(touched))
+            optim({p for p in touched if id(p) not in frozen_ids})
             after_update = _finite_flags(touched).all()
             pyro.infer.util.zero_grads(touched)
             history.loss.append(loss)
