@@ -102,7 +102,7 @@ SLOTS = ("init", "transition", "emission", "policy", "guide", "encoder", "elbo",
 # Filled in by build() from the data and the other parts, never written in a spec.
 SUPPLIED = {"latent_dim", "obs_dim", "action_dim", "action_space", "encoder", "name", "self"}
 # fit's arguments that are data or objects, not settings a spec can hold.
-_FIT_OBJECTS = ("model", "guide", "obs", "actions", "mask", "elbo", "optim")
+_FIT_OBJECTS = ("model", "guide", "obs", "actions", "mask", "elbo", "optim", "val")
 
 #: The largest size a spec may ask for: latent_dim, every hidden width and
 #: every other argument that sizes an allocation (see :func:`_is_size`).
@@ -1087,6 +1087,10 @@ _TRAIN_RULES = {
     "terms_every": (int, _Range(0)),
     "lr": (float, _POSITIVE),
     "train": (Literal["all", "model", "guide"], None),
+    "val_every": (int, _Range(1)),
+    "val_particles": (int, _Range(1)),
+    "val_iwae": (int, _Range(0)),
+    "patience": (int | None, _Range(1)),
 }
 # Sizes that are not named *dim or *hidden.
 _SIZE_NAMES = frozenset({"candidates", "top_k", "num_particles", "num_iafs", "horizon", "batch_size"})

@@ -60,8 +60,11 @@ def plot_training(
     :param path: if given, save the figure here as a PNG.
     :param window: steps in the trailing moving average of the loss; by
         default a twentieth of the steps, at most 100.
-    :returns: the figure: −ELBO per step (raw, faint, and its moving average),
-        and beside it ``history.terms`` against step, all in nats per timestep.
+    :returns: the figure: −ELBO per step (raw, faint, and its moving average);
+        beside it, if recorded, ``history.terms`` against step; and ``history.validation``:
+        the ELBO of the held-out sequences and of as many training sequences, on fixed
+        draws, with the best check marked (and where early stopping ended the run); all
+        in nats per timestep.
     """
     loss = np.asarray(history.loss, dtype=np.float64)  # (N,)
     if loss.size == 0:
@@ -71,7 +74,8 @@ def plot_training(
     elif not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"window: expected an int >= 1, got {window!r}")
 
-    ncols = 2 if history.terms else 1
+    validation = getattr(history, "validation", None) or []
+    ncols = 1 + bool(history.terms) + bool(validation)
     fig = _Figure(figsize=(6 * ncols, 4), layout="constrained")
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     steps = np.arange(loss.size)
@@ -90,6 +94,27 @@ def plot_training(
             ax.plot(term_steps, ys, marker=".", label=label, gid=key, **style)
         ax.axhline(0.0, color="grey", linewidth=0.5)
         ax.set(xlabel="SVI step", ylabel="nats per timestep", title="ELBO terms")
+        ax.legend()
+    if validation:
+        ax = axes[-1]
+        v_steps = [row["step"] for row in validation]
+        for key, label, color in (
+            ("train_elbo", "ELBO, training sequences", "C0"),
+            ("val_elbo", "ELBO, held-out sequences", "C1"),
+            ("train_iwae", "IWAE, training sequences", "C2"),
+            ("val_iwae", "IWAE, held-out sequences", "C3"),
+        ):
+            if key in validation[0]:
+                ax.plot(
+                    v_steps, [row[key] for row in validation], marker=".", color=color, label=label, gid=key
+                )
+        if history.best_step is not None:
+            best = next(row for row in validation if row["step"] == history.best_step)
+            ax.plot([best["step"]], [best["val_elbo"]], marker="*", markersize=12, color="C1",
+                    linestyle="none", label=f"best held-out (step {best['step']})", gid="best")  # fmt: skip
+        if history.stopped_at is not None:
+            ax.axvline(history.stopped_at, color="grey", linestyle="--", label="early stop", gid="stopped")
+        ax.set(xlabel="SVI step", ylabel="nats per timestep", title="Held out against trained on")
         ax.legend()
     fig.suptitle("Training (nats per timestep)")
     return save_figure(fig, path)

@@ -78,6 +78,9 @@ class Prepared:
         ``train`` and stays in real units.
     :ivar obs: ``(N, W, X)`` training windows in model units, with ``actions``,
         ``mask``, ``rewards`` and ``continues`` of the same windows.
+    :ivar val_windows: ``(obs, actions, mask)`` of the held-out episodes cut into
+        consecutive windows as long as the training ones, in model units, for
+        :func:`~pyro_worldmodel.fit`'s ``val`` (None without a held-out split).
     """
 
     episodes: Episodes
@@ -88,6 +91,7 @@ class Prepared:
     mask: torch.Tensor
     rewards: torch.Tensor
     continues: torch.Tensor
+    val_windows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def normalizer(self) -> Normalizer:
@@ -134,16 +138,37 @@ def prepare(
     normalizer = train.fit_normalizer(obs_scale_floor, scale_obs=scale_obs).normalizer
     train = replace(train, normalizer=normalizer)
     obs, actions, mask, rewards, continues = training_windows(train, window, draws, seed)
+    if val is not None:
+        val = replace(val, normalizer=normalizer)
     return Prepared(
         episodes=replace(episodes, normalizer=normalizer),
         train=train,
-        val=None if val is None else replace(val, normalizer=normalizer),
+        val=val,
         obs=obs,
         actions=actions,
         mask=mask,
         rewards=rewards,
         continues=continues,
+        val_windows=None if val is None else tiled_windows(val, obs.shape[1]),
     )
+
+
+def tiled_windows(episodes: Episodes, window: int):
+    """``(obs, actions, mask)`` in model units: every episode cut into consecutive windows of
+    ``window`` steps, each step in exactly one (the last window of an episode padded and
+    masked), windows without an observed step left out."""
+    units = episodes.in_model_units()
+    obs, actions, mask = units.obs, units.actions, units.mask
+    N, T = mask.shape
+    pad = (-T) % window
+    if pad:
+        obs = torch.cat([obs, obs.new_zeros(N, pad, *obs.shape[2:])], 1)
+        actions = torch.cat([actions, actions.new_zeros(N, pad, *actions.shape[2:])], 1)
+        mask = torch.cat([mask, mask.new_zeros(N, pad)], 1)
+    n = (T + pad) // window
+    obs, actions, mask = (x.reshape(N * n, window, *x.shape[2:]) for x in (obs, actions, mask))
+    keep = mask.any(1)
+    return obs[keep], actions[keep], mask[keep]
 
 
 def scales_observations(spec) -> bool:
@@ -238,6 +263,7 @@ def train(prepared: Prepared, built: Built, *, seed: int = 0, **fit_kwargs) -> H
         elbo=built.elbo,
         optim=built.optim,
         seed=seed,
+        val=prepared.val_windows,
         **settings,
     )
 

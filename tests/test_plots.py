@@ -87,6 +87,26 @@ def test_training_without_terms_has_one_panel_and_saves_a_png(history, tmp_path)
     assert_png_of(fig, path)
 
 
+def test_training_draws_held_out_against_trained_on_with_the_best_check_and_the_stop(history):
+    history.validation = [
+        {"step": 2, "train_elbo": 1.0, "val_elbo": 0.5},
+        {"step": 4, "train_elbo": 2.0, "val_elbo": 1.5},
+        {"step": 6, "train_elbo": 3.0, "val_elbo": 1.0},
+    ]
+    history.best_step, history.stopped_at = 4, 6
+    fig = plot_training(history)
+    assert len(fig.axes) == 3
+    ax = fig.axes[-1]
+    for key, ys in (("train_elbo", [1.0, 2.0, 3.0]), ("val_elbo", [0.5, 1.5, 1.0])):
+        (line,) = by_gid(ax, key)
+        np.testing.assert_array_equal(line.get_xdata(), [2, 4, 6])
+        np.testing.assert_array_equal(line.get_ydata(), ys)
+    (best,) = by_gid(ax, "best")
+    assert list(best.get_xdata()) == [4] and list(best.get_ydata()) == [1.5]
+    (stop,) = by_gid(ax, "stopped")
+    assert list(stop.get_xdata()) == [6, 6]
+
+
 def test_training_rejects_an_empty_history_and_a_bad_window(history):
     with pytest.raises(ValueError, match="history: expected at least one recorded step, got none"):
         plot_training(History())

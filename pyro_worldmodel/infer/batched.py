@@ -151,7 +151,21 @@ def mean_field_loss(
         return _loss(elbo, model, guide, obs, actions, mask, rewards, continues)
 
 
-def _loss(elbo, model, guide, obs, actions, mask, rewards=None, continues=None):
+def heldout_loss(model, guide, obs, actions, mask) -> torch.Tensor:
+    """One particle of −ELBO of the observations and actions, the bound :func:`~pyro_worldmodel.elbo_terms`
+    estimates, without a global latent's KL (θ ~ q(θ) is drawn, its KL paid by the training
+    set): for data not trained on. Needs :func:`supports` (with ``kwargs={}``) to hold."""
+    from .elbos import TraceMeanField_ELBO  # the plain bound, whatever the training objective
+
+    obs, actions, mask = model.check_inputs(obs, actions, mask)
+    guide.check_inputs(obs, actions, mask, check_values=False)
+    register_module(model.name, model)
+    register_module(guide.name, guide)
+    with pyro.validation_enabled(False):
+        return _loss(TraceMeanField_ELBO(), model, guide, obs, actions, mask, global_kl=False)
+
+
+def _loss(elbo, model, guide, obs, actions, mask, rewards=None, continues=None, *, global_kl=True):
     if not model.has_global_latents:
         return _chain_loss(elbo, model, guide, obs, actions, mask, rewards, continues)
     # A Bayesian transition: θ ~ q(θ) first, as the guide draws it, then the chain under θ.
@@ -161,6 +175,8 @@ def _loss(elbo, model, guide, obs, actions, mask, rewards=None, continues=None):
     kl = elbo.shape_kl(WEIGHTS_SITE, kl_divergence(q_theta, p_theta), q_theta, p_theta, None, "analytic")
     with transition.using(theta):
         loss = _chain_loss(elbo, model, guide, obs, actions, mask, rewards, continues)
+    if not global_kl:
+        return loss
     elbo.kl_estimators[WEIGHTS_SITE] = "analytic"
     return loss + kl * transition.kl_scale(mask.shape[0])
 

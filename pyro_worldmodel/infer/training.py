@@ -20,6 +20,7 @@ from ..io import load_checkpoint, save_checkpoint
 from ..spaces import check_device, check_int
 from .elbos import TraceMeanField_ELBO
 from .terms import elbo_terms
+from .validation import Monitor, as_sequences
 
 MAX_PLATE_NESTING = 2  # episodes (dim -2) and time (dim -1)
 
@@ -31,10 +32,19 @@ class History:
     :ivar loss: −ELBO per observed timestep of each step's minibatch (nats).
     :ivar terms: every ``terms_every`` steps, a dict with ``step``, ``elbo``,
         ``log_px``, ``log_pa`` and ``kl``, per observed timestep.
+    :ivar validation: with ``val`` data, every ``val_every`` steps (and after the last), a
+        dict with ``step`` (updates so far), ``val_elbo`` and ``train_elbo``: the ELBO of
+        the held-out sequences and of a fixed subset of as many training sequences, per
+        observed timestep, on fixed draws; ``val_iwae`` and ``train_iwae`` with ``val_iwae``.
+    :ivar best_step: the check with the best held-out ELBO (None without ``val``).
+    :ivar stopped_at: the update after which early stopping ended the run, else None.
     """
 
     loss: list[float] = field(default_factory=list)
     terms: list[dict[str, float]] = field(default_factory=list)
+    validation: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None
+    stopped_at: int | None = None
 
 
 def default_elbo() -> ELBO:
@@ -75,6 +85,11 @@ def fit(
     progress: bool = True,
     extra: dict | None = None,
     callback=None,
+    val=None,
+    val_every: int = 100,
+    val_particles: int = 4,
+    val_iwae: int = 0,
+    patience: int | None = None,
 ) -> History:
     """Train ``model`` and ``guide`` by SVI on minibatches of episodes.
 
@@ -105,6 +120,16 @@ def fit(
     :param callback: called as ``callback(step, history)`` after each step,
         e.g. :class:`~pyro_worldmodel.plots.LiveTraining` to redraw a plot in
         a notebook.
+    :param val: held-out sequences to monitor, ``(obs, actions)``, ``(obs, actions, mask)``
+        or a dict of them, checked as the training data are: every ``val_every`` steps and
+        after the last, their ELBO per observed timestep (``val_particles`` fixed draws,
+        the same at every check) and the same bound on a fixed subset of the training
+        sequences go to ``History.validation``. The parameters with the best held-out
+        ELBO are kept in memory and in every checkpoint (entry ``best``).
+    :param val_iwae: K > 0 also records IWAE-K on both (slower: Pyro's traces).
+    :param patience: stop after this many checks without a better held-out ELBO, and
+        load the best parameters back (early stopping); None trains all ``num_steps``
+        and keeps the last parameters.
     :returns: the :class:`History` of the run (of all runs, when resumed).
     """
     check_int("num_steps", num_steps, 1)
@@ -129,6 +154,10 @@ def fit(
     if resume and checkpoint is None:
         raise ValueError("resume: expected a checkpoint path to resume from, got checkpoint=None")
     device = check_device(device)
+    if val is None and patience is not None:
+        raise ValueError(
+            f"patience: early stopping needs held-out data (val), got patience={patience} and val=None"
+        )
 
     if device is not None:
         model.to(device)
@@ -139,6 +168,17 @@ def fit(
     lengths = mask.sum(1).cpu()  # (N,)
     N = obs.shape[0]
     batch_size = min(batch_size, N)
+    monitor = None
+    if val is not None:
+        v_obs, v_actions, v_mask = as_sequences("val", val)
+        try:
+            v_obs, v_actions, v_mask, _ = check_training_data(model, guide, v_obs, v_actions, v_mask)
+        except ValueError as e:
+            raise ValueError(f"val: {e}") from None
+        monitor = Monitor(
+            model, guide, (v_obs, v_actions, v_mask), (obs, actions, mask),
+            every=val_every, particles=val_particles, iwae=val_iwae, patience=patience,
+        )  # fmt: skip
     if getattr(model, "has_global_latents", False):
         # A minibatch of B episodes carries B / N of the global latents' KL.
         model.transition.num_episodes.fill_(N)
@@ -154,6 +194,10 @@ def fit(
         start = len(history.loss)
         order_seed = saved["order_seed"]
         _set_rng_state(saved["rng"])
+        if monitor is not None:
+            monitor.load_entry(saved.get("best"))
+        if history.stopped_at is not None:  # an early-stopped run is finished
+            return history
         if isinstance(getattr(elbo, "step", None), int):  # a schedule over steps, e.g. KL annealing
             elbo.step = start
 
@@ -194,6 +238,7 @@ def fit(
             history=asdict(history),
             order_seed=order_seed,
             rng=rng,
+            **({} if monitor is None else {"best": monitor.checkpoint_entry()}),
             **(extra or {}),
         )
         last_saved["step"] = step
@@ -273,15 +318,24 @@ def fit(
             history.loss.append(loss)
             if terms_every and step % terms_every == 0:
                 history.terms.append({"step": step, **elbo_terms(model, guide, *batch).as_dict()})
-            if step % 10 == 0:
+            if monitor is not None and monitor.due(step + 1, num_steps):
+                history.validation.append(monitor.measure(step + 1))
+                history.best_step = monitor.best_step
+                bar.set_postfix(loss=f"{loss:.3f}", val_elbo=f"{history.validation[-1]['val_elbo']:.3f}")
+            elif step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}")
             if callback is not None:
                 callback(step, history)
+            if monitor is not None and monitor.should_stop():
+                history.stopped_at = step + 1
+                break
         if after_update is not None and not bool(after_update):
-            last = num_steps - 1
+            last = len(history.loss) - 1
             raise diverged(last, _nonfinite_parameter(names, last)[2:-1], snapshots[last % 2])
-        if checkpoint is not None and start < num_steps:
-            save(num_steps, _get_rng_state())
+        if monitor is not None and patience is not None:
+            monitor.restore_best()
+        if checkpoint is not None and start < len(history.loss):
+            save(len(history.loss), _get_rng_state())
     finally:
         bar.close()
         if frozen is not None:

@@ -1,0 +1,145 @@
+"""Held-out monitoring for :func:`~pyro_worldmodel.fit`: the bound on data not trained on,
+on fixed draws, beside the same bound on a fixed subset of the training data."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..spaces import check_int
+from . import batched
+from .terms import elbo_terms
+
+# The validation draws are the same at every check, whatever the training has drawn:
+# the curve then moves only with the parameters.
+VALIDATION_SEED = 20_261_201
+
+
+def as_sequences(name: str, data) -> tuple:
+    """``(obs, actions, mask)`` from a tuple ``(obs, actions[, mask])`` or a dict with those keys."""
+    if isinstance(data, dict):
+        unknown = set(data) - {"obs", "actions", "mask"}
+        if unknown or not {"obs", "actions"} <= set(data):
+            raise ValueError(
+                f"{name}: expected a dict with keys obs, actions and optionally mask, got keys {sorted(data)}"
+            )
+        return data["obs"], data["actions"], data.get("mask")
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3):
+        return (*data, None)[:3]
+    raise ValueError(
+        f"{name}: expected (obs, actions), (obs, actions, mask) or a dict of them, got {type(data).__name__}"
+        + (f" of length {len(data)}" if isinstance(data, (tuple, list)) else "")
+    )
+
+
+def bound_per_step(
+    model, guide, obs, actions, mask, *, num_particles: int, seed: int = VALIDATION_SEED
+) -> float:
+    """The ELBO of the observations and actions in nats per observed timestep, averaged over
+    ``num_particles`` draws that are the same at every call (the global RNG is left as it was).
+
+    The batched path computes it where it applies; otherwise Pyro's traces
+    (:func:`~pyro_worldmodel.elbo_terms`). A Bayesian transition's weights are drawn from their
+    posterior, without their KL, as for any data not trained on.
+    """
+    devices = [obs.device.index or 0] if obs.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        why = batched.supports(model.model, guide, (obs, actions, mask), {}, vectorize_particles=False)
+        if why is not None:
+            return elbo_terms(model, guide, obs, actions, mask, num_particles=num_particles).elbo
+        total = sum(
+            float(batched.heldout_loss(model, guide, obs, actions, mask)) for _ in range(num_particles)
+        )
+        return -total / (num_particles * float(mask.sum()))
+
+
+def iwae_per_step(
+    model, guide, obs, actions, mask, *, num_particles: int, seed: int = VALIDATION_SEED
+) -> float:
+    """IWAE-``num_particles`` in nats per observed timestep, on fixed draws."""
+    from ..evaluate.bounds import iwae_log_likelihood
+
+    devices = [obs.device.index or 0] if obs.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        iwae = iwae_log_likelihood(model, guide, obs, actions, mask, num_particles=num_particles)
+    return float(iwae.sum() / mask.sum())
+
+
+class Monitor:
+    """What :func:`~pyro_worldmodel.fit` measures every ``every`` steps: the bound on the
+    held-out sequences and on a fixed subset of as many training sequences (at most 256),
+    the best held-out value so far, and whether ``patience`` checks have passed without it
+    improving."""
+
+    def __init__(self, model, guide, val, train, *, every, particles, iwae, patience):
+        self.every = check_int("val_every", every, 1)
+        self.particles = check_int("val_particles", particles, 1)
+        self.iwae = check_int("val_iwae", iwae, 0)
+        if patience is not None:
+            check_int("patience", patience, 1)
+        self.patience = patience
+        self.model, self.guide = model, guide
+        self.val = val
+        obs, actions, mask = train
+        n = min(obs.shape[0], max(val[0].shape[0], 1), 256)
+        pick = torch.randperm(obs.shape[0], generator=torch.Generator().manual_seed(VALIDATION_SEED))[:n]
+        pick = pick.to(obs.device)
+        T = int(mask[pick].sum(1).max())
+        self.train = (obs[pick, :T], actions[pick, :T], mask[pick, :T])
+        self.best_value = -math.inf
+        self.best_step: int | None = None
+        self.best_state: dict | None = None
+        self.since_best = 0
+
+    def due(self, step: int, last: int) -> bool:
+        """Whether to measure after ``step`` updates (of ``last``)."""
+        return step % self.every == 0 or step == last
+
+    def measure(self, step: int) -> dict:
+        """The record of one check; remembers the parameters when the held-out bound is the best so far."""
+        record = {"step": step}
+        for name, data in (("train", self.train), ("val", self.val)):
+            record[f"{name}_elbo"] = bound_per_step(
+                self.model, self.guide, *data, num_particles=self.particles
+            )
+            if self.iwae:
+                record[f"{name}_iwae"] = iwae_per_step(self.model, self.guide, *data, num_particles=self.iwae)
+        value = record["val_elbo"]
+        if math.isfinite(value) and value > self.best_value:
+            self.best_value, self.best_step, self.since_best = value, step, 0
+            self.best_state = {
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "guide": {k: v.detach().clone() for k, v in self.guide.state_dict().items()},
+            }
+        else:
+            self.since_best += 1
+        return record
+
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.since_best >= self.patience
+
+    def restore_best(self) -> None:
+        """Load the best parameters back into the model and the guide."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state["model"])
+            self.guide.load_state_dict(self.best_state["guide"])
+
+    def checkpoint_entry(self) -> dict | None:
+        """What a checkpoint keeps of the best: its step, value and parameters."""
+        if self.best_state is None:
+            return None
+        return {
+            "step": self.best_step,
+            "val_elbo": self.best_value,
+            **self.best_state,
+            "since": self.since_best,
+        }
+
+    def load_entry(self, entry: dict | None) -> None:
+        if entry:
+            self.best_step, self.best_value = int(entry["step"]), float(entry["val_elbo"])
+            self.best_state = {"model": entry["model"], "guide": entry["guide"]}
+            self.since_best = int(entry.get("since", 0))
