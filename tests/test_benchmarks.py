@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -87,3 +89,22 @@ def test_imagination_benchmark_prints_every_score_and_the_targets(tmp_path):
         assert f"- {target}" in out
     assert (tmp_path / "imagination.md").read_text().strip() in out
     assert (tmp_path / "CartPole-v1" / "seed0" / "metrics.json").is_file()
+
+
+def test_amortisation_benchmark_prints_the_gaps_on_both_sets():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "amortisation.py"), "--seeds", "0", "--steps", "200",
+         "--settings", "default", "rnn_dim 16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| filter |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["default", "rnn_dim 16"]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")][2:]
+        gaps = [float(c.split(" (")[0]) for c in (cells[0], cells[1], cells[3], cells[4])]
+        # a bound is below the exact log-likelihood: every gap is positive (16 draws, 200 steps)
+        assert all(g > 0 for g in gaps), row
+        assert float(cells[2]) == pytest.approx(gaps[1] / gaps[0], abs=0.02)

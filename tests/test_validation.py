@@ -5,7 +5,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_worldmodel import FilterGuide, LinearGaussianSSM, elbo_terms, fit
+from pyro_worldmodel import ActionSpace, FilterGuide, LinearGaussianSSM, elbo_terms, fit
 from pyro_worldmodel.infer.validation import bound_per_step
 from pyro_worldmodel.io import read_checkpoint
 from pyro_worldmodel.model.guides import IAFFilterGuide
@@ -106,3 +106,41 @@ def test_bad_validation_settings_are_refused_by_name(anchor):
     for arg, bad in (("val_every", 0), ("val_particles", 0), ("patience", 0)):
         with pytest.raises(ValueError, match=f"{arg}: expected an int >= 1, got 0"):
             fit(model, guide, *train, num_steps=1, val=val, progress=False, **{arg: bad})
+
+
+def test_input_noise_is_added_in_training_mode_only_and_fit_leaves_the_guide_evaluating(anchor):
+    ssm, train, val, _ = anchor
+    model, guide = fresh(ssm, input_noise=0.5)
+    obs = train[0][:2]
+    guide.train()
+    a, b = guide.read(obs), guide.read(obs)
+    noise = a - obs  # the identity encoder: e(x) = x
+    assert not torch.equal(a, b) and abs(noise.std().item() - 0.5) < 0.05
+    guide.eval()
+    assert torch.equal(guide.read(obs), obs)
+    fit(model, guide, *train, num_steps=2, train="guide", progress=False)
+    assert not guide.training and not model.training
+    with pytest.raises(ValueError, match="input_noise: expected a finite float >= 0, got -1"):
+        FilterGuide.for_model(model, input_noise=-1)
+
+
+def test_a_learned_linear_gaussian_model_reads_back_as_its_system_and_exact_ml_beats_the_truth():
+    """from_world_model is world_model's inverse (the same exact log-likelihood) and differentiable;
+    maximum likelihood from a random start reaches a training log-likelihood above the true
+    system's, as the maximiser over parameters must, and keeps stable dynamics."""
+    from pyro_worldmodel.evaluate import maximum_likelihood
+
+    truth = LinearGaussianSSM.random(1, 2, 1, seed=5)
+    obs, actions, _ = truth.sample(16, 8, seed=6)
+    back = LinearGaussianSSM.from_world_model(truth.world_model())
+    torch.testing.assert_close(back.log_prob(obs, actions), truth.log_prob(obs, actions))
+    assert back.F.requires_grad and truth.spectral_radius == pytest.approx(0.9)
+    start = LinearGaussianSSM.random(1, 2, 1, seed=99).world_model()
+    losses = maximum_likelihood(start, obs, actions, num_steps=150, lr=5e-2)
+    learned = LinearGaussianSSM.from_world_model(start)
+    assert learned.log_prob(obs, actions).mean().item() > truth.log_prob(obs, actions).mean().item()
+    assert losses[-1] < losses[0] and learned.spectral_radius < 1.0
+    from pyro_worldmodel import WorldModel
+
+    with pytest.raises(ValueError, match="model: expected the linear-Gaussian parts"):
+        LinearGaussianSSM.from_world_model(WorldModel.default(2, ActionSpace.box(1)))

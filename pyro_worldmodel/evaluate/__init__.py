@@ -4,7 +4,7 @@ prediction against baselines, exact references and the memory of a step."""
 from ..infer.terms import ELBOTerms, elbo_terms
 from ..model.baselines import CopyLast, LinearLeastSquares, OpenLoopBaseline
 from .bounds import heldout_bounds, iwae_log_likelihood, log_weights
-from .exact import LinearGaussianSSM
+from .exact import LinearGaussianSSM, maximum_likelihood
 from .imagination import Imagination, imagine
 from .open_loop import OpenLoop, open_loop
 from .profiling import PeakMemory, peak_memory
@@ -15,6 +15,7 @@ __all__ = [
     "ELBOTerms",
     "Imagination",
     "LinearGaussianSSM",
+    "maximum_likelihood",
     "LinearLeastSquares",
     "OpenLoop",
     "OpenLoopBaseline",

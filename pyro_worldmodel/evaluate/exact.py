@@ -195,6 +195,45 @@ class LinearGaussianSSM:
         emit_matrix = torch.cat([self.H, self.K]).T  # (Z, X + A), row-vector convention
         return dist.GaussianHMM(initial, trans_matrix, trans, emit_matrix, emit, duration=L)
 
+    @classmethod
+    def from_world_model(cls, model: WorldModel) -> LinearGaussianSSM:
+        """The system a linear-Gaussian :class:`WorldModel` (as :meth:`world_model` builds it:
+        a learned Gaussian init, linear-Gaussian transition, emission and policy) defines,
+        e.g. after training, so that its exact log-likelihood can be computed. The
+        parameters are the model's (in float64): :meth:`log_prob` is differentiable in them,
+        so exact maximum likelihood can optimise it directly.
+        """
+        from ..model.components import (
+            LearnedGaussianInit,
+            LinearGaussianEmission,
+            LinearGaussianPolicy,
+            LinearGaussianTransition,
+        )
+
+        for part, expected in (
+            (model.init, LearnedGaussianInit),
+            (model.transition, LinearGaussianTransition),
+            (model.emission, LinearGaussianEmission),
+            (model.policy, LinearGaussianPolicy),
+        ):
+            if not isinstance(part, expected):
+                raise ValueError(
+                    f"model: expected the linear-Gaussian parts of LinearGaussianSSM.world_model(), got a"
+                    f" {type(part).__name__} where a {expected.__name__} belongs"
+                )
+        i, t, e, p = model.init, model.transition, model.emission, model.policy
+        # .double() is the parameter itself in float64, a differentiable copy otherwise
+        values = (
+            i.loc, i.log_scale.exp(), t.F, t.G, t.bias, t.log_scale.exp(),
+            e.H, e.bias, e.log_scale.exp(), p.K, p.bias, p.log_scale.exp(),
+        )  # fmt: skip
+        return cls(*(v.double() for v in values))
+
+    @property
+    def spectral_radius(self) -> float:
+        """The largest |eigenvalue| of F: below 1 for stable dynamics."""
+        return float(torch.linalg.eigvals(self.F.detach()).abs().max())
+
     def world_model(self, *, name: str | None = None) -> WorldModel:
         """A float64 :class:`WorldModel` with linear-Gaussian components at these parameters."""
         Z, X, A = self.latent_dim, self.obs_dim, self.action_dim
@@ -219,3 +258,30 @@ class LinearGaussianSSM:
             model.policy.bias.copy_(self.act_bias)
             model.policy.log_scale.copy_(self.act_scale.log())
         return model
+
+
+def maximum_likelihood(
+    model: WorldModel, obs, actions, mask=None, *, num_steps: int = 2000, lr: float = 1e-2
+) -> list[float]:
+    """Exact maximum likelihood: Adam on the mean exact −log p(x, a) per sequence of a
+    linear-Gaussian :class:`WorldModel` (:meth:`LinearGaussianSSM.from_world_model`), with no
+    guide and no bound. On finite data it is the floor a variational recipe is measured
+    against: what the data allow, not what the truth scores.
+
+    :returns: the loss (nats per sequence) at each step; the model's parameters are updated.
+    """
+    for arg, value in (("num_steps", num_steps),):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{arg}: expected a positive int, got {value!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
+        raise ValueError(f"lr: expected a finite float > 0, got {lr!r}")
+    LinearGaussianSSM.from_world_model(model)  # refuses other parts before any step
+    optim = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(num_steps):
+        optim.zero_grad()
+        loss = -LinearGaussianSSM.from_world_model(model).log_prob(obs, actions, mask).mean()
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    return losses

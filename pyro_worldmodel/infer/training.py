@@ -20,7 +20,7 @@ from ..io import load_checkpoint, save_checkpoint
 from ..spaces import check_device, check_int
 from .elbos import TraceMeanField_ELBO
 from .terms import elbo_terms
-from .validation import Monitor, as_sequences
+from .validation import Monitor, as_sequences, set_training_mode
 
 MAX_PLATE_NESTING = 2  # episodes (dim -2) and time (dim -1)
 
@@ -261,6 +261,7 @@ def fit(
         )
 
     bar = tqdm(range(start, num_steps), desc="SVI", disable=not progress, initial=start, total=num_steps)
+    set_training_mode(True, model, guide)  # training-time noise (a guide's input_noise) on while fitting
     try:
         for step in bar:
             idx = minibatch_indices(step, N, batch_size, order_seed)  # on the CPU, like lengths
@@ -338,6 +339,7 @@ def fit(
             save(len(history.loss), _get_rng_state())
     finally:
         bar.close()
+        set_training_mode(False, model, guide)  # and off for what follows: evaluation, imagination, planning
         if frozen is not None:
             # Blocked params are not stepped, but backward still reached them.
             for p in frozen.parameters():

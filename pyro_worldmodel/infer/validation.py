@@ -16,6 +16,13 @@ from .terms import elbo_terms
 VALIDATION_SEED = 20_261_201
 
 
+def set_training_mode(training: bool, *parts) -> None:
+    """``part.train(training)`` for each part that is a module (a guide may be a plain function)."""
+    for part in parts:
+        if isinstance(part, torch.nn.Module):
+            part.train(training)
+
+
 def as_sequences(name: str, data) -> tuple:
     """``(obs, actions, mask)`` from a tuple ``(obs, actions[, mask])`` or a dict with those keys."""
     if isinstance(data, dict):
@@ -101,12 +108,20 @@ class Monitor:
     def measure(self, step: int) -> dict:
         """The record of one check; remembers the parameters when the held-out bound is the best so far."""
         record = {"step": step}
-        for name, data in (("train", self.train), ("val", self.val)):
-            record[f"{name}_elbo"] = bound_per_step(
-                self.model, self.guide, *data, num_particles=self.particles
-            )
-            if self.iwae:
-                record[f"{name}_iwae"] = iwae_per_step(self.model, self.guide, *data, num_particles=self.iwae)
+        modes = [getattr(part, "training", None) for part in (self.model, self.guide)]
+        set_training_mode(False, self.model, self.guide)  # measured as used: without training-time noise
+        try:
+            for name, data in (("train", self.train), ("val", self.val)):
+                record[f"{name}_elbo"] = bound_per_step(
+                    self.model, self.guide, *data, num_particles=self.particles
+                )
+                if self.iwae:
+                    record[f"{name}_iwae"] = iwae_per_step(
+                        self.model, self.guide, *data, num_particles=self.iwae
+                    )
+        finally:
+            for part, mode in zip((self.model, self.guide), modes):
+                set_training_mode(bool(mode), part)
         value = record["val_elbo"]
         if math.isfinite(value) and value > self.best_value:
             self.best_value, self.best_step, self.since_best = value, step, 0

@@ -64,6 +64,10 @@ class FilterGuide(DrawsGlobals, ChecksInputs, nn.Module):
     :param min_scale: the floor of q(z_t | ·)'s scale: a float, or ``"learned"`` (the
         default) for a floor per latent dimension that training lowers where the bound gains
         (:class:`~pyro_worldmodel.model.components.nets.ScaleMap`).
+    :param input_noise: σ of Gaussian noise added to what the guide reads of each x_t
+        while it is in training mode (``fit`` trains in it, and leaves the guide in
+        evaluation mode, where nothing is added): a regulariser against recognising
+        the training sequences (docs/generalisation.md).
     :param encoder: what the guide reads of each x_t, with an ``out_dim``;
         :class:`~pyro_worldmodel.model.components.IdentityEncoder` by default.
     :param name: prefix in Pyro's param store; unique by default.
@@ -83,8 +87,16 @@ class FilterGuide(DrawsGlobals, ChecksInputs, nn.Module):
         encoder: nn.Module | None = None,
         name: str | None = None,
         min_scale: float | Literal["learned"] = "learned",
+        input_noise: float = 0.0,
     ):
         super().__init__()
+        if (
+            not isinstance(input_noise, (int, float))
+            or isinstance(input_noise, bool)
+            or not 0 <= input_noise < float("inf")
+        ):
+            raise ValueError(f"input_noise: expected a finite float >= 0, got {input_noise!r}")
+        self.input_noise = float(input_noise)
         self.obs_dim = obs_dim
         self.action_space = action_space
         self.latent_dim = latent_dim
@@ -167,10 +179,17 @@ class FilterGuide(DrawsGlobals, ChecksInputs, nn.Module):
         traces, not by the batched path."""
         return dist.Normal(*self.step_params(z_prev, context_t, weights)).to_event(1)
 
+    def read(self, obs) -> torch.Tensor:
+        """e(x_t) for every t, ``(B, T, E)``, with ``input_noise`` added in training mode."""
+        e = self.encoder(obs)
+        if self.training and self.input_noise:
+            e = e + self.input_noise * torch.randn_like(e)
+        return e
+
     def summaries(self, obs, a_feat, mask) -> torch.Tensor:
         """h_t = [GRU(e(x_{≤t}), a_{<t}), e(x_t), a_{t-1}]: ``(B, T, H + E + A)``."""
         a_prev = torch.cat([torch.zeros_like(a_feat[:, :1]), a_feat[:, :-1]], dim=1)  # a_{t-1}
-        inputs = torch.cat([self.encoder(obs), a_prev], dim=-1)  # (B, T, E + A)
+        inputs = torch.cat([self.read(obs), a_prev], dim=-1)  # (B, T, E + A)
         h, _ = self.rnn(inputs)  # (B, T, H)
         return torch.cat([h, inputs], dim=-1)  # (B, T, H + E + A)
 
@@ -194,7 +213,7 @@ class SmoothingGuide(FilterGuide):
         With z_{t-1}, these are the Markov blanket of z_t: a_{t-1} moves z_t's
         prior mean, so the exact posterior depends on it.
         """
-        inputs = torch.cat([self.encoder(obs), a_feat], dim=-1)  # (B, T, E + A)
+        inputs = torch.cat([self.read(obs), a_feat], dim=-1)  # (B, T, E + A)
         reverse = reverse_within(mask)  # (B, T) index of t's mirror inside its episode
         rows = torch.arange(inputs.shape[0], device=inputs.device)[:, None]
         h, _ = self.rnn(inputs[rows, reverse])  # the GRU reads each episode from its end
