@@ -215,6 +215,7 @@ def cmd_compare(args) -> dict:
         batch_size=args.batch_size,
         num_particles=args.particles,
         repeats=args.repeats,
+        seeds=args.seeds,
         iwae_particles=args.iwae_particles,
         window=args.window,
         val_fraction=args.val_fraction,
@@ -532,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--steps", type=_at_least_two, default=None, help="training steps per estimator (default: 200)"
+    )
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=None,
+        help="trainings per estimator from the same start, seeds --seed, --seed + 1, ... (default: 3)",
     )
     p.add_argument("--batch-size", type=positive_int, default=None, help="windows per step (default: 32)")
     p.add_argument(

@@ -44,7 +44,9 @@ a model that holds a known tensor through the step. Other devices give NaN.
 
 **Training.** Each estimator trains from the same initial parameters with a
 fresh optimiser by :func:`~pyro_worldmodel.fit` with the same seed, hence the
-same minibatches. Its own loss per step is recorded (for
+same minibatches; then again with each further seed (``seeds``, 3 by default):
+the held-out figures are the mean and standard deviation over those runs, so
+that a reader can tell a difference between estimators from a rerun's. Its own loss per step is recorded (for
 ``TraceTailAdaptive_ELBO``, which has none, −ELBO averaged over its particles),
 and, as one measure common to all estimators, the held-out ELBO per timestep
 (:func:`~pyro_worldmodel.evaluate.elbo_terms`, analytic KL where there is one)
@@ -90,6 +92,7 @@ DEFAULTS = {
     "num_checkpoints": 4,
     "checkpoint_particles": 2,
     "num_particles": 8,
+    "seeds": 3,
 }
 SMOKE = {
     "repeats": 3,
@@ -99,7 +102,10 @@ SMOKE = {
     "num_checkpoints": 1,
     "checkpoint_particles": 1,
     "num_particles": 2,
+    "seeds": 2,
 }
+# Bootstrap resamples of the R gradient draws, for the standard errors of their statistics.
+BOOTSTRAP = 200
 # Pyro's compiled estimators, keyed by argument count and not by shape: a loss compiled
 # at one T answers for another (docs/pyro_pitfalls.md).
 _PYRO_JIT = (pyro.infer.JitTrace_ELBO, pyro.infer.JitTraceGraph_ELBO, pyro.infer.JitTraceMeanField_ELBO)
@@ -140,15 +146,19 @@ class EstimatorResult:
     :ivar bound: mean of the R draws of −loss at the initial parameters; None without a value.
     :ivar bound_se: its standard error, sd / √R.
     :ivar loss_variance: the variance of those R draws.
+    :ivar loss_variance_se: its standard error, Var · √(2 / (R − 1)) (Gaussian draws).
     :ivar grad_variance: ``{"model": …, "guide": …}``, mean over elements of Var[g_i].
     :ivar grad_snr: ``{"model": …, "guide": …}``, mean of |E[g_i]| / sd[g_i] over elements with sd > 0.
+    :ivar grad_variance_se, grad_snr_se: their standard errors, by the bootstrap over the R draws.
     :ivar step_time: median seconds per SVI step after the warm-up.
     :ivar step_time_quartiles: the 25% and 75% quantiles of those seconds.
     :ivar peak_memory: bytes, peak memory of one training step (NaN where it cannot be measured).
-    :ivar heldout_elbo: held-out ELBO after training.
-    :ivar heldout_iwae: held-out IWAE-K estimate of log p(x, a) after training.
-    :ivar train_loss: the estimator's own loss per training step.
-    :ivar checkpoints: ``[{"step": s, "heldout_elbo": …}]`` during training, step 0 first.
+    :ivar heldout_elbo: held-out ELBO after training, the mean over the training seeds.
+    :ivar heldout_iwae: held-out IWAE-K estimate of log p(x, a) after training, likewise.
+    :ivar heldout_elbo_sd, heldout_iwae_sd: their standard deviations over the training seeds.
+    :ivar heldout_by_seed: ``[{"seed": s, "heldout_elbo": …, "heldout_iwae": …}]``.
+    :ivar train_loss: the estimator's own loss per training step (the first seed).
+    :ivar checkpoints: ``[{"step": s, "heldout_elbo": …}]`` during training, step 0 first (the first seed).
     :ivar seconds: wall time for this estimator, all phases.
     :ivar notes: what a reader needs to know about missing or unusual figures.
     """
@@ -158,13 +168,19 @@ class EstimatorResult:
     bound: float | None = None
     bound_se: float | None = None
     loss_variance: float | None = None
+    loss_variance_se: float | None = None
     grad_variance: dict[str, float | None] = field(default_factory=dict)
     grad_snr: dict[str, float | None] = field(default_factory=dict)
+    grad_variance_se: dict[str, float | None] = field(default_factory=dict)
+    grad_snr_se: dict[str, float | None] = field(default_factory=dict)
     step_time: float = math.nan
     step_time_quartiles: tuple[float, float] = (math.nan, math.nan)
     peak_memory: float = math.nan
     heldout_elbo: float = math.nan
     heldout_iwae: float = math.nan
+    heldout_elbo_sd: float = math.nan
+    heldout_iwae_sd: float = math.nan
+    heldout_by_seed: list[dict[str, float]] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     checkpoints: list[dict[str, float]] = field(default_factory=list)
     seconds: float = math.nan
@@ -205,22 +221,49 @@ class EstimatorComparison:
             cells = [
                 r.label,
                 bound,
-                _fmt(r.loss_variance, ".3g"),
-                _fmt(r.grad_variance.get("model"), ".3g"),
-                _fmt(r.grad_variance.get("guide"), ".3g"),
-                _fmt(r.grad_snr.get("model"), ".3g"),
-                _fmt(r.grad_snr.get("guide"), ".3g"),
+                _pm(r.loss_variance, r.loss_variance_se, ".3g"),
+                _pm(r.grad_variance.get("model"), r.grad_variance_se.get("model"), ".3g"),
+                _pm(r.grad_variance.get("guide"), r.grad_variance_se.get("guide"), ".3g"),
+                _pm(r.grad_snr.get("model"), r.grad_snr_se.get("model"), ".3g"),
+                _pm(r.grad_snr.get("guide"), r.grad_snr_se.get("guide"), ".3g"),
                 _fmt(r.step_time * 1e3, ".3g"),
                 _fmt(r.peak_memory / 1e6, ".3g"),
-                _fmt(r.heldout_elbo, ".3f"),
-                _fmt(r.heldout_iwae, ".3f"),
+                _pm(r.heldout_elbo, r.heldout_elbo_sd, ".3f"),
+                _pm(r.heldout_iwae, r.heldout_iwae_sd, ".3f"),
             ]
             rows.append("| " + " | ".join(cells) + " |")
         return "\n".join([head, rule, *rows])
 
     def notes(self) -> list[str]:
-        """Every estimator's notes, as ``label: note`` lines."""
-        return [f"{r.label}: {note}" for r in self.results for note in r.notes]
+        """Every estimator's notes, as ``label: note`` lines, then :meth:`spread_notes`."""
+        return [f"{r.label}: {note}" for r in self.results for note in r.notes] + self.spread_notes()
+
+    def spread_notes(self) -> list[str]:
+        """Which held-out ELBOs differ from the reference's (``TraceMeanField_ELBO``, else the
+        first row's) by more than twice the standard error of the difference over the seeds."""
+        if len(self.results) < 2:
+            return []
+        ref = next((r for r in self.results if r.label == "TraceMeanField_ELBO"), self.results[0])
+        n = len(ref.heldout_by_seed)
+        if n < 2 or not math.isfinite(ref.heldout_elbo_sd):
+            return []
+        beyond, within = [], []
+        for r in self.results:
+            if r is ref or not math.isfinite(r.heldout_elbo) or not math.isfinite(r.heldout_elbo_sd):
+                continue
+            diff = r.heldout_elbo - ref.heldout_elbo
+            se = math.sqrt((r.heldout_elbo_sd**2 + ref.heldout_elbo_sd**2) / n)
+            (beyond if abs(diff) > 2 * se else within).append(f"{r.label} ({diff:+.3f} ± {se:.3f})")
+        out = []
+        if beyond:
+            out.append(
+                f"held-out ELBO beyond the spread over {n} seeds of {ref.label}'s: " + ", ".join(beyond)
+            )
+        if within:
+            out.append(
+                f"held-out ELBO within the spread over {n} seeds of {ref.label}'s: " + ", ".join(within)
+            )
+        return out
 
     def markdown(self) -> str:
         """A report: what was compared, the table, the notes and the definitions."""
@@ -231,7 +274,8 @@ class EstimatorComparison:
             f"Nats per observed timestep. Bound and variability: {s['repeats']} draws at the initial"
             f" parameters on a fixed batch of {s['eval_batch_size']} sequences ({s['eval_timesteps']}"
             f" observed steps). Training: {s['num_steps']} SVI steps of {s['batch_size']} sequences from"
-            f" the same initial parameters, seed {s['seed']}, training {s['train']!r}. Held-out:"
+            f" the same initial parameters, seeds {s['seed']} to {s['seed'] + s['seeds'] - 1} (held-out"
+            f" columns: mean ± sd over them), training {s['train']!r}. Held-out:"
             f" {s['heldout_sequences']} sequences ({s['heldout_timesteps']} observed steps). Time: median"
             f" over the steps after a warm-up of {s['warmup']}. Memory: {s['memory_method']}."
             f" Device: {s['device']}.",
@@ -245,7 +289,8 @@ class EstimatorComparison:
         lines += [
             "Definitions: over the draws, Var ∇ is the mean over parameter elements of Var[g_i];"
             " SNR is the mean of |E[g_i]| / sd[g_i] over elements with sd > 0; g is the gradient of"
-            " the loss per timestep. Held-out ELBO uses the analytic KL where there is one, the"
+            " the loss per timestep. ± after a variance or an SNR is its standard error (Var loss:"
+            f" Var·√(2/(R−1)); the gradient's: {BOOTSTRAP} bootstrap resamples of the R draws). Held-out ELBO uses the analytic KL where there is one, the"
             " same measure for every estimator.",
             "",
         ]
@@ -334,6 +379,7 @@ def compare_estimators(
     warmup: int | None = None,
     optim: dict | None = None,
     seed: int = 0,
+    seeds: int | None = None,
     device: str | torch.device | None = None,
     smoke: bool = False,
     progress: bool = True,
@@ -366,6 +412,9 @@ def compare_estimators(
     :param optim: an optimiser spec such as ``{"name": "ClippedAdam", "lr": 1e-3}``;
         the spec's, or the default job's, ``Spec().optim``, by default.
     :param seed: seeds the model's construction, every phase and the minibatch order.
+    :param seeds: each estimator trains this many times from the same initial parameters,
+        with seeds ``seed``, ``seed + 1``, …: other minibatches and draws; the held-out
+        columns are the mean and standard deviation over them (3; 2 with ``smoke``).
     :param device: run here, e.g. ``"cuda"``; the model's device by default.
     :param smoke: tiny defaults for every setting left as None (and K = 2 in the
         default estimators), so that a comparison runs in seconds.
@@ -379,6 +428,7 @@ def compare_estimators(
     iwae_particles = _setting("iwae_particles", iwae_particles, preset, 1)
     num_checkpoints = _setting("num_checkpoints", num_checkpoints, preset, 1)
     checkpoint_particles = _setting("checkpoint_particles", checkpoint_particles, preset, 1)
+    seeds = _setting("seeds", seeds, preset, 1)
     if train not in ("all", "model", "guide"):
         raise ValueError(f"train: expected 'all', 'model' or 'guide', got {train!r}")
     if estimators is None:
@@ -454,6 +504,7 @@ def compare_estimators(
         "optim": optim_spec,
         "train": train,
         "seed": seed,
+        "seeds": seeds,
         "smoke": smoke,
         "device": str(device),
         "memory_method": PeakMemory.describe(device),
@@ -475,7 +526,10 @@ def compare_estimators(
 
     results = []
     bar = tqdm(
-        total=len(specs) * (2 * repeats + num_steps), desc="compare", disable=not progress, unit="step"
+        total=len(specs) * (2 * repeats + seeds * num_steps),
+        desc="compare",
+        disable=not progress,
+        unit="step",
     )
     try:
         for spec_i, label in zip(specs, labels, strict=True):
@@ -512,10 +566,31 @@ def compare_estimators(
                 probe.close()
             row.train_loss = list(history.loss)
             row.checkpoints = probe.checkpoints
-            row.heldout_elbo = probe.checkpoints[-1]["heldout_elbo"]
-            with _isolated_rng(seed + 2):
-                iwae = iwae_log_likelihood(model, guide, *heldout, num_particles=iwae_particles)
-            row.heldout_iwae = float(iwae.detach().sum() / heldout[2].sum())  # log_weights keeps a graph
+
+            def heldout_iwae():
+                with _isolated_rng(seed + 2):
+                    iwae = iwae_log_likelihood(model, guide, *heldout, num_particles=iwae_particles)
+                return float(iwae.sum() / heldout[2].sum())
+
+            row.heldout_by_seed = [
+                {
+                    "seed": seed,
+                    "heldout_elbo": probe.checkpoints[-1]["heldout_elbo"],
+                    "heldout_iwae": heldout_iwae(),
+                }
+            ]
+            for k in range(1, seeds):  # the same start, other minibatches and draws
+                _restore(model, guide, initial)
+                fit(model, guide, obs, actions, mask, num_steps=num_steps, batch_size=batch_size,
+                    elbo=make_estimator(spec_i), optim=_make_optim(optim_spec), train=train, seed=seed + k,
+                    progress=False, callback=lambda step, history: bar.update(1))  # fmt: skip
+                row.heldout_by_seed.append(
+                    {"seed": seed + k, "heldout_elbo": float(heldout_elbo()), "heldout_iwae": heldout_iwae()}
+                )
+            for key in ("heldout_elbo", "heldout_iwae"):
+                values = torch.tensor([r[key] for r in row.heldout_by_seed], dtype=torch.float64)
+                setattr(row, key, float(values.mean()))
+                setattr(row, f"{key}_sd", float(values.std()) if len(values) > 1 else math.nan)
             times = probe.step_times(warmup)
             if times:
                 row.step_time = statistics.median(times)
@@ -565,6 +640,7 @@ def _variability(row, elbo, model_fn, guide_fn, batch, n, repeats, parts, bar):
         row.bound = float(v.mean())
         row.bound_se = float(v.std() / math.sqrt(repeats))
         row.loss_variance = float(v.var())
+        row.loss_variance_se = row.loss_variance * math.sqrt(2 / (repeats - 1))
     params = {part: list(m.parameters()) if m is not None else [] for part, m in parts.items()}
     draws = {part: [] for part in params}
     everything = [p for ps in params.values() for p in ps]
@@ -585,26 +661,43 @@ def _variability(row, elbo, model_fn, guide_fn, batch, n, repeats, parts, bar):
     for part, m in parts.items():
         if m is None:
             row.grad_variance[part] = row.grad_snr[part] = None
+            row.grad_variance_se[part] = row.grad_snr_se[part] = None
             continue
-        row.grad_variance[part], row.grad_snr[part] = _gradient_stats(draws[part], params[part])
+        stats = _gradient_stats(draws[part], params[part])
+        row.grad_variance[part], row.grad_snr[part] = stats[:2]
+        row.grad_variance_se[part], row.grad_snr_se[part] = stats[2:]
 
 
 def _gradient_stats(draws, params):
-    """Mean over elements of Var[g_i], and of |E[g_i]| / sd[g_i] where sd > 0; None if nothing is reached."""
+    """Mean over elements of Var[g_i], and of |E[g_i]| / sd[g_i] where sd > 0, with their standard
+    errors by the bootstrap over the R draws; Nones if nothing is reached."""
     reached = [i for i in range(len(params)) if any(d[i] is not None for d in draws)]
     if not reached:
-        return None, None
+        return None, None, None, None
     G = torch.stack(
         [
             torch.cat([d[i] if d[i] is not None else torch.zeros_like(params[i]).flatten() for i in reached])
             for d in draws
         ]
     ).double()  # (R, P)
-    mean, var = G.mean(0), G.var(0)
-    sd = var.sqrt()
-    varying = sd > 0
-    snr = float((mean[varying].abs() / sd[varying]).mean()) if varying.any() else math.nan
-    return float(var.mean()), snr
+
+    def stats(g):
+        mean, var = g.mean(0), g.var(0)
+        sd = var.sqrt()
+        varying = sd > 0
+        snr = float((mean[varying].abs() / sd[varying]).mean()) if varying.any() else math.nan
+        return float(var.mean()), snr
+
+    variance, snr = stats(G)
+    R = G.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    boot = torch.tensor(
+        [stats(G[torch.randint(R, (R,), generator=generator).to(G.device)]) for _ in range(BOOTSTRAP)],
+        dtype=torch.float64,
+    )  # (BOOTSTRAP, 2)
+    ok = torch.isfinite(boot)
+    se = [float(boot[ok[:, j], j].std()) if ok[:, j].sum() > 1 else math.nan for j in range(2)]
+    return variance, snr, se[0], se[1]
 
 
 class _Probe:
@@ -778,6 +871,14 @@ def _isolated_rng(seed):
         set_rng_state(state)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+def _pm(value, se, spec) -> str:
+    """``value ± se`` (``se`` to 2 significant digits), ``value`` alone without a finite se, n/a without a value."""
+    text = _fmt(value, spec)
+    if text == "n/a" or se is None or not math.isfinite(se):
+        return text
+    return f"{text} ± {se:.2g}"
 
 
 def _fmt(value, spec) -> str:

@@ -540,3 +540,35 @@ def test_compare_rejects_an_unknown_estimator_and_writes_nothing(pendulum_data, 
     rc = main(["compare", "--data", str(pendulum_data), "--out", str(out), "--estimators", "3"])
     assert rc == 2 and "estimators: expected a YAML list" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_each_seed_trains_from_the_same_start_and_the_held_out_columns_are_their_mean_and_sd(
+    anchor, trained_guide
+):
+    """With seeds = 3, the first seed's held-out figures are a one-seed comparison's, and the
+    others train from the same start on other minibatches and draws (every seed is evaluated
+    on the same draws); the table shows their mean ± sd, and the notes say which estimators'
+    differences from TraceMeanField_ELBO exceed twice the standard error of the difference."""
+    model, guide = trained_guide
+    estimators = ["TraceMeanField_ELBO", "Trace_ELBO"]
+    three = on_anchor(anchor, model, guide, estimators, seeds=3, num_steps=4)
+    for row in three.results:
+        assert [r["seed"] for r in row.heldout_by_seed] == [0, 1, 2]
+        one = on_anchor(anchor, model, guide, [row.spec], seeds=1, num_steps=4).results[0]
+        first = row.heldout_by_seed[0]
+        assert one.heldout_elbo == pytest.approx(first["heldout_elbo"], rel=1e-9)
+        assert one.heldout_iwae == pytest.approx(first["heldout_iwae"], rel=1e-9)
+        assert len({r["heldout_elbo"] for r in row.heldout_by_seed}) == 3  # other minibatches, other results
+        values = torch.tensor([r["heldout_elbo"] for r in row.heldout_by_seed], dtype=torch.float64)
+        assert row.heldout_elbo == pytest.approx(values.mean().item())
+        assert row.heldout_elbo_sd == pytest.approx(values.std().item())
+        assert f"{row.heldout_elbo:.3f} ± {row.heldout_elbo_sd:.2g}" in three.table()
+        assert row.loss_variance_se == pytest.approx(row.loss_variance * (2 / 9) ** 0.5)  # R = 10
+        assert row.grad_snr_se["guide"] > 0 and row.grad_variance_se["model"] is None  # train="guide"
+    ref, other = three["TraceMeanField_ELBO"], three["Trace_ELBO"]
+    diff = other.heldout_elbo - ref.heldout_elbo
+    se = ((other.heldout_elbo_sd**2 + ref.heldout_elbo_sd**2) / 3) ** 0.5
+    word = "beyond" if abs(diff) > 2 * se else "within"
+    assert three.spread_notes() == [
+        f"held-out ELBO {word} the spread over 3 seeds of TraceMeanField_ELBO's: Trace_ELBO ({diff:+.3f} ± {se:.3f})"
+    ]

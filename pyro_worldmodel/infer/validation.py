@@ -9,7 +9,7 @@ import torch
 
 from ..spaces import check_int
 from . import batched
-from .terms import elbo_terms
+from .terms import elbo_terms, iwae_log_likelihood
 
 # The validation draws are the same at every check, whatever the training has drawn:
 # the curve then moves only with the parameters.
@@ -66,8 +66,6 @@ def iwae_per_step(
     model, guide, obs, actions, mask, *, num_particles: int, seed: int = VALIDATION_SEED
 ) -> float:
     """IWAE-``num_particles`` in nats per observed timestep, on fixed draws."""
-    from ..evaluate.bounds import iwae_log_likelihood
-
     devices = [obs.device.index or 0] if obs.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
