@@ -26,23 +26,26 @@ T, TRAIN, VAL, TEST = 40, 64, 64, 256
 RECIPES = ("ELBO, filter", "ELBO, smoothing", "IWAE-8, smoothing", "exact ML")
 
 
-def run(recipe: str, seed: int, steps: int) -> dict:
+def run(recipe: str, seed: int, steps: int, tiny: bool = False) -> dict:
     from pyro.infer import RenyiELBO
 
     from pyro_worldmodel import LinearGaussianSSM, TraceMeanField_ELBO, fit
     from pyro_worldmodel.model.guides import FilterGuide, SmoothingGuide
 
     truth = LinearGaussianSSM.random(**ANCHOR)
-    train = truth.sample(TRAIN, T, seed=100 + seed)[:2]
-    val = truth.sample(VAL, T, seed=200 + seed)[:2]
-    test = truth.sample(TEST, T, seed=300 + seed)[:2]
+    n, length = (8, 10) if tiny else (1, T)  # --tiny: 8 times fewer sequences, of 10 steps
+    train = truth.sample(TRAIN // n, length, seed=100 + seed)[:2]
+    val = truth.sample(VAL // n, length, seed=200 + seed)[:2]
+    test = truth.sample(TEST // n, length, seed=300 + seed)[:2]
     pyro.clear_param_store()
     start = {**ANCHOR, "seed": 1000 + seed}
     model = LinearGaussianSSM.random(**start).world_model()
     t0 = time.perf_counter()
     info = {}
     if recipe == "exact ML":
-        optim = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+        optim = torch.optim.LBFGS(
+            model.parameters(), lr=1.0, max_iter=10 if tiny else 200, line_search_fn="strong_wolfe"
+        )
 
         def closure():
             optim.zero_grad()
@@ -60,7 +63,7 @@ def run(recipe: str, seed: int, steps: int) -> dict:
         else:
             elbo = TraceMeanField_ELBO(max_plate_nesting=2)
         history = fit(model, guide, *train, num_steps=steps, lr=3e-3, elbo=elbo, seed=seed, progress=False,
-                      val=val, val_every=200, patience=10)  # fmt: skip
+                      val=val, val_every=5 if tiny else 200, patience=10)  # fmt: skip
         info["steps"] = history.stopped_at or steps
     learned = LinearGaussianSSM.from_world_model(model)
     with torch.no_grad():
@@ -79,7 +82,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument(
+        "--tiny", action="store_true", help="seconds: small data, few steps, to check the script"
+    )
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.steps = min(args.steps, 20)
     torch.set_num_threads(1)
     print(
         f"anchor {ANCHOR}, T = {T}: {TRAIN} training, {VAL} held-out (early stopping), {TEST} test sequences"
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
     print("| recipe | below the truth, % | spectral radius (truth 0.90) | steps | wall s |")
     print("|---|---:|---:|---:|---:|")
     for recipe in args.recipes:
-        rows = [run(recipe, seed, args.steps) for seed in args.seeds]
+        rows = [run(recipe, seed, args.steps, args.tiny) for seed in args.seeds]
         short = torch.tensor([r["shortfall"] for r in rows])
         radius = torch.tensor([r["radius"] for r in rows])
         steps = "/".join(str(int(r["steps"])) for r in rows)
