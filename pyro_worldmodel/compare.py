@@ -66,14 +66,12 @@ import os
 import statistics
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import pyro
 import pyro.infer
 import torch
 from pyro import poutine
-from pyro.util import get_rng_state, set_rng_state
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -81,6 +79,7 @@ from .config import REGISTRY, build, resolve, typed_kwargs
 from .evaluate import iwae_log_likelihood
 from .evaluate.profiling import PeakMemory
 from .infer import MAX_PLATE_NESTING, elbo_terms, fit, minibatch_indices
+from .infer.validation import isolated_rng
 from .spaces import ActionSpace, check_device
 
 # What the default comparison and the smoke setting use where an argument is None.
@@ -521,8 +520,20 @@ def compare_estimators(
     parts = {"model": model if train != "guide" else None, "guide": guide if train != "model" else None}
 
     def heldout_elbo():
-        with _isolated_rng(seed + 1), poutine.block():
+        with isolated_rng(seed + 1), poutine.block():
             return elbo_terms(model, guide, *heldout, num_particles=checkpoint_particles).elbo
+
+    def heldout_iwae():
+        with isolated_rng(seed + 2):
+            iwae = iwae_log_likelihood(model, guide, *heldout, num_particles=iwae_particles)
+        return float(iwae.sum() / heldout[2].sum())
+
+    def train_from_start(elbo, train_seed, callback=None):
+        """Fit from the initial parameters with a fresh optimiser; ``train_seed`` draws the minibatches."""
+        _restore(model, guide, initial)
+        return fit(model, guide, obs, actions, mask, num_steps=num_steps, batch_size=batch_size, elbo=elbo,
+                   optim=_make_optim(optim_spec), train=train, seed=train_seed, progress=False,
+                   callback=callback)  # fmt: skip
 
     results = []
     bar = tqdm(
@@ -547,31 +558,12 @@ def compare_estimators(
                 elbo, checkpoint_steps, heldout_elbo, profile_step=num_steps - 1, device=device, bar=bar
             )
             try:
-                history = fit(
-                    model,
-                    guide,
-                    obs,
-                    actions,
-                    mask,
-                    num_steps=num_steps,
-                    batch_size=batch_size,
-                    elbo=elbo,
-                    optim=_make_optim(optim_spec),
-                    train=train,
-                    seed=seed,
-                    progress=False,
-                )
+                history = train_from_start(elbo, seed)
                 probe.finish(num_steps)
             finally:
                 probe.close()
             row.train_loss = list(history.loss)
             row.checkpoints = probe.checkpoints
-
-            def heldout_iwae():
-                with _isolated_rng(seed + 2):
-                    iwae = iwae_log_likelihood(model, guide, *heldout, num_particles=iwae_particles)
-                return float(iwae.sum() / heldout[2].sum())
-
             row.heldout_by_seed = [
                 {
                     "seed": seed,
@@ -580,10 +572,9 @@ def compare_estimators(
                 }
             ]
             for k in range(1, seeds):  # the same start, other minibatches and draws
-                _restore(model, guide, initial)
-                fit(model, guide, obs, actions, mask, num_steps=num_steps, batch_size=batch_size,
-                    elbo=make_estimator(spec_i), optim=_make_optim(optim_spec), train=train, seed=seed + k,
-                    progress=False, callback=lambda step, history: bar.update(1))  # fmt: skip
+                train_from_start(
+                    make_estimator(spec_i), seed + k, callback=lambda step, history: bar.update(1)
+                )
                 row.heldout_by_seed.append(
                     {"seed": seed + k, "heldout_elbo": float(heldout_elbo()), "heldout_iwae": heldout_iwae()}
                 )
@@ -855,22 +846,6 @@ def _restore(model, guide, state):
         module.load_state_dict(state[key])
         for p in module.parameters():
             p.grad = None
-
-
-@contextmanager
-def _isolated_rng(seed):
-    """Run the block from ``seed`` and leave the random state as it was, CUDA's included."""
-    state = get_rng_state()  # Python, NumPy and torch's CPU generator
-    cuda = (
-        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    )
-    pyro.set_rng_seed(seed)
-    try:
-        yield
-    finally:
-        set_rng_state(state)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 def _pm(value, se, spec) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 import pyro.distributions as dist
 import torch
 
+from ..infer.training import check_positive
 from ..model.components import (
     LearnedGaussianInit,
     LinearGaussianEmission,
@@ -18,7 +19,7 @@ from ..model.components import (
     LinearGaussianTransition,
 )
 from ..model.world_model import WorldModel
-from ..spaces import ActionSpace
+from ..spaces import ActionSpace, check_int
 
 
 @dataclass
@@ -261,27 +262,47 @@ class LinearGaussianSSM:
 
 
 def maximum_likelihood(
-    model: WorldModel, obs, actions, mask=None, *, num_steps: int = 2000, lr: float = 1e-2
+    model: WorldModel,
+    obs,
+    actions,
+    mask=None,
+    *,
+    num_steps: int = 2000,
+    lr: float = 1e-2,
+    method: str = "adam",
 ) -> list[float]:
     """Exact maximum likelihood: Adam on the mean exact −log p(x, a) per sequence of a
     linear-Gaussian :class:`WorldModel` (:meth:`LinearGaussianSSM.from_world_model`), with no
     guide and no bound. On finite data it is the floor a variational recipe is measured
     against: what the data allow, not what the truth scores.
 
-    :returns: the loss (nats per sequence) at each step; the model's parameters are updated.
+    :param method: ``"adam"``: ``num_steps`` Adam steps at ``lr``; ``"lbfgs"``: one L-BFGS run
+        of at most ``num_steps`` iterations with a strong-Wolfe line search (``lr`` its first
+        step), usually converged within a few hundred (3 s on a 64 × 40 anchor).
+    :returns: the loss (nats per sequence) at each step, or at each L-BFGS evaluation; the
+        model's parameters are updated.
     """
-    for arg, value in (("num_steps", num_steps),):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{arg}: expected a positive int, got {value!r}")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
-        raise ValueError(f"lr: expected a finite float > 0, got {lr!r}")
+    check_int("num_steps", num_steps, 1)
+    check_positive("lr", lr)
+    if method not in ("adam", "lbfgs"):
+        raise ValueError(f"method: expected 'adam' or 'lbfgs', got {method!r}")
     LinearGaussianSSM.from_world_model(model)  # refuses other parts before any step
-    optim = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
-    for _ in range(num_steps):
+
+    def closure():
         optim.zero_grad()
         loss = -LinearGaussianSSM.from_world_model(model).log_prob(obs, actions, mask).mean()
         loss.backward()
-        optim.step()
         losses.append(loss.item())
+        return loss
+
+    if method == "lbfgs":
+        optim = torch.optim.LBFGS(
+            model.parameters(), lr=lr, max_iter=num_steps, line_search_fn="strong_wolfe"
+        )
+        optim.step(closure)
+    else:
+        optim = torch.optim.Adam(model.parameters(), lr=lr)
+        for _ in range(num_steps):
+            optim.step(closure)
     return losses

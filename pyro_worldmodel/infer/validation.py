@@ -4,8 +4,11 @@ on fixed draws, beside the same bound on a fixed subset of the training data."""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
+import pyro
 import torch
+from pyro.util import get_rng_state, set_rng_state
 
 from ..spaces import check_int
 from . import batched
@@ -14,6 +17,23 @@ from .terms import elbo_terms, iwae_log_likelihood
 # The validation draws are the same at every check, whatever the training has drawn:
 # the curve then moves only with the parameters.
 VALIDATION_SEED = 20_261_201
+
+
+@contextmanager
+def isolated_rng(seed: int):
+    """Run the block from ``seed`` (Python, NumPy and torch, as ``pyro.set_rng_seed``) and leave
+    the random state as it was, CUDA's included."""
+    state = get_rng_state()  # Python, NumPy and torch's CPU generator
+    cuda = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+    pyro.set_rng_seed(seed)
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def set_training_mode(training: bool, *parts) -> None:
@@ -50,9 +70,7 @@ def bound_per_step(
     (:func:`~pyro_worldmodel.elbo_terms`). A Bayesian transition's weights are drawn from their
     posterior, without their KL, as for any data not trained on.
     """
-    devices = [obs.device.index or 0] if obs.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with torch.no_grad(), isolated_rng(seed):
         why = batched.supports(model.model, guide, (obs, actions, mask), {}, vectorize_particles=False)
         if why is not None:
             return elbo_terms(model, guide, obs, actions, mask, num_particles=num_particles).elbo
@@ -66,9 +84,7 @@ def iwae_per_step(
     model, guide, obs, actions, mask, *, num_particles: int, seed: int = VALIDATION_SEED
 ) -> float:
     """IWAE-``num_particles`` in nats per observed timestep, on fixed draws."""
-    devices = [obs.device.index or 0] if obs.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with torch.no_grad(), isolated_rng(seed):
         iwae = iwae_log_likelihood(model, guide, obs, actions, mask, num_particles=num_particles)
     return float(iwae.sum() / mask.sum())
 

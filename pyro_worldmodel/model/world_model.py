@@ -270,13 +270,6 @@ class WorldModel(ChecksInputs, nn.Module):
         sampled = getattr(self.transition, "sampled", None)
         return nullcontext() if sampled is None else sampled(batch_size)
 
-    def sample_global_guide(self, batch_size: int) -> None:
-        """The guide's half of :meth:`global_latents`: draw the global latents from their
-        posterior, at the same sites (nothing for a model without them)."""
-        guide_weights = getattr(self.transition, "guide_weights", None)
-        if guide_weights is not None:
-            guide_weights(batch_size)
-
     @property
     def has_global_latents(self) -> bool:
         """Whether :meth:`model` samples latents shared by every episode (a Bayesian transition's weights)."""
