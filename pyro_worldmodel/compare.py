@@ -159,6 +159,8 @@ class EstimatorResult:
     :ivar train_loss: the estimator's own loss per training step (the first seed).
     :ivar checkpoints: ``[{"step": s, "heldout_elbo": …}]`` during training, step 0 first (the first seed).
     :ivar seconds: wall time for this estimator, all phases.
+    :ivar path: how the package's mean-field estimators evaluated the loss in the
+        variability phase (``"batched"``, or ``"pyro traces: <why>"``); empty for others.
     :ivar notes: what a reader needs to know about missing or unusual figures.
     """
 
@@ -183,6 +185,7 @@ class EstimatorResult:
     train_loss: list[float] = field(default_factory=list)
     checkpoints: list[dict[str, float]] = field(default_factory=list)
     seconds: float = math.nan
+    path: str = ""
     notes: list[str] = field(default_factory=list)
 
 
@@ -512,11 +515,9 @@ def compare_estimators(
         **(info or {}),
     }
     checkpoint_steps = sorted({round(num_steps * c / num_checkpoints) for c in range(num_checkpoints + 1)})
+    # The part held fixed is not hidden from Pyro (a poutine.block would take the loss off
+    # the batched path): its gradients are computed, left out of the figures and cleared.
     model_fn, guide_fn = model.model, guide
-    if train == "guide":
-        model_fn = poutine.block(model_fn, hide_types=["param"])
-    elif train == "model":
-        guide_fn = poutine.block(guide_fn, hide_types=["param"])
     parts = {"model": model if train != "guide" else None, "guide": guide if train != "model" else None}
 
     def heldout_elbo():
@@ -634,7 +635,11 @@ def _variability(row, elbo, model_fn, guide_fn, batch, n, repeats, parts, bar):
         row.loss_variance_se = row.loss_variance * math.sqrt(2 / (repeats - 1))
     params = {part: list(m.parameters()) if m is not None else [] for part, m in parts.items()}
     draws = {part: [] for part in params}
-    everything = [p for ps in params.values() for p in ps]
+    # Every parameter's gradient is cleared, the fixed part's too, which is computed but not drawn.
+    owners = [getattr(model_fn, "__self__", None), guide_fn, *parts.values()]
+    everything = list(
+        {id(p): p for m in owners if isinstance(m, torch.nn.Module) for p in m.parameters()}.values()
+    )
     # A scheduled estimator (KLAnnealing_ELBO) counts loss_and_grads calls in ``step``;
     # every draw is taken at the schedule's start, where the bound was.
     step0 = getattr(elbo, "step", None)
@@ -644,6 +649,7 @@ def _variability(row, elbo, model_fn, guide_fn, batch, n, repeats, parts, bar):
         if isinstance(step0, int):
             elbo.step = step0
         elbo.loss_and_grads(model_fn, guide_fn, *batch)
+        row.path = getattr(elbo, "path", "")
         for part, ps in params.items():
             draws[part].append([None if p.grad is None else p.grad.detach().flatten() / n for p in ps])
         bar.update(1)

@@ -565,6 +565,9 @@ def test_each_seed_trains_from_the_same_start_and_the_held_out_columns_are_their
         assert f"{row.heldout_elbo:.3f} ± {row.heldout_elbo_sd:.2g}" in three.table()
         assert row.loss_variance_se == pytest.approx(row.loss_variance * (2 / 9) ** 0.5)  # R = 10
         assert row.grad_snr_se["guide"] > 0 and row.grad_variance_se["model"] is None  # train="guide"
+    # With the model held fixed, the mean-field estimator's loss stays on the batched path.
+    assert three["TraceMeanField_ELBO"].path == "batched"
+    assert three["Trace_ELBO"].path == ""
     ref, other = three["TraceMeanField_ELBO"], three["Trace_ELBO"]
     diff = other.heldout_elbo - ref.heldout_elbo
     se = ((other.heldout_elbo_sd**2 + ref.heldout_elbo_sd**2) / 3) ** 0.5
