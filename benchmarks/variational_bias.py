@@ -23,7 +23,13 @@ import torch
 
 ANCHOR = dict(latent_dim=3, obs_dim=5, action_dim=2, seed=21)
 T, TRAIN, VAL, TEST = 40, 64, 64, 256
-RECIPES = ("ELBO, filter", "ELBO, smoothing", "IWAE-8, smoothing", "exact ML")
+RECIPES = (
+    "ELBO, filter",
+    "ELBO, smoothing",
+    "ELBO, smoothing, full covariance",
+    "IWAE-8, smoothing",
+    "exact ML",
+)
 
 
 def run(recipe: str, seed: int, steps: int, tiny: bool = False) -> dict:
@@ -48,7 +54,11 @@ def run(recipe: str, seed: int, steps: int, tiny: bool = False) -> dict:
         info["steps"] = len(losses)  # evaluations of the exact log-likelihood
     else:
         pyro.set_rng_seed(seed)
-        guide = (SmoothingGuide if "smoothing" in recipe else FilterGuide).for_model(model).double()
+        covariance = "full" if recipe.endswith("full covariance") else "diagonal"
+        guide = (SmoothingGuide if "smoothing" in recipe else FilterGuide).for_model(
+            model, covariance=covariance
+        )
+        guide = guide.double()
         if recipe.startswith("IWAE"):
             elbo = RenyiELBO(alpha=0.0, num_particles=8, vectorize_particles=True, max_plate_nesting=3)
         else:

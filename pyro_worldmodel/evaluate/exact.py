@@ -175,6 +175,35 @@ class LinearGaussianSSM:
             a_prev = future_actions[:, h]
         return dist.MultivariateNormal(torch.stack(locs, 1), torch.stack(covs, 1))
 
+    def diagonal_guide_gap(self, T: int) -> float:
+        """The least gap log p(x, a) − ELBO, in nats per sequence of ``T`` observed steps, that a
+        guide q(z_t | z_{t-1}, x_{1:T}, a_{1:T}) whose factors are diagonal Normals can reach.
+
+        By the chain rule, KL(q ‖ p(z | x, a)) = Σ_t E_q[KL(q(z_t | z_{t-1}) ‖ p(z_t | z_{t-1}, x, a))].
+        The exact conditional is a Normal whose precision P_t = Q⁻¹ + Λ_t (the initial
+        precision at t = 1) does not depend on the data: Λ_t is the information that
+        x_{t:T} and a_{t:T} carry about z_t, from the backward information filter. The best
+        diagonal factor has the exact mean and variances 1 / (P_t)_ii, and misses by
+        ½ (Σ_i log (P_t)_ii − log det P_t) at every step, whatever z_{t-1}. A guide with a full
+        covariance (``covariance="full"``) can reach zero.
+        """
+        Z = self.latent_dim
+        q_inv = torch.diag(self.trans_scale**-2)
+        # What x_t and a_t, both emitted by z_t, say about it.
+        seen = (
+            self.H.T @ torch.diag(self.obs_scale**-2) @ self.H
+            + self.K.T @ torch.diag(self.act_scale**-2) @ self.K
+        )
+        future = torch.zeros(Z, Z, dtype=torch.float64)  # what x_{t+1:T}, a_{t+1:T} say about z_t
+        gap = 0.0
+        for t in reversed(range(T)):
+            info = seen + future
+            prior = torch.diag(self.init_scale**-2) if t == 0 else q_inv
+            P = prior + info
+            gap += 0.5 * float(P.diagonal().log().sum() - torch.logdet(P))
+            future = self.F.T @ (q_inv - q_inv @ torch.linalg.solve(q_inv + info, q_inv)) @ self.F
+        return gap
+
     def _hmm(self, actions, L):
         Z = self.latent_dim
         eye = torch.eye(Z, dtype=torch.float64)

@@ -58,6 +58,8 @@ def supports(model_fn, guide, args, kwargs, *, vectorize_particles: bool) -> str
         return f"{type(guide).__name__} overrides {program.__name__}.forward"
     if type(guide).step is not program.step:
         return f"{type(guide).__name__}'s steps are not the diagonal Normals of its step_params"
+    if getattr(guide, "covariance", "diagonal") != "diagonal":
+        return f"{type(guide).__name__}'s steps have a {guide.covariance} covariance"
     extra = {k: v for k, v in kwargs.items() if k not in ("mask", "rewards", "continues")}
     if (
         not 2 <= len(args) + ("mask" in kwargs) <= 3

@@ -64,6 +64,11 @@ class FilterGuide(DrawsGlobals, ChecksInputs, nn.Module):
     :param min_scale: the floor of q(z_t | ·)'s scale: a float, or ``"learned"`` (the
         default) for a floor per latent dimension that training lowers where the bound gains
         (:class:`~pyro_worldmodel.model.components.nets.ScaleMap`).
+    :param covariance: ``"diagonal"`` (the default) or ``"full"``: q(z_t | ·) with a
+        covariance that correlates the dimensions of z_t
+        (:class:`~pyro_worldmodel.model.components.Combiner`). A full one is trained on
+        Pyro's traces, not the batched path, with its KL to the model's diagonal prior
+        in closed form.
     :param input_noise: σ of Gaussian noise added to what the guide reads of each x_t
         while it is in training mode (``fit`` trains in it, and leaves the guide in
         evaluation mode, where nothing is added): a regulariser against recognising
@@ -87,6 +92,7 @@ class FilterGuide(DrawsGlobals, ChecksInputs, nn.Module):
         encoder: nn.Module | None = None,
         name: str | None = None,
         min_scale: float | Literal["learned"] = "learned",
+        covariance: Literal["diagonal", "full"] = "diagonal",
         input_noise: float = 0.0,
     ):
         super().__init__()
@@ -107,8 +113,9 @@ class FilterGuide(DrawsGlobals, ChecksInputs, nn.Module):
         self.rnn = nn.GRU(E + action_space.feature_dim, rnn_dim, batch_first=True)
         # The combiner reads [h_t, e(x_t)] and this many action features.
         summary = rnn_dim + E + self._action_blocks * action_space.feature_dim
-        self.combiner = Combiner(latent_dim, summary, hidden, min_scale)
+        self.combiner = Combiner(latent_dim, summary, hidden, min_scale, covariance)
         self.min_scale = self.combiner.min_scale
+        self.covariance = covariance
         self.z_0 = nn.Parameter(torch.zeros(latent_dim))  # stands in for z_{t-1} at t = 0
         self.name = unique_name(self._prefix, name)
 
@@ -174,10 +181,10 @@ class FilterGuide(DrawsGlobals, ChecksInputs, nn.Module):
         return self.combiner.loc_scale(z_prev, context_t, weights)
 
     def step(self, z_prev, context_t, weights) -> dist.TorchDistribution:
-        """q(z_t | z_{t-1}, ·): the diagonal Normal of :meth:`step_params`, event ``(Z,)``.
-        A subclass that returns another distribution (the IAF guide) is evaluated by Pyro's
-        traces, not by the batched path."""
-        return dist.Normal(*self.step_params(z_prev, context_t, weights)).to_event(1)
+        """q(z_t | z_{t-1}, ·): the Normal of :meth:`step_params`, event ``(Z,)``, diagonal
+        unless ``covariance="full"``. A full one, or a subclass that returns another
+        distribution (the IAF guide), is evaluated by Pyro's traces, not by the batched path."""
+        return self.combiner.distribution(*self.step_params(z_prev, context_t, weights))
 
     def read(self, obs) -> torch.Tensor:
         """e(x_t) for every t, ``(B, T, E)``, with ``input_noise`` added in training mode."""

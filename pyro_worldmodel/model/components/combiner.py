@@ -8,8 +8,11 @@ from typing import Literal
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 
 from .nets import ScaleMap, check_dim, check_hidden, mlp, set_linear_gaussian
+
+COVARIANCES = ("diagonal", "full")
 
 
 class Combiner(nn.Module):
@@ -19,6 +22,16 @@ class Combiner(nn.Module):
     x_{≤t} and a_{<t}; the name follows the Deep Markov Model example.
     The mean has a linear path beside the MLP, loc = W u + f(u), so that a
     latent that is a linear function of the data is easy to infer precisely.
+
+    With ``covariance="full"`` the Normal has a full covariance, L Lᵀ with
+    L = M diag(scale): M is a learned unit lower-triangular matrix, the same for
+    every input (``tril``, Z(Z−1)/2 parameters, zero at the start, so the
+    combiner starts diagonal), and scale is the MLP's, as for the diagonal
+    Normal. Every covariance has this form (its LDLᵀ factorisation); with M
+    fixed across inputs, only the variances follow the data. Where the exact
+    posterior correlates the dimensions of z_t, as a linear-Gaussian model's
+    does, a diagonal q pays Σ_t ½ (Σ_i log P_ii − log det P) nats for it, P
+    the conditional precision; the full covariance need not.
     """
 
     def __init__(
@@ -27,9 +40,15 @@ class Combiner(nn.Module):
         summary_dim: int,
         hidden: Sequence[int] = (64,),
         min_scale: float | Literal["learned"] = 1e-3,
+        covariance: Literal["diagonal", "full"] = "diagonal",
     ):
         super().__init__()
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance: expected one of {COVARIANCES}, got {covariance!r}")
+        self.covariance = covariance
         self.latent_dim = check_dim("latent_dim", latent_dim)
+        if covariance == "full":
+            self.tril = nn.Parameter(torch.zeros(latent_dim * (latent_dim - 1) // 2))
         self.summary_dim = check_dim("summary_dim", summary_dim)
         self.scale_map = ScaleMap(latent_dim, min_scale)
         self.min_scale = self.scale_map.min_scale
@@ -68,7 +87,23 @@ class Combiner(nn.Module):
 
     def step(self, z_prev: torch.Tensor, projected: torch.Tensor, weights: tuple) -> dist.Distribution:
         """q(z_t | z_{t-1}, h_t) from z_{t-1} ``(..., Z)`` and ``project(h_t)`` ``(..., Z + W)``."""
-        return dist.Normal(*self.loc_scale(z_prev, projected, weights)).to_event(1)
+        return self.distribution(*self.loc_scale(z_prev, projected, weights))
+
+    def distribution(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.TorchDistribution:
+        """The Normal of :meth:`loc_scale`'s ``loc`` and ``scale``, event ``(Z,)``: diagonal, or
+        with ``covariance="full"`` a ``MultivariateNormal`` with ``scale_tril`` M diag(scale)."""
+        if self.covariance == "diagonal":
+            return dist.Normal(loc, scale).to_event(1)
+        return dist.MultivariateNormal(loc, scale_tril=self.mixing() * scale.unsqueeze(-2))
+
+    def mixing(self) -> torch.Tensor:
+        """M, ``(Z, Z)``: unit lower-triangular, its strictly lower part ``tril``."""
+        Z = self.latent_dim
+        eye = torch.eye(Z, dtype=self.linear.weight.dtype, device=self.linear.weight.device)
+        if self.covariance == "diagonal":
+            return eye
+        rows, cols = torch.tril_indices(Z, Z, -1, device=eye.device)
+        return eye.index_put((rows, cols), self.tril)
 
     def loc_scale(self, z_prev, projected, weights) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`step`'s loc and scale, without building a distribution."""
@@ -99,3 +134,19 @@ class Combiner(nn.Module):
         :param weight: ``(Z, Z + H)``; :param bias: ``(Z,)``; :param scale: ``(Z,)``.
         """
         set_linear_gaussian(self.linear, self.net[-1], weight, bias, scale, self.scale_map.start())
+
+
+@register_kl(MultivariateNormal, Independent)
+def _kl_mvn_diagonal_normal(q: MultivariateNormal, p: Independent) -> torch.Tensor:
+    """KL(q ‖ p) in closed form, q a full-covariance Normal and p a diagonal one
+    (``Independent(Normal, 1)``): ½ [tr(Σ_p⁻¹ Σ_q) + ‖(μ_q − μ_p) / σ_p‖² − Z
+    + 2 Σ log σ_p − log det Σ_q]. Torch and Pyro know only the reverse pair;
+    without this, ``TraceMeanField_ELBO`` would estimate it by Monte Carlo."""
+    if p.reinterpreted_batch_ndims != 1 or not isinstance(p.base_dist, Normal):
+        raise NotImplementedError
+    loc, scale = p.base_dist.loc, p.base_dist.scale
+    L = q.scale_tril
+    trace = (L.pow(2).sum(-1) / scale.pow(2)).sum(-1)  # Σ_i (L Lᵀ)_ii / σ_i²
+    mahalanobis = ((q.loc - loc) / scale).pow(2).sum(-1)
+    log_det = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return 0.5 * (trace + mahalanobis - loc.shape[-1] + 2 * scale.log().sum(-1) - log_det)
