@@ -95,6 +95,7 @@ def _eval_settings(args) -> workflow.EvalSettings:
         max_windows=args.max_windows,
         seed=args.seed,
         episode=getattr(args, "episode", None),
+        calibrate=not getattr(args, "no_calibrate", False),
     )
 
 
@@ -679,6 +680,12 @@ def _eval_options(p):
         "--iwae-particles", type=positive_int, default=100, help="K of the IWAE estimate (default: 100)"
     )
     p.add_argument("--max-windows", type=positive_int, default=1000, help="open-loop windows (default: 1000)")
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="leave out the 'calibrated' predictor: the model's futures with their spread refitted on"
+        " held-out episodes (cross-fitted), which imagines every window twice",
+    )
 
 
 def main(argv=None) -> int:

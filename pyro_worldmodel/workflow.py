@@ -284,6 +284,9 @@ class EvalSettings:
     :ivar episode: the held-out episode whose first window ``imagination.png`` draws;
         None draws three open-loop windows: a random one, the median one and the
         10th-percentile one by the model's log-likelihood.
+    :ivar calibrate: also score the model's futures with their spread recalibrated
+        (``open_loop(calibrate=True)``, cross-fitted over the held-out episodes), where
+        the emission is real-valued and both folds have windows.
     """
 
     context: int = 5
@@ -293,6 +296,7 @@ class EvalSettings:
     max_windows: int = 1000
     seed: int = 0
     episode: int | None = None
+    calibrate: bool = True
 
 
 @dataclass
@@ -349,6 +353,7 @@ def evaluate(
         baselines=baselines,
         max_windows=s.max_windows,
         seed=s.seed,
+        calibrate=s.calibrate and _can_calibrate(model, val, s.context),
     )
     if s.episode is None:
         windows = drawn_windows(ol, s.seed)
@@ -375,6 +380,14 @@ def evaluate(
         "open_loop": asdict(ol),
     }
     return Evaluation(metrics, figures)
+
+
+def _can_calibrate(model, val: Episodes, context: int) -> bool:
+    """Whether ``open_loop`` can cross-fit the spread: a real-valued emission, and windows
+    in even- and odd-numbered episodes."""
+    long_enough = (val.lengths > context).tolist()
+    folds = {i % 2 for i, ok in enumerate(long_enough) if ok}
+    return getattr(model.emission, "real_valued", True) and folds == {0, 1}
 
 
 def drawn_windows(ol, seed: int = 0) -> list[tuple[str, int, int]]:

@@ -80,13 +80,19 @@ def test_imagination_benchmark_prints_every_score_and_the_targets(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     # one row per horizon (the tiny run predicts 5) and predictor, every score a number
-    rows = [line for line in out.splitlines() if re.match(r"\| [1-5] \| (model|copy_last|linear) \|", line)]
-    assert len(rows) == 15
+    rows = [
+        line
+        for line in out.splitlines()
+        if re.match(r"\| [1-5] \| (model|calibrated|copy_last|linear) \|", line)
+    ]
+    assert len(rows) == 20
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")][2:]
         assert len(cells) == 8 and all(float(c) == float(c) for c in cells)
-    for target in ("best MSE", "best log-lik (Gaussian)", "best CRPS", "90% coverage in [0.85, 0.95]"):
-        assert f"- {target}" in out
+    for predictor in ("model", "calibrated"):  # the targets for each
+        block = out.split(f"- {predictor}:\n")[1]
+        for target in ("best MSE", "best log-lik (Gaussian)", "best CRPS", "90% coverage in [0.85, 0.95]"):
+            assert f"  - {target}" in block.split("\n- ")[0]
     assert (tmp_path / "imagination.md").read_text().strip() in out
     assert (tmp_path / "CartPole-v1" / "seed0" / "metrics.json").is_file()
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..spaces import INT_DTYPES, check_inputs, check_observed
+from .calibration import CoverageOffsets, fit_spread
 from .imagination import imagine
 from .scores import (
     LEVELS,
@@ -64,6 +65,10 @@ class OpenLoop:
     :ivar num_windows: windows evaluated.
     :ivar count: ``[H]`` windows whose episode reaches each horizon; the
         figures at horizon h average over these.
+    :ivar calibration: with ``calibrate=True``, the spread factors fitted on every
+        window (:meth:`SpreadCalibration.to_dict`): what to apply to the model's
+        futures on new data. The ``"calibrated"`` predictor's scores use factors
+        fitted on the other fold's episodes, never on the window scored.
 
     A horizon that no window reaches (every episode too short) is NaN.
     """
@@ -84,6 +89,7 @@ class OpenLoop:
     num_samples: int | None = None
     windows: list[list[int]] = field(default_factory=list)
     window_log_lik: list[float] = field(default_factory=list)
+    calibration: dict | None = None
 
     def table(self, horizons=(1, 5, 15)) -> str:
         """A markdown table, one row per horizon and predictor: MSE, the log-likelihood's
@@ -140,6 +146,7 @@ def open_loop(
     max_windows: int | None = 2000,
     chunk_size: int = 256,
     seed: int = 0,
+    calibrate: bool = False,
 ) -> OpenLoop:
     """Predict ``horizon`` steps open loop after ``context`` observed ones, given the true actions.
 
@@ -164,6 +171,12 @@ def open_loop(
     :param baselines: name → a fitted predictor with ``predict(context_obs,
         actions, horizon)`` returning a Normal over ``(B, H, X)`` in model
         units, e.g. :class:`~pyro_worldmodel.model.baselines.LinearLeastSquares`.
+    :param calibrate: also score ``"calibrated"``: the model's futures moved about
+        their mean by :class:`~pyro_worldmodel.evaluate.calibration.SpreadCalibration`
+        factors, fitted by cross-fitting: the windows of even-numbered episodes are
+        scored with factors fitted on the odd-numbered ones', and the other way
+        round. Needs windows from episodes of both kinds and a real-valued emission.
+        The model is imagined twice, with the same draws.
     """
     for arg, value, low in (
         ("context", context, 1),
@@ -193,11 +206,16 @@ def open_loop(
     to_real = (lambda x: x) if normalizer is None else normalizer.obs_inverse
     # log-density in real units = in model units − log |d real / d model|
     log_jac = 0.0 if normalizer is None else float(normalizer.obs_scale.log().sum())
-    predictors = {"model": None, **(baselines or {})}
+    predictors = {"model": None, **({"calibrated": None} if calibrate else {}), **(baselines or {})}
     keys = ("sq_err", "log_lik", "log_lik_gaussian", "crps", "sq_z", *(f"cov{lv}" for lv in LEVELS))
     scores = {name: {k: [] for k in keys} for name in predictors}
     gaussian_model = getattr(model.emission, "real_valued", True)
     device = next(model.parameters()).device
+    calibration, fold_factor = None, None
+    if calibrate:
+        calibration, fold_factor = _cross_fitted_spread(
+            model, guide, w_obs, w_act, valid, episode, context, horizon, num_samples, normalizer, chunk_size
+        )
     for lo in range(0, len(episode), chunk_size):
         sl = slice(lo, lo + chunk_size)
         ctx_obs, ctx_act = w_obs[sl, :context], w_act[sl, :context]
@@ -227,6 +245,27 @@ def open_loop(
             record = {"model": (mixture, gaussian)}
         draws = {"model": im.obs.cpu()}  # (S, b, H, X) real units
         means = {"model": im.obs_mean.mean(0).cpu()}
+        if calibrate:
+            c = fold_factor[sl].to(device)  # (b, H, X), fitted on the other fold
+            with torch.no_grad():
+                m = mean_s.mean(0)  # (b, H, X) model units
+                moved = m + (target.double() - m) / c  # where the original density is read
+                log_c = c.log().sum(-1)  # (b, H)
+                mixture_c = mixture_log_density(emission.log_prob(moved.to(target.dtype))).double() - log_c
+                gaussian_c = None
+                if finite:
+                    full = model.obs_dim <= FULL_COVARIANCE_DIMS
+                    g = moment_matched(m + c * (mean_s - m), c**2 * var_s, full=full).log_prob(
+                        target.double()
+                    )
+                    gaussian_c = (g if full else g.sum(-1)).cpu() - log_jac
+                else:
+                    gaussian_c = torch.full_like(mixture_c, float("nan")).cpu()
+            record["calibrated"] = (mixture_c.cpu() - log_jac, gaussian_c)
+            variance["calibrated"] = variance["model"] * c.cpu() ** 2
+            means["calibrated"] = means["model"]
+            c_real = c.cpu().to(draws["model"].dtype)
+            draws["calibrated"] = means["model"] + c_real * (draws["model"] - means["model"])
         for name, predictor in (baselines or {}).items():
             model_act = w_act[sl, : W - 1]
             if normalizer is not None and model_act.is_floating_point():
@@ -282,8 +321,42 @@ def open_loop(
         num_samples=num_samples,
         windows=torch.stack([episode, start], 1).tolist(),
         window_log_lik=window_ll.tolist(),
+        calibration=None if calibration is None else calibration.to_dict(),
         **out,
     )
+
+
+def _cross_fitted_spread(model, guide, w_obs, w_act, valid, episode, context, horizon, num_samples,
+                         normalizer, chunk_size):  # fmt: skip
+    """The model's futures imagined once, without touching the random state the scoring
+    pass draws from: the spread factors fitted on all windows, and ``(n, H, X)`` the factors
+    of each window, fitted on the windows of the other fold (episode parity)."""
+    if not getattr(model.emission, "real_valued", True):
+        raise ValueError(
+            f"calibrate: moving futures about their mean needs a real-valued emission,"
+            f" got {type(model.emission).__name__}"
+        )
+    fold = episode % 2
+    if fold.unique().numel() < 2:
+        raise ValueError(
+            "calibrate: cross-fitting needs windows from even- and odd-numbered episodes,"
+            f" got windows from episodes {sorted(set(episode.tolist()))} only"
+        )
+    device = next(model.parameters()).device
+    offsets = CoverageOffsets()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for lo in range(0, len(episode), chunk_size):
+            sl = slice(lo, lo + chunk_size)
+            im = imagine(
+                model, guide, w_obs[sl, :context], w_act[sl, :context], horizon,
+                future_actions=w_act[sl, context:], num_samples=num_samples, normalizer=normalizer,
+            )  # fmt: skip
+            offsets.add(im.obs.cpu(), im.obs_mean.mean(0).cpu(), w_obs[sl, context:], valid[sl])
+    everything = fit_spread(offsets.select(torch.ones_like(fold, dtype=torch.bool)))
+    per_fold = [fit_spread(offsets.select(fold == k)).factor for k in (0, 1)]
+    # a window of fold k gets the factors fitted on fold 1 - k
+    factor = torch.where((fold == 0)[:, None, None], per_fold[1], per_fold[0])
+    return everything, factor
 
 
 def _check_real_units(model, obs, actions, mask):
