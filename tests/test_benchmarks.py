@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +95,14 @@ def test_imagination_benchmark_prints_every_score_and_the_targets(tmp_path):
         for target in ("best MSE", "best log-lik (Gaussian)", "best CRPS", "90% coverage in [0.85, 0.95]"):
             assert f"  - {target}" in block.split("\n- ")[0]
     assert (tmp_path / "imagination.md").read_text().strip() in out
-    assert (tmp_path / "CartPole-v1" / "seed0" / "metrics.json").is_file()
+    import json
+
+    ol = json.loads((tmp_path / "CartPole-v1" / "seed0" / "metrics.json").read_text())["open_loop"]
+    # the spread factors fitted on all held-out windows, per horizon and dimension; a horizon
+    # that no window reaches keeps factor 1
+    factor = torch.tensor(ol["calibration"]["factor"])
+    assert factor.shape == (5, 4) and (factor > 0).all() and ol["calibration"]["num_windows"] == ol["count"]
+    assert ol["mse"]["calibrated"] == ol["mse"]["model"]
 
 
 def test_amortisation_benchmark_prints_the_gaps_on_both_sets():

@@ -479,6 +479,8 @@ def test_evaluate_with_a_horizon_past_the_held_out_episodes(cartpole_run, tmp_pa
     for name in ("model", "copy_last", "linear"):
         assert ol["mse"][name][-1] is None and ol["log_lik"][name][-1] is None
         assert ol["mse"][name][0] > 0
+    # one held-out episode: nothing to cross-fit the spread on, so no calibrated predictor
+    assert len(val) == 1 and "calibrated" not in ol["mse"] and ol["calibration"] is None
 
 
 def test_train_checks_before_writing_anything(pendulum_data, tmp_path, capsys):
