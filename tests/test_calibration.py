@@ -32,6 +32,9 @@ def test_the_factor_is_the_ratio_of_the_truths_spread_to_the_predictives(k):
     assert cal.num_windows == [n, 0]
     assert torch.all((cal.factor[0] / k).log().abs() <= 2 * torch.tensor(STEP).log())
     assert torch.equal(cal.factor[1], torch.ones(X, dtype=torch.float64))  # nothing to fit: unmoved
+    shared = fit_spread(offsets.select(torch.ones(n, dtype=torch.bool)), per_dimension=False)
+    assert torch.all(shared.factor[0] == shared.factor[0, 0])  # one factor for every dimension
+    assert abs(float(shared.factor[0, 0] / k)) == pytest.approx(1.0, rel=STEP - 1)
     moved = cal.apply(draws, mean)
     assert torch.allclose(moved.mean(0), mean)  # the mean stays
     assert torch.allclose(moved.std(0)[:, 0], draws.std(0)[:, 0] * cal.factor[0])

@@ -94,12 +94,18 @@ class CoverageOffsets:
         return {"truth": out["truth"][keep], "bounds": out["bounds"][:, keep], "valid": out["valid"][keep]}
 
 
-def fit_spread(offsets: dict[str, torch.Tensor]) -> SpreadCalibration:
+def fit_spread(offsets: dict[str, torch.Tensor], *, per_dimension: bool = True) -> SpreadCalibration:
     """The factor per horizon and dimension whose moved draws' central 50% and 90% intervals
     come closest to covering 50% and 90% of the truths, from :meth:`CoverageOffsets.select`.
 
     Ties (a flat stretch of the grid) go to the factor nearest 1. A horizon that no window
     reaches keeps factor 1.
+
+    :param per_dimension: one factor per horizon and dimension; False for one per horizon,
+        from the coverage over all dimensions. Factors that differ between strongly
+        correlated dimensions tilt a narrow predictive (e.g. cos θ and sin θ of an angle,
+        whose joint predictive lies along the circle) off the truth, and its joint
+        log-likelihood then collapses on those windows; one factor keeps the shape.
     """
     truth, bounds, valid = offsets["truth"], offsets["bounds"], offsets["valid"]  # (n, H, X), (2L, n, H, X)
     n, H, X = truth.shape
@@ -110,7 +116,10 @@ def fit_spread(offsets: dict[str, torch.Tensor]) -> SpreadCalibration:
         lo, hi = bounds[2 * i], bounds[2 * i + 1]
         for g, c in enumerate(GRID):
             inside = ((truth >= c * lo) & (truth <= c * hi)).double()
-            loss[g] += ((inside * weight).sum(0) - level) ** 2
+            covered = (inside * weight).sum(0)  # (H, X)
+            if not per_dimension:  # one factor per horizon, from the coverage over dimensions
+                covered = covered.mean(-1, keepdim=True).expand(H, X)
+            loss[g] += (covered - level) ** 2
     # the smallest loss, and among equals (within 1e-12) the factor nearest 1
     best = loss.min(0).values
     distance = GRID.log().abs()[:, None, None].expand_as(loss)
