@@ -350,6 +350,10 @@ PRESET_CHANGES = {
         "guide": {"name": "iaf_filter"},
         "elbo": {"name": "TraceMeanField_ELBO", "monte_carlo_kl": ["KL(TransformedDistribution ‖ Normal)"]},
     },
+    "iwae_smoothing": {
+        "guide": {"name": "smoothing"},
+        "elbo": {"name": "RenyiELBO", "alpha": 0, "num_particles": 8, "vectorize_particles": True},
+    },
     "binary": {"emission": {"name": "bernoulli"}},
     "dreamer": {
         "transition": {"name": "rssm", "deter_dim": 32, "min_scale": 0.02},
