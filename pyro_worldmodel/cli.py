@@ -179,6 +179,7 @@ def cmd_imagine(args) -> Path:
         policy=args.policy == "model",
         seed=args.seed,
         device=args.device,
+        calibrated=args.calibrated,
     )
     print(
         f"imagined {args.num_samples} futures of {args.horizon} steps after {args.context} steps of episode {args.episode}"
@@ -485,6 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["data", "model"],
         default="data",
         help="future actions: the recorded ones, or sampled from the learned π (default: data)",
+    )
+    p.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="move the futures about their mean by the spread factors evaluate fitted (metrics.json);"
+        " they hold for its context and reach its horizon",
     )
     common(p, out=False)
     p.set_defaults(func=cmd_imagine)

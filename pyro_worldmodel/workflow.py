@@ -22,6 +22,7 @@ only parses arguments and calls them.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -870,9 +871,17 @@ def imagine_run(
     policy: bool = False,
     seed: int = 0,
     device="cpu",
+    calibrated: bool = False,
 ) -> Path:
     """Dream futures of one held-out episode (or one of ``data``) and commit
-    ``imagination.npz`` and ``figures/imagination.png``. :returns: the samples' path."""
+    ``imagination.npz`` and ``figures/imagination.png``. :returns: the samples' path.
+
+    :param calibrated: move the futures about their mean by the spread factors that
+        ``evaluate`` fitted (``metrics.json``'s ``open_loop.calibration``,
+        :class:`~pyro_worldmodel.evaluate.calibration.SpreadCalibration`); they hold for the
+        context length they were fitted after and reach its horizon. ``imagination.npz``
+        then holds the moved draws as ``obs`` and the factors as ``spread_factor``.
+    """
     from .plots import plot_imagination, save_figure
 
     run = Path(run)
@@ -892,6 +901,7 @@ def imagine_run(
             loaded.architecture.check_compatible(episodes, f"the run's {run / 'episodes.npz'}")
             train_split, episodes = loaded.splits(episodes)
             episodes = train_split if episodes is None else episodes
+        spread = _spread_factors(files, context, horizon) if calibrated else None
         pyro.set_rng_seed(seed)
         im, future = imagine_episode(
             loaded.model,
@@ -904,9 +914,13 @@ def imagine_run(
             num_samples=num_samples,
             policy=policy,
         )
+        if spread is not None:
+            im = replace(im, obs=spread.apply(im.obs, im.obs_mean.mean(0)))
         arrays = {
             k: getattr(im, k).cpu().numpy() for k in ("latents", "actions", "obs_mean", "obs", "context_obs")
         }
+        if spread is not None:
+            arrays["spread_factor"] = spread.factor.numpy()
         if future is not None:
             arrays["future_obs"] = future.numpy()
         fig = plot_imagination(im, future)
@@ -915,6 +929,32 @@ def imagine_run(
         save_figure(fig, tx.path("figures/imagination.png"))
         tx.commit()
     return run / "imagination.npz"
+
+
+def _spread_factors(files, context: int, horizon: int):
+    """The run's spread factors for ``horizon`` steps after ``context``, from its ``metrics.json``."""
+    from .evaluate.calibration import SpreadCalibration
+
+    try:
+        ol = json.loads(files.file("metrics.json").read_text())["open_loop"]
+    except FileNotFoundError:
+        ol = {}
+    if not ol.get("calibration"):
+        raise ValueError(
+            "calibrated: the run has no spread factors; `pyro-worldmodel evaluate` fits them on"
+            " held-out data with windows in even- and odd-numbered episodes"
+        )
+    if ol["context"] != context:
+        raise ValueError(
+            f"context: the spread factors were fitted after {ol['context']} context steps, got"
+            f" context={context}"
+        )
+    spread = SpreadCalibration.from_dict(ol["calibration"])
+    if horizon > spread.factor.shape[0]:
+        raise ValueError(
+            f"horizon: the spread factors reach horizon {spread.factor.shape[0]}, got horizon={horizon}"
+        )
+    return SpreadCalibration(spread.factor[:horizon], spread.num_windows[:horizon])
 
 
 def _stage_evaluation(result: Evaluation, tx) -> None:

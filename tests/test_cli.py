@@ -608,3 +608,43 @@ def test_train_takes_presets_over_a_config(pendulum_data, tmp_path, capsys):
     assert spec.latent_dim == Spec.preset("smoke").latent_dim  # smoke's size
     assert spec.emission["name"] == "gaussian_mlp"  # --set wins over binary's bernoulli
     assert spec.train["num_steps"] == 10  # --steps wins over smoke's
+
+
+def test_imagine_calibrated_moves_the_same_futures_by_the_factors_evaluate_fitted(
+    pendulum_run, pendulum_data, tmp_path, capsys
+):
+    """The run's own held-out split is one episode: no factors, a named refusal. Evaluated on
+    all six episodes (both folds), the run keeps factors; `imagine --calibrated` then draws the
+    futures plain `imagine` draws with the same seed, moved about their mean by them."""
+    run = copy_run(pendulum_run, tmp_path)
+    dream = [
+        "imagine",
+        "--run",
+        run,
+        "--data",
+        pendulum_data,
+        "--episode",
+        1,
+        "--context",
+        3,
+        "--num-samples",
+        20,
+    ]
+    rc, _, err = cli(capsys, *dream, "--horizon", 5, "--calibrated")
+    assert rc == 2 and "calibrated: the run has no spread factors" in err
+    assert cli(capsys, "evaluate", "--run", run, "--data", pendulum_data, *EVAL)[0] == 0
+    factor = np.array(read_metrics(run)["open_loop"]["calibration"]["factor"])  # (5, 3)
+    assert factor.shape == (5, 3) and not np.all(factor == 1.0)
+    assert cli(capsys, *dream, "--horizon", 4)[0] == 0
+    plain = dict(np.load(run / "imagination.npz"))
+    assert cli(capsys, *dream, "--horizon", 4, "--calibrated")[0] == 0
+    moved = dict(np.load(run / "imagination.npz"))
+    np.testing.assert_array_equal(moved["spread_factor"], factor[:4])
+    np.testing.assert_array_equal(moved["obs_mean"], plain["obs_mean"])  # the same draws
+    mean = plain["obs_mean"].mean(0)
+    np.testing.assert_allclose(moved["obs"], mean + factor[:4] * (plain["obs"] - mean), rtol=1e-5, atol=1e-6)
+    # the factors hold for the context they were fitted after, up to its horizon
+    rc, _, err = cli(capsys, *dream[:-4], "--context", 4, "--num-samples", 20, "--horizon", 4, "--calibrated")
+    assert rc == 2 and "context: the spread factors were fitted after 3 context steps, got context=4" in err
+    rc, _, err = cli(capsys, *dream, "--horizon", 6, "--calibrated")
+    assert rc == 2 and "horizon: the spread factors reach horizon 5, got horizon=6" in err
