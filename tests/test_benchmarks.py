@@ -11,15 +11,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_svi_step_benchmark_checks_the_reference_and_prints_its_table():
+def run_benchmark(script: str, *args, timeout: int = 300) -> str:
+    """``python benchmarks/<script> args...`` as a user runs it; its standard output, once it exits 0."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "svi_step.py"), "--tiny"],
+        [sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr
-    out = result.stdout
+    return result.stdout
+
+
+def test_svi_step_benchmark_checks_the_reference_and_prints_its_table():
+    out = run_benchmark("svi_step.py", "--tiny")
     # the library and the hand-written reference compute the same ELBO before anything is timed
     loss_rel, grad_rel = map(
         float, re.search(r"relative difference (\S+) \(loss\), (\S+) \(gradients\)", out).groups()
@@ -34,18 +39,10 @@ def test_svi_step_benchmark_checks_the_reference_and_prints_its_table():
 
 
 def test_model_based_loop_benchmark_prints_a_row_per_environment(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "model_based_loop.py"), "--tiny", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
+    out = run_benchmark("model_based_loop.py", "--tiny", "--out", str(tmp_path), timeout=600)
     envs = ["Pendulum-v1", "CartPole-v1", "MountainCar-v0"]
     rows = [
-        line
-        for line in result.stdout.splitlines()
-        if re.match(r"\| (Pendulum-v1|CartPole-v1|MountainCar-v0) \|", line)
+        line for line in out.splitlines() if re.match(r"\| (Pendulum-v1|CartPole-v1|MountainCar-v0) \|", line)
     ]
     assert [r.split("|")[1].strip() for r in rows] == envs
     import json
@@ -57,29 +54,15 @@ def test_model_based_loop_benchmark_prints_a_row_per_environment(tmp_path):
 
 
 def test_fit_checks_benchmark_prints_both_paths_and_their_ratio():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "fit_checks.py"), "--tiny"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    times = dict(re.findall(r"\| (fit|SVI\.step)\S* .*?\| ([\d.]+) \|", result.stdout))
+    out = run_benchmark("fit_checks.py", "--tiny")
+    times = dict(re.findall(r"\| (fit|SVI\.step)\S* .*?\| ([\d.]+) \|", out))
     assert set(times) == {"fit", "SVI.step"} and all(float(t) > 0 for t in times.values())
-    ratio = float(re.search(r"fit / SVI\.step: ([\d.]+)", result.stdout).group(1))
+    ratio = float(re.search(r"fit / SVI\.step: ([\d.]+)", out).group(1))
     assert abs(ratio - float(times["fit"]) / float(times["SVI.step"])) < 0.01
 
 
 def test_imagination_benchmark_prints_every_score_and_the_targets(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "imagination.py"), "--tiny", "--envs", "CartPole-v1",
-         "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    out = run_benchmark("imagination.py", "--tiny", "--envs", "CartPole-v1", "--out", str(tmp_path))
     # one row per horizon (the tiny run predicts 5) and predictor, every score a number
     rows = [
         line
@@ -106,15 +89,19 @@ def test_imagination_benchmark_prints_every_score_and_the_targets(tmp_path):
 
 
 def test_amortisation_benchmark_prints_the_gaps_on_both_sets():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "amortisation.py"), "--seeds", "0", "--steps", "200",
-         "--settings", "default", "rnn_dim 16", "--iwae", "10"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| filter |")]
+    out = run_benchmark(
+        "amortisation.py",
+        "--seeds",
+        "0",
+        "--steps",
+        "200",
+        "--settings",
+        "default",
+        "rnn_dim 16",
+        "--iwae",
+        "10",
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| filter |")]
     assert [row.split("|")[2].strip() for row in rows] == ["default", "rnn_dim 16"]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")][2:]
@@ -126,18 +113,12 @@ def test_amortisation_benchmark_prints_the_gaps_on_both_sets():
         iwae = [float(c.split(" (")[0]) for c in cells[7:9]]
         assert 0 < iwae[0] < gaps[2] and 0 < iwae[1] < gaps[3], row
     # the anchor's least gap for diagonal factors, LinearGaussianSSM.diagonal_guide_gap
-    assert "the least gap a guide with diagonal factors can reach: 7.09 nats per sequence" in result.stdout
+    assert "the least gap a guide with diagonal factors can reach: 7.09 nats per sequence" in out
 
 
 def test_variational_bias_benchmark_scores_every_recipe_against_the_truth():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "variational_bias.py"), "--tiny"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "recipe" not in line]
+    out = run_benchmark("variational_bias.py", "--tiny")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "recipe" not in line]
     assert [row.split("|")[1].strip() for row in rows] == [
         "ELBO, filter", "ELBO, smoothing", "ELBO, smoothing, full covariance", "IWAE-8, smoothing", "exact ML"
     ]  # fmt: skip

@@ -35,10 +35,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .scores import LEVELS
+from .scores import LEVELS, central_interval
 
 # Candidate factors: 0.01 … 100, 20 per decade (each 12% from the next).
 GRID = torch.logspace(-2.0, 2.0, 81, dtype=torch.float64)
+
+
+def moved(x: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """m + c (x − m): ``x`` moved about ``mean`` by ``factor``, all broadcast together."""
+    return mean + factor * (x - mean)
 
 
 @dataclass
@@ -57,9 +62,7 @@ class SpreadCalibration:
         """m + c (x − m) for draws ``(S, ..., H, X)`` of any units that map to the model's by
         an affine map per dimension (real or model units); m is ``mean`` ``(..., H, X)``, by
         default the draws' own mean."""
-        m = draws.mean(0) if mean is None else mean
-        c = self.factor.to(draws)
-        return m + c * (draws - m)
+        return moved(draws, draws.mean(0) if mean is None else mean, self.factor.to(draws))
 
     def to_dict(self) -> dict:
         return {"factor": self.factor.tolist(), "num_windows": list(self.num_windows)}
@@ -74,24 +77,26 @@ class CoverageOffsets:
     truth and the draws' central intervals lie relative to the predictive mean."""
 
     def __init__(self):
-        self.chunks: list[dict[str, torch.Tensor]] = []
+        self.truth: list[torch.Tensor] = []
+        self.bounds: list[torch.Tensor] = []
+        self.valid: list[torch.Tensor] = []
 
     def add(self, draws: torch.Tensor, mean: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> None:
         """:param draws: ``(S, b, H, X)``; :param mean: ``(b, H, X)`` the predictive mean;
         :param truth: ``(b, H, X)``; :param valid: ``(b, H)`` whether each horizon counts."""
-        draws, mean, truth = draws.double(), mean.double(), truth.double()
-        q = torch.tensor([p for lv in LEVELS for p in ((1 - lv) / 2, (1 + lv) / 2)], dtype=torch.float64)
-        bounds = torch.quantile(draws, q, dim=0) - mean  # (2L, b, H, X)
-        self.chunks.append({"truth": truth - mean, "bounds": bounds, "valid": valid})
+        draws, mean = draws.double(), mean.double()
+        bounds = [bound - mean for lv in LEVELS for bound in central_interval(draws, lv)]
+        self.bounds.append(torch.stack(bounds))  # (2L, b, H, X): lo, hi of each level
+        self.truth.append(truth.double() - mean)
+        self.valid.append(valid)
 
     def select(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """The windows where ``keep`` ``(n,)``, in the order added."""
-        out = {
-            "truth": torch.cat([c["truth"] for c in self.chunks]),
-            "bounds": torch.cat([c["bounds"] for c in self.chunks], 1),
-            "valid": torch.cat([c["valid"] for c in self.chunks]),
+        return {
+            "truth": torch.cat(self.truth)[keep],
+            "bounds": torch.cat(self.bounds, 1)[:, keep],
+            "valid": torch.cat(self.valid)[keep],
         }
-        return {"truth": out["truth"][keep], "bounds": out["bounds"][:, keep], "valid": out["valid"][keep]}
 
 
 def fit_spread(offsets: dict[str, torch.Tensor], *, per_dimension: bool = True) -> SpreadCalibration:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..spaces import INT_DTYPES, check_inputs, check_observed
-from .calibration import CoverageOffsets, fit_spread
+from .calibration import CoverageOffsets, fit_spread, moved
 from .imagination import imagine
 from .scores import (
     LEVELS,
@@ -249,23 +249,20 @@ def open_loop(
             c = fold_factor[sl].to(device)  # (b, H, X), fitted on the other fold
             with torch.no_grad():
                 m = mean_s.mean(0)  # (b, H, X) model units
-                moved = m + (target.double() - m) / c  # where the original density is read
+                read_at = moved(target.double(), m, 1 / c)  # where the original density is read
                 log_c = c.log().sum(-1)  # (b, H)
-                mixture_c = mixture_log_density(emission.log_prob(moved.to(target.dtype))).double() - log_c
+                mixture_c = mixture_log_density(emission.log_prob(read_at.to(target.dtype))).double() - log_c
                 gaussian_c = None
                 if finite:
                     full = model.obs_dim <= FULL_COVARIANCE_DIMS
-                    g = moment_matched(m + c * (mean_s - m), c**2 * var_s, full=full).log_prob(
-                        target.double()
-                    )
+                    g = moment_matched(moved(mean_s, m, c), c**2 * var_s, full=full).log_prob(target.double())
                     gaussian_c = (g if full else g.sum(-1)).cpu() - log_jac
                 else:
                     gaussian_c = torch.full_like(mixture_c, float("nan")).cpu()
             record["calibrated"] = (mixture_c.cpu() - log_jac, gaussian_c)
             variance["calibrated"] = variance["model"] * c.cpu() ** 2
             means["calibrated"] = means["model"]
-            c_real = c.cpu().to(draws["model"].dtype)
-            draws["calibrated"] = means["model"] + c_real * (draws["model"] - means["model"])
+            draws["calibrated"] = moved(draws["model"], means["model"], c.cpu().to(draws["model"].dtype))
         for name, predictor in (baselines or {}).items():
             model_act = w_act[sl, : W - 1]
             if normalizer is not None and model_act.is_floating_point():

@@ -87,11 +87,18 @@ def interval_coverage(samples: torch.Tensor, truth: torch.Tensor, level: float) 
     :param level: in (0, 1), e.g. 0.9 for the interval between the 5% and 95% quantiles.
     :returns: a bool tensor of ``truth``'s shape.
     """
+    lo, hi = central_interval(samples, level)
+    return (truth >= lo) & (truth <= hi)
+
+
+def central_interval(samples: torch.Tensor, level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The empirical (1 − level)/2 and (1 + level)/2 quantiles of ``samples`` ``(S, ...)``
+    along the first dimension: two tensors of shape ``(...)``."""
     if not 0.0 < level < 1.0:
         raise ValueError(f"level: expected a probability in (0, 1), got {level!r}")
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=samples.dtype, device=samples.device)
     lo, hi = torch.quantile(samples, q, dim=0)
-    return (truth >= lo) & (truth <= hi)
+    return lo, hi
 
 
 def summarise(

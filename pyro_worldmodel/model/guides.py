@@ -184,7 +184,7 @@ class FilterGuide(DrawsGlobals, ChecksInputs, nn.Module):
         """q(z_t | z_{t-1}, ·): the Normal of :meth:`step_params`, event ``(Z,)``, diagonal
         unless ``covariance="full"``. A full one, or a subclass that returns another
         distribution (the IAF guide), is evaluated by Pyro's traces, not by the batched path."""
-        return self.combiner.distribution(*self.step_params(z_prev, context_t, weights))
+        return self.combiner.distribution(*self.step_params(z_prev, context_t, weights), weights)
 
     def read(self, obs) -> torch.Tensor:
         """e(x_t) for every t, ``(B, T, E)``, with ``input_noise`` added in training mode."""

@@ -77,24 +77,27 @@ class Combiner(nn.Module):
         return nn.functional.linear(h, weight, torch.cat([loc_bias, first.bias]))
 
     def step_weights(self) -> tuple[torch.Tensor, ...]:
-        """What :meth:`step` takes besides z_{t-1} and ``project(h_t)``: slices of the weights, cut once per sequence."""
+        """What :meth:`step` takes besides z_{t-1} and ``project(h_t)``: slices of the weights
+        and, with ``covariance="full"``, the mixing matrix M last; cut once per sequence."""
         Z = self.latent_dim
         z_weight = torch.cat([self.linear.weight[:, :Z], self.net[0].weight[:, :Z]], 0)  # (Z + W, Z)
-        if not self._deep:
-            return (z_weight,)
-        last = self.net[-1]
-        return z_weight, last.weight[:Z].t(), last.weight[Z:].t(), last.bias[Z:]
+        weights = (z_weight,)
+        if self._deep:
+            last = self.net[-1]
+            weights += (last.weight[:Z].t(), last.weight[Z:].t(), last.bias[Z:])
+        return weights + ((self.mixing(),) if self.covariance == "full" else ())
 
     def step(self, z_prev: torch.Tensor, projected: torch.Tensor, weights: tuple) -> dist.Distribution:
         """q(z_t | z_{t-1}, h_t) from z_{t-1} ``(..., Z)`` and ``project(h_t)`` ``(..., Z + W)``."""
-        return self.distribution(*self.loc_scale(z_prev, projected, weights))
+        return self.distribution(*self.loc_scale(z_prev, projected, weights), weights)
 
-    def distribution(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.TorchDistribution:
+    def distribution(self, loc: torch.Tensor, scale: torch.Tensor, weights: tuple) -> dist.TorchDistribution:
         """The Normal of :meth:`loc_scale`'s ``loc`` and ``scale``, event ``(Z,)``: diagonal, or
-        with ``covariance="full"`` a ``MultivariateNormal`` with ``scale_tril`` M diag(scale)."""
+        with ``covariance="full"`` a ``MultivariateNormal`` with ``scale_tril`` M diag(scale),
+        M the last of :meth:`step_weights`."""
         if self.covariance == "diagonal":
             return dist.Normal(loc, scale).to_event(1)
-        return dist.MultivariateNormal(loc, scale_tril=self.mixing() * scale.unsqueeze(-2))
+        return dist.MultivariateNormal(loc, scale_tril=weights[-1] * scale.unsqueeze(-2))
 
     def mixing(self) -> torch.Tensor:
         """M, ``(Z, Z)``: unit lower-triangular, its strictly lower part ``tril``."""
@@ -121,7 +124,7 @@ class Combiner(nn.Module):
             return linear + delta, self.scale_map(raw_scale)
         for layer in self._hidden:  # without building a Sequential (or running hooks) each step
             out = layer.forward(out)
-        _, w_loc, w_scale, b_scale = weights
+        _, w_loc, w_scale, b_scale = weights[:4]
         if flat:
             loc, raw_scale = torch.addmm(linear, out, w_loc), torch.addmm(b_scale, out, w_scale)
         else:
