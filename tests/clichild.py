@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 _CONTEXT = None
+_REPLACE, _FSYNC = os.replace, os.fsync  # the real ones: faults patch the module's
 
 
 def context():
@@ -56,7 +57,20 @@ def _child(argv, log, faults, cwd):
         rc = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    _record(log, rc)
     os._exit(rc)
+
+
+def _record(log: str, rc: int) -> None:
+    """Write the exit code beside the log, atomically. Under load the forkserver can lose a
+    child's status and report 255 for a process that exited normally (CPython issue 140867);
+    the parent then reads the code the child recorded."""
+    tmp = f"{log}.rc.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(rc))
+        f.flush()
+        _FSYNC(f.fileno())
+    _REPLACE(tmp, f"{log}.rc")
 
 
 _renames = [0]
@@ -106,6 +120,8 @@ class Child:
 
     def __init__(self, argv, log: Path, *, faults: dict | None = None, cwd: Path | None = None):
         self.log = Path(log)
+        self.recorded = Path(f"{log}.rc")
+        self.recorded.unlink(missing_ok=True)
         self.process = context().Process(
             target=_child, args=(list(map(str, argv)), str(log), faults, str(cwd or os.getcwd()))
         )
@@ -116,12 +132,17 @@ class Child:
         if self.process.exitcode is None:
             self.kill()
             raise TimeoutError(f"{self.log}: still running after {timeout} s")
+        if self.process.exitcode == 255 and self.recorded.exists():
+            return int(self.recorded.read_text())  # the status the forkserver lost
         return self.process.exitcode
 
     def kill(self) -> None:
         """SIGKILL, as ``kill -9`` sends."""
         if self.process.exitcode is None:
-            os.kill(self.process.pid, signal.SIGKILL)
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended on its own just now
+                pass
         self.process.join()
 
     @property
