@@ -34,7 +34,7 @@ import torch
 
 from . import workflow
 from .config import Spec, load_yaml, yaml_value
-from .data import Episodes, collect
+from .data import Episodes, Pixels, collect
 from .errors import WorldModelError
 from .io import check_unlocked
 from .spaces import check_device
@@ -46,6 +46,10 @@ DEFAULT_ENV = "Pendulum-v1"
 
 
 def cmd_collect(args) -> Path:
+    if not args.pixels:
+        for flag, given in (("--grayscale", args.grayscale), ("--frame-size", args.frame_size != 64)):
+            if given:
+                raise ValueError(f"{flag}: expected together with --pixels, got it without")
     return workflow.collect_run(
         args.env,
         args.episodes,
@@ -54,6 +58,8 @@ def cmd_collect(args) -> Path:
         num_envs=args.num_envs,
         max_episode_steps=args.max_episode_steps,
         overwrite=args.overwrite,
+        pixels=Pixels(args.frame_size, args.grayscale) if args.pixels else False,
+        action_repeat=args.action_repeat,
     )
 
 
@@ -378,6 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=positive_int, default=50, help="episodes to collect (default: 50)")
     p.add_argument("--num-envs", type=positive_int, default=8, help="vector environments (default: 8)")
     p.add_argument("--max-episode-steps", type=positive_int, default=None, help="override the time limit")
+    p.add_argument(
+        "--pixels", action="store_true", help="also record the rendered frames (uint8, beside the state)"
+    )
+    p.add_argument(
+        "--frame-size",
+        type=positive_int,
+        default=64,
+        help="with --pixels: frames resized to N×N (default: 64)",
+    )
+    p.add_argument("--grayscale", action="store_true", help="with --pixels: one channel instead of RGB")
+    p.add_argument(
+        "--action-repeat", type=positive_int, default=1, help="environment steps per action (default: 1)"
+    )
     _overwrite_option(p)
     common(p)
     p.set_defaults(func=cmd_collect)

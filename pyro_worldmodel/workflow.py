@@ -653,18 +653,28 @@ def collect_run(
     num_envs: int = 8,
     max_episode_steps: int | None = None,
     overwrite: bool = False,
+    pixels=False,
+    action_repeat: int = 1,
     log=print,
 ) -> Path:
     """Collect episodes with random actions into ``out/episodes.npz``, as one commit.
 
     :param overwrite: replace a run or dataset already in ``out`` (refused otherwise).
+    :param pixels: also record rendered frames (:func:`~pyro_worldmodel.data.collect`).
+    :param action_repeat: environment steps per action.
     """
     out = Path(out)
     check_unlocked(out)  # before collecting, which a busy directory would waste
     if not overwrite and out.is_dir():  # refused before collecting; checked again under the lock
         refuse_replacing(RunDirectory(out), "collect")
     episodes = collect(
-        env_id, num_episodes, seed=seed, num_envs=num_envs, max_episode_steps=max_episode_steps
+        env_id,
+        num_episodes,
+        seed=seed,
+        num_envs=num_envs,
+        max_episode_steps=max_episode_steps,
+        pixels=pixels,
+        action_repeat=action_repeat,
     )
     check_free_space(out, 2 * _episodes_bytes(episodes), "collect")
     with _writing(out, "collect") as run:
@@ -673,7 +683,10 @@ def collect_run(
         tx = run.transaction("collect", replace=True)
         episodes.save(tx.path("episodes.npz"))
         tx.commit()
-    log(f"collected {len(episodes)} episodes ({int(episodes.lengths.sum())} steps) of {episodes.env_id}")
+    frames = "" if episodes.frames is None else ", frames {}×{}×{}".format(*episodes.image_shape)
+    log(
+        f"collected {len(episodes)} episodes ({int(episodes.lengths.sum())} steps) of {episodes.env_id}{frames}"
+    )
     log(f"dataset: {out / 'episodes.npz'}")
     return out / "episodes.npz"
 
@@ -1058,9 +1071,11 @@ def _writing(path: Path, command: str) -> RunDirectory:
 
 
 def _episodes_bytes(episodes: Episodes) -> int:
+    # uncompressed: a bound on what the file needs (frames are saved compressed)
     return sum(
         getattr(episodes, k).numel() * getattr(episodes, k).element_size()
-        for k in ("obs", "actions", "rewards", "mask")
+        for k in ("obs", "actions", "rewards", "mask", "frames", "final_frames")
+        if getattr(episodes, k) is not None
     )
 
 

@@ -5,7 +5,16 @@ seeing them, T rewards, the final observation, and gymnasium's ``terminated`` /
 ``truncated`` flags. Only :mod:`.envs` imports gymnasium.
 """
 
-from .envs import collect, observation_scale_floor, play
+from .envs import ActionRepeat, Pixels, collect, observation_scale_floor, play
 from .episodes import EPISODES_FORMAT, Episodes, Normalizer
 
-__all__ = ["EPISODES_FORMAT", "Episodes", "Normalizer", "collect", "observation_scale_floor", "play"]
+__all__ = [
+    "EPISODES_FORMAT",
+    "ActionRepeat",
+    "Episodes",
+    "Normalizer",
+    "Pixels",
+    "collect",
+    "observation_scale_floor",
+    "play",
+]

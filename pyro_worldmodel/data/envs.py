@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
@@ -42,6 +44,72 @@ def observation_scale_floor(env_id: str, fraction: float = 0.125) -> torch.Tenso
 
 Policy = Callable[[np.ndarray], np.ndarray]
 
+# ITU-R BT.601 luma, the weights of gymnasium's GrayscaleObservation (through OpenCV).
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """How :func:`collect` records frames: rendered (``render_mode="rgb_array"``),
+    resized to ``size`` (an int for a square, or ``(height, width)``) by area averaging,
+    and stored as uint8, RGB or ``grayscale``."""
+
+    size: int | tuple[int, int] = 64
+    grayscale: bool = False
+
+    def __post_init__(self):
+        size = (
+            (self.size, self.size)
+            if isinstance(self.size, int) and not isinstance(self.size, bool)
+            else self.size
+        )
+        if not (
+            isinstance(size, tuple)
+            and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024 for v in size)
+        ):
+            raise ValueError(
+                f"size: expected an int or (height, width) of ints in [1, 1024], got {self.size!r}"
+            )
+        if not isinstance(self.grayscale, bool):
+            raise ValueError(f"grayscale: expected a bool, got {self.grayscale!r}")
+        object.__setattr__(self, "size", size)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.grayscale else 3
+
+    def __call__(self, rendered) -> np.ndarray:
+        """``(..., h, w, 3)`` rendered uint8 → ``(..., C, H, W)`` uint8."""
+        x = torch.as_tensor(np.ascontiguousarray(rendered))
+        lead = x.shape[:-3]
+        x = x.reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2).float()  # (B, 3, h, w)
+        if self.grayscale:
+            x = (x * torch.tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if tuple(x.shape[-2:]) != self.size:
+            x = torch.nn.functional.interpolate(x, size=self.size, mode="area")
+        x = x.round().clamp(0, 255).to(torch.uint8)
+        return x.reshape(*lead, *x.shape[1:]).numpy()
+
+
+class ActionRepeat(gym.Wrapper):
+    """Each action held for ``repeat`` steps of the environment, their rewards summed, as
+    PlaNet collects (it stops early where an episode ends). A time limit set by
+    ``gymnasium.make`` counts the environment's own steps."""
+
+    def __init__(self, env, repeat: int):
+        super().__init__(env)
+        self.repeat = repeat
+
+    def step(self, action):
+        total = 0.0
+        for _ in range(self.repeat):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            total += float(reward)
+            if terminated or truncated:
+                break
+        return obs, total, terminated, truncated, info
+
 
 def collect(
     env_id: str,
@@ -52,6 +120,8 @@ def collect(
     num_envs: int = 1,
     max_episode_steps: int | None = None,
     progress: bool = True,
+    pixels: Pixels | bool = False,
+    action_repeat: int = 1,
     **env_kwargs,
 ) -> Episodes:
     """Collect whole episodes from a gymnasium environment.
@@ -66,52 +136,109 @@ def collect(
     :param num_envs: environments stepped together, through gymnasium's
         synchronous vector environment.
     :param max_episode_steps: overrides the environment's time limit.
+    :param pixels: also record what the environment renders at each step, as
+        :attr:`Episodes.frames`: True for 64×64 RGB, or a :class:`Pixels`. The policy
+        still sees the low-dimensional observations, which are kept beside the frames.
+    :param action_repeat: hold each action for this many environment steps, summing
+        their rewards (:class:`ActionRepeat`); an episode's steps are then the agent's.
     :param env_kwargs: passed to ``gymnasium.make``.
     """
     if not isinstance(num_episodes, int) or num_episodes < 1:
         raise ValueError(f"num_episodes: expected a positive int, got {num_episodes!r}")
     if not isinstance(num_envs, int) or num_envs < 1:
         raise ValueError(f"num_envs: expected a positive int, got {num_envs!r}")
+    if isinstance(action_repeat, bool) or not isinstance(action_repeat, int) or action_repeat < 1:
+        raise ValueError(f"action_repeat: expected a positive int, got {action_repeat!r}")
+    if pixels is True:
+        pixels = Pixels()
+    elif pixels is not False and not isinstance(pixels, Pixels):
+        raise ValueError(f"pixels: expected a bool or a Pixels, got {type(pixels).__name__}")
     spec = _env_spec(env_id)
     make_kwargs = dict(env_kwargs)
     if max_episode_steps is not None:
         make_kwargs["max_episode_steps"] = max_episode_steps
+    wrappers = [] if action_repeat == 1 else [lambda env: ActionRepeat(env, action_repeat)]
+    if pixels:
+        with _dependencies(env_id):  # finding the render modes imports the environment
+            _check_renders(env_id, spec)
+        # rgb_array draws off screen: no display is needed, and without one SDL's default
+        # video driver complains on stderr. A driver the user chose stands.
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+        make_kwargs["render_mode"] = "rgb_array"
+        # the observation becomes {"state": x_t, "pixels": the frame rendered after the step}
+        wrappers.append(lambda env: gym.wrappers.AddRenderObservation(env, render_only=False))
     with _dependencies(env_id):
         envs = gym.make_vec(
             spec.id,
             num_envs=num_envs,
             vectorization_mode="sync",
             vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+            wrappers=wrappers or None,
             **make_kwargs,
         )
     try:
-        _check_observation_space(env_id, envs.single_observation_space)
+        single = envs.single_observation_space
+        _check_observation_space(env_id, single["state"] if pixels else single)
         space = _action_space(env_id, envs.single_action_space)
         envs.action_space.seed(seed)
-        obs, _ = envs.reset(seed=seed)
-        running = [_Episode(o.copy()) for o in obs]
+        with _dependencies(env_id):  # rendering first imports what it draws with (pygame)
+            obs, _ = envs.reset(seed=seed)
+        state, frames = _split(obs, pixels)
+        running = [_Episode(o.copy(), None if frames is None else frames[i]) for i, o in enumerate(state)]
         done: list[_Episode] = []
         bar = tqdm(total=num_episodes, desc=f"collect {env_id}", disable=not progress)
         try:
             while len(done) < num_episodes:
-                actions = envs.action_space.sample() if policy is None else np.asarray(policy(obs))
+                actions = envs.action_space.sample() if policy is None else np.asarray(policy(state))
                 obs, rewards, terminated, truncated, info = envs.step(actions)
+                state, frames = _split(obs, pixels)
                 for i, episode in enumerate(running):
                     episode.actions.append(actions[i])
                     episode.rewards.append(float(rewards[i]))
                     if terminated[i] or truncated[i]:
-                        episode.close(info["final_obs"][i], bool(terminated[i]), bool(truncated[i]))
+                        final, final_frame = _split(info["final_obs"][i], pixels)
+                        episode.close(final, bool(terminated[i]), bool(truncated[i]), final_frame)
                         if len(done) < num_episodes:
                             done.append(episode)
                             bar.update(1)
-                        running[i] = _Episode(obs[i])
+                        running[i] = _Episode(state[i], None if frames is None else frames[i])
                     else:
-                        episode.obs.append(obs[i])
+                        episode.obs.append(state[i])
+                        if frames is not None:
+                            episode.frames.append(frames[i])
         finally:
             bar.close()
     finally:
         envs.close()
     return _pad(done, space, spec.id)
+
+
+def _split(obs, pixels: Pixels | bool):
+    """``(state, frames)`` of an observation: as it is and None without pixels, else the
+    state and the rendered frames resized (``(..., C, H, W)`` uint8)."""
+    if not pixels:
+        return obs, None
+    return obs["state"], pixels(obs["pixels"])
+
+
+def _check_renders(env_id: str, spec) -> None:
+    """``ValueError`` unless ``env_id`` renders ``rgb_array`` frames."""
+    modes = _render_modes(spec)
+    if "rgb_array" not in modes:
+        raise ValueError(
+            f"env_id: expected an environment that renders rgb_array frames for pixels, got {env_id!r},"
+            f" whose render modes are {modes or 'none'}"
+        )
+
+
+def _render_modes(spec) -> list[str]:
+    entry = spec.entry_point
+    if isinstance(entry, str):
+        module, _, name = entry.partition(":")
+        import importlib
+
+        entry = getattr(importlib.import_module(module), name)
+    return list(getattr(entry, "metadata", {}).get("render_modes", []))
 
 
 def play(
@@ -253,11 +380,13 @@ def _action_space(env_id: str, space) -> ActionSpace:
 class _Episode:
     """One episode as it is collected."""
 
-    def __init__(self, first_obs):
+    def __init__(self, first_obs, first_frame=None):
         self.obs, self.actions, self.rewards = [first_obs], [], []
+        self.frames = None if first_frame is None else [first_frame]
 
-    def close(self, final_obs, terminated, truncated):
+    def close(self, final_obs, terminated, truncated, final_frame=None):
         self.final_obs, self.terminated, self.truncated = final_obs, terminated, truncated
+        self.final_frame = final_frame
 
 
 def _pad(episodes: list[_Episode], space: ActionSpace, env_id: str) -> Episodes:
@@ -270,12 +399,22 @@ def _pad(episodes: list[_Episode], space: ActionSpace, env_id: str) -> Episodes:
         actions = np.zeros((N, T, space.dim), np.float32)
     rewards = np.zeros((N, T), np.float32)
     mask = np.zeros((N, T), bool)
+    with_frames = episodes[0].frames is not None
+    frames = np.zeros((N, T, *episodes[0].frames[0].shape), np.uint8) if with_frames else None
     for n, e in enumerate(episodes):
         L = len(e.actions)
         obs[n, :L] = np.stack(e.obs)
         actions[n, :L] = np.stack(e.actions)
         rewards[n, :L] = e.rewards
         mask[n, :L] = True
+        if with_frames:
+            frames[n, :L] = np.stack(e.frames)
+    pixels = {}
+    if with_frames:
+        pixels = {
+            "frames": torch.from_numpy(frames),
+            "final_frames": torch.from_numpy(np.stack([e.final_frame for e in episodes])),
+        }
     return Episodes(
         obs=torch.from_numpy(obs),
         actions=torch.from_numpy(actions),
@@ -286,4 +425,5 @@ def _pad(episodes: list[_Episode], space: ActionSpace, env_id: str) -> Episodes:
         final_obs=torch.from_numpy(np.stack([e.final_obs for e in episodes]).astype(np.float32)),
         action_space=space,
         env_id=env_id,
+        **pixels,
     )
