@@ -75,6 +75,8 @@ from .model.components import (
     BernoulliContinue,
     BernoulliEmission,
     CategoricalPolicy,
+    ConvEncoder,
+    ConvGaussianEmission,
     EnsembleTransition,
     GatedTransition,
     GaussianMLPEmission,
@@ -100,7 +102,7 @@ from .spaces import ActionSpace
 OPTIONAL = ("reward", "continuation", "planner")
 SLOTS = ("init", "transition", "emission", "policy", "guide", "encoder", "elbo", "optim", *OPTIONAL)
 # Filled in by build() from the data and the other parts, never written in a spec.
-SUPPLIED = {"latent_dim", "obs_dim", "action_dim", "action_space", "encoder", "name", "self"}
+SUPPLIED = {"latent_dim", "obs_dim", "image_shape", "action_dim", "action_space", "encoder", "name", "self"}
 # fit's arguments that are data or objects, not settings a spec can hold.
 _FIT_OBJECTS = ("model", "guide", "obs", "actions", "mask", "elbo", "optim", "val")
 
@@ -165,6 +167,8 @@ for _slot, _name, _cls in (
     ("policy", "tanh_normal", TanhNormalPolicy),
     ("guide", "filter", FilterGuide),
     ("encoder", "identity", IdentityEncoder),
+    ("encoder", "conv", ConvEncoder),
+    ("emission", "conv_gaussian", ConvGaussianEmission),
     ("guide", "smoothing", SmoothingGuide),
     ("guide", "mean_field", MeanFieldGuide),
     ("guide", "iaf_filter", IAFFilterGuide),
@@ -613,7 +617,7 @@ class Built:
     planner: object | None = None
 
 
-def build(spec, obs_dim: int, action_space: ActionSpace) -> Built:
+def build(spec, obs_dim: int, action_space: ActionSpace, image_shape=None) -> Built:
     """Model, guide, ELBO and optimiser from a spec, checked before anything is built.
 
     The spec is checked (:meth:`Spec.check`), then its parts are built on
@@ -625,15 +629,18 @@ def build(spec, obs_dim: int, action_space: ActionSpace) -> Built:
     :param spec: a dict, a :class:`Spec`, or YAML text / a ``.yaml`` path.
     :param obs_dim: X, from the data.
     :param action_space: the data's :class:`ActionSpace`.
+    :param image_shape: ``(C, H, W)`` of the frames a model of images reads (X = C·H·W),
+        from the data (:attr:`Episodes.image_shape <pyro_worldmodel.data.Episodes.image_shape>`);
+        None for vector observations.
     :raises ValueError: for a bad spec, or one that does not fit in memory.
     """
     if isinstance(spec, (str, os.PathLike)):
         spec = Spec.from_yaml(spec)
     spec = Spec.from_dict(spec)
     _check_policy(resolve("policy", spec.policy["name"]), spec.policy["name"], action_space)
-    _check_memory(spec, _estimate(spec, obs_dim, action_space))
+    _check_memory(spec, _estimate(spec, obs_dim, action_space, image_shape))
     try:
-        model, guide, planner = _make_all(spec, obs_dim, action_space)
+        model, guide, planner = _make_all(spec, obs_dim, action_space, image_shape=image_shape)
     except Exception as e:
         if _is_out_of_memory(e):
             raise _out_of_memory(spec, e) from None
@@ -644,7 +651,7 @@ def build(spec, obs_dim: int, action_space: ActionSpace) -> Built:
     return Built(model, guide, elbo, optim, dict(spec.train), spec, planner)
 
 
-def count_parameters(spec, obs_dim: int, action_space: ActionSpace) -> int | None:
+def count_parameters(spec, obs_dim: int, action_space: ActionSpace, image_shape=None) -> int | None:
     """The number of parameters :func:`build` would make for ``spec``: model, guide and planner.
 
     Counted on PyTorch's meta device, without allocating them; None where a
@@ -654,7 +661,7 @@ def count_parameters(spec, obs_dim: int, action_space: ActionSpace) -> int | Non
     """
     spec = Spec.from_dict(Spec.from_yaml(spec) if isinstance(spec, (str, os.PathLike)) else spec)
     _check_policy(resolve("policy", spec.policy["name"]), spec.policy["name"], action_space)
-    estimate = _estimate(spec, obs_dim, action_space)
+    estimate = _estimate(spec, obs_dim, action_space, image_shape)
     return None if estimate is None else estimate[0]
 
 
@@ -699,12 +706,13 @@ def _make(slot, spec, supplied):
         raise ValueError(f"{slot} ({part['name']}): {e}") from None
 
 
-def _make_all(spec: Spec, obs_dim: int, action_space: ActionSpace, name: str | None = None):
+def _make_all(spec: Spec, obs_dim: int, action_space: ActionSpace, name: str | None = None, image_shape=None):
     """``(model, guide, planner)`` of a checked spec; ``name``, if given, names the model and the guide."""
     Z = spec.latent_dim
     supplied = {
         "latent_dim": Z,
         "obs_dim": obs_dim,
+        "image_shape": image_shape,
         "action_space": action_space,
         "action_dim": action_space.feature_dim,
     }
@@ -820,7 +828,9 @@ def _on_meta(tree):
     return tree
 
 
-def _estimate(spec: Spec, obs_dim: int, action_space: ActionSpace) -> tuple[int, int] | None:
+def _estimate(
+    spec: Spec, obs_dim: int, action_space: ActionSpace, image_shape=None
+) -> tuple[int, int] | None:
     """``(parameters, bytes)`` that :func:`build` would allocate, the bytes counting each
     parameter four times (value, gradient, Adam's two moments) and each buffer once;
     None where a part cannot be built on the meta device.
@@ -831,7 +841,9 @@ def _estimate(spec: Spec, obs_dim: int, action_space: ActionSpace) -> tuple[int,
     """
     try:
         with torch.random.fork_rng(devices=[]), _MetaAllocations():
-            model, guide, planner = _make_all(spec, obs_dim, action_space, name="_size_estimate")
+            model, guide, planner = _make_all(
+                spec, obs_dim, action_space, name="_size_estimate", image_shape=image_shape
+            )
     except ValueError:
         raise
     except Exception as e:

@@ -88,9 +88,20 @@ NOT_BATCHED = {
 SPACES = {("policy", "categorical"): DISCRETE, ("policy", "tanh_normal"): BOUNDED}
 
 
+# Parts that read frames get 8×8 grayscale ones, as pixel values in a uint8 tensor.
+IMAGE = (1, 8, 8)
+IMAGE_SIZES = {"depth": 2, "layers": 2}
+
+
+def frames_data(space):
+    obs, actions, mask = data(space, X=64)
+    pixels = torch.randint(256, obs.shape, generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    return pixels, actions, mask
+
+
 def registered_parts():
     out = []
-    for slot in ("init", "transition", "emission", "policy", "guide", "reward", "continuation"):
+    for slot in ("init", "transition", "emission", "policy", "guide", "encoder", "reward", "continuation"):
         for name in sorted(REGISTRY[slot]):
             out.append((slot, name))
     return out
@@ -107,9 +118,16 @@ def test_every_registered_part_gives_the_traces_loss_and_gradient(slot, name):
         )[slot]
     elif slot in ("policy", "reward", "continuation") and name not in ("linear_gaussian",):
         part = {"name": name, "hidden": [8]} if name != "auto" else {"name": name}
+    frames = getattr(REGISTRY[slot][name], "observes", None) == "frames"
+    if frames:
+        part = {"name": name, **IMAGE_SIZES}
     spec[slot] = part
-    b = build(spec, 3, space)
-    obs, actions, mask = data(space, binary=(slot, name) == ("emission", "bernoulli"))
+    if frames:
+        b = build(spec, 64, space, image_shape=IMAGE)
+        obs, actions, mask = frames_data(space)
+    else:
+        b = build(spec, 3, space)
+        obs, actions, mask = data(space, binary=(slot, name) == ("emission", "bernoulli"))
     g = torch.Generator().manual_seed(3)
     targets = {}
     if slot == "reward":

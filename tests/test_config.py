@@ -68,7 +68,12 @@ SIZES = {
         "rssm": {"hidden": [8], "deter_dim": 4},
         "student_t": {"hidden": [8]},
     },
-    "emission": {"gaussian_mlp": {"hidden": [8]}, "student_t": {"hidden": [8]}, "bernoulli": {"hidden": [8]}},
+    "emission": {
+        "gaussian_mlp": {"hidden": [8]},
+        "student_t": {"hidden": [8]},
+        "bernoulli": {"hidden": [8]},
+        "conv_gaussian": {"depth": 2, "layers": 2},
+    },
     "guide": {
         "filter": {"rnn_dim": 8, "hidden": [8]},
         "smoothing": {"rnn_dim": 8, "hidden": [8]},
@@ -80,6 +85,28 @@ SIZES = {
 
 def small(slot, name):
     return {"name": name, **SIZES[slot].get(name, {})}
+
+
+# A part that reads frames is built for 8×8 grayscale ones (X = 64) and given pixel values.
+IMAGE = (1, 8, 8)
+
+
+def reads_frames(spec) -> bool:
+    return any(
+        getattr(REGISTRY[slot][spec[slot]["name"]], "observes", None) == "frames"
+        for slot in ("emission", "encoder")
+        if slot in spec
+    )
+
+
+def build_for(spec, space):
+    """``build`` with the data's sizes: 3 dimensions, or 8×8 frames for a part that reads them."""
+    return build(spec, 64, space, image_shape=IMAGE) if reads_frames(spec) else build(spec, 3, space)
+
+
+def pixels(obs):
+    """Observations ``(B, T, 3)`` made 8×8 frames of pixel values, one value per frame row."""
+    return (obs.sigmoid() * 255).round().repeat_interleave(22, -1)[..., :64]
 
 
 def test_the_small_sizes_name_registered_parts():
@@ -111,10 +138,12 @@ def test_every_combination_trains(transition, emission, guide, elbo, space):
         "elbo": {"name": elbo},
         "optim": {"name": "ClippedAdam", "lr": 1e-2},
     }
-    b = build(spec, 3, space)
+    b = build_for(spec, space)
     obs, actions = data(space)
     if emission == "bernoulli":
         obs = (obs > 0).float()
+    if reads_frames(spec):
+        obs = pixels(obs)
     expected = expected_kl(transition, guide, obs.shape[1])
     before = {**parameters(b.model), **{f"g.{k}": v for k, v in parameters(b.guide).items()}}
     # No silent fallback: warnings are errors in this suite, so a Monte Carlo KL
@@ -153,13 +182,13 @@ def test_round_trip_object_spec_yaml_spec_object():
             "emission": small("emission", emission),
         }
         pyro.set_rng_seed(1)
-        first = build(spec, 3, BOX)
+        first = build_for(spec, BOX)
         read_back = spec_of(first.model, first.guide, first.elbo, first.optim)
         text = read_back.to_yaml()
         again = Spec.from_yaml(text)
         assert again == read_back and again.to_yaml() == text
         pyro.set_rng_seed(1)
-        second = build(again, 3, BOX)
+        second = build_for(again.to_dict(), BOX)
         assert spec_of(second.model, second.guide, second.elbo, second.optim) == read_back
         for a, b in ((first.model, second.model), (first.guide, second.guide)):
             pa, pb = parameters(a), parameters(b)

@@ -4,6 +4,7 @@ from .combiner import Combiner
 from .emission import BernoulliEmission, GaussianMLPEmission, LinearGaussianEmission, StudentTEmission
 from .encoder import IdentityEncoder
 from .heads import BernoulliContinue, GaussianReward
+from .images import ConvEncoder, ConvGaussianEmission
 from .init import LearnedGaussianInit, StandardNormalInit
 from .policy import CategoricalPolicy, LinearGaussianPolicy, NormalPolicy, TanhNormalPolicy, auto_policy
 from .transition import (
@@ -18,6 +19,8 @@ from .transition import (
 
 __all__ = [
     "IdentityEncoder",
+    "ConvEncoder",
+    "ConvGaussianEmission",
     "BernoulliContinue",
     "BernoulliEmission",
     "GaussianReward",
