@@ -72,7 +72,8 @@ def cmd_train(args) -> dict:
     if args.data is not None:
         episodes = _load_episodes(args.data)
     else:
-        episodes = collect(args.env, args.episodes, seed=args.seed, num_envs=args.num_envs)
+        frames = workflow.observes_frames(spec)  # a model of frames: collect them too
+        episodes = collect(args.env, args.episodes, seed=args.seed, num_envs=args.num_envs, pixels=frames)
     if args.out is None:  # named after the data's environment, not --env's default
         args.out = workflow.default_out(episodes, args.data)
     evaluation = None if args.no_evaluate else _eval_settings(args)

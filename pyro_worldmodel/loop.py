@@ -43,6 +43,7 @@ from .io import (
 )
 from .spaces import check_device, check_int
 from .workflow import WINDOW_REPEATS, Architecture, run_info
+from .workflow import observes_frames as _observes_frames
 
 LOOP_FORMAT = "pyro_worldmodel.loop/1"
 
@@ -153,6 +154,11 @@ def model_based_loop(
     device = check_device(device)
     spec = Spec.preset("loop") if spec is None else spec
     spec = Spec.from_yaml(spec) if isinstance(spec, (str, Path)) else Spec.from_dict(spec)
+    if _observes_frames(spec):
+        raise ValueError(
+            "spec: the model-based loop plans from vector observations; its encoder or emission"
+            " reads frames, and acting from frames is not built yet"
+        )
     if spec.reward is None:
         raise ValueError(
             "spec: the loop plans with the model's reward head, and this spec has none;"

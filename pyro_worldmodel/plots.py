@@ -673,3 +673,79 @@ def plot_loop(result, path: str | os.PathLike | None = None, *, target: float | 
     )
     ax.legend()
     return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- video
+
+
+def _rgb(frames: torch.Tensor) -> np.ndarray:
+    """``(..., C, H, W)`` uint8 → ``(..., H, W, 3)`` uint8 (grayscale repeated)."""
+    x = torch.as_tensor(frames)
+    if x.shape[-3] == 1:
+        x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+    return x.movedim(-3, -1).contiguous().numpy()
+
+
+def _difference(truth: torch.Tensor, imagined: torch.Tensor) -> torch.Tensor:
+    """|truth − imagined| per pixel, uint8."""
+    return (truth.int() - imagined.int()).abs().to(torch.uint8)
+
+
+def plot_video(prediction, path: str | os.PathLike | None = None, *, max_frames: int = 15) -> Figure:
+    """One window of open-loop video prediction, and the scores at every horizon.
+
+    :param prediction: a :class:`~pyro_worldmodel.evaluate.VideoPrediction`.
+    :returns: rows of true frames, imagined frames and their absolute difference at up to
+        ``max_frames`` horizons (evenly spaced), above the MSE and PSNR of the model and
+        the baselines against the horizon.
+    """
+    truth, imagined = prediction.truth, prediction.imagined
+    H = truth.shape[0]
+    shown = sorted({round(i * (H - 1) / max(min(H, max_frames) - 1, 1)) for i in range(min(H, max_frames))})
+    rows = (("true", truth), ("imagined", imagined), ("|difference|", _difference(truth, imagined)))
+    fig = _Figure(figsize=(1.1 * len(shown) + 1.0, 7.0))
+    grid = fig.add_gridspec(5, len(shown), height_ratios=[1, 1, 1, 0.15, 2.2])
+    for r, (label, frames) in enumerate(rows):
+        for c, h in enumerate(shown):
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(_rgb(frames[h]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"h={h + 1}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    horizons = np.arange(1, prediction.horizon + 1)
+    for k, (key, label) in enumerate((("mse", "MSE per pixel"), ("psnr", "PSNR (dB)"))):
+        sub = grid[4, : len(shown) // 2] if k == 0 else grid[4, len(shown) // 2 :]
+        ax = fig.add_subplot(sub)
+        for name, values in getattr(prediction, key).items():
+            ax.plot(horizons, values, marker=".", label=name)
+        ax.set_xlabel("horizon")
+        ax.set_title(label, fontsize=9)
+        if key == "mse":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"open-loop video after {prediction.context} context frames, {prediction.num_windows} windows"
+    )
+    return save_figure(fig, path)
+
+
+def video_gif(prediction, *, scale: int = 2, duration_ms: int = 150) -> bytes:
+    """An animated GIF of one predicted window: true, imagined and |difference| side by side,
+    one frame per horizon, each pixel drawn ``scale`` × ``scale``. Write it with
+    :func:`~pyro_worldmodel.io.atomic_write`."""
+    from PIL import Image
+
+    truth, imagined = prediction.truth, prediction.imagined
+    panels = [_rgb(truth), _rgb(imagined), _rgb(_difference(truth, imagined))]  # (H, h, w, 3) each
+    gap = np.full((*panels[0].shape[:2], 2, 3), 255, np.uint8)
+    strip = np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=2)  # (H, h, 3w + 4, 3)
+    strip = strip.repeat(scale, 1).repeat(scale, 2)
+    images = [Image.fromarray(frame) for frame in strip]
+    buffer = io.BytesIO()
+    images[0].save(
+        buffer, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0
+    )
+    return buffer.getvalue()

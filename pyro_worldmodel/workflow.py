@@ -36,7 +36,7 @@ import torch
 from .config import Built, Spec, build, resolve
 from .data import Episodes, Normalizer, collect
 from .errors import RunDirectoryError
-from .evaluate import CopyLast, LinearLeastSquares, heldout_bounds, imagine, open_loop
+from .evaluate import CopyLast, LinearLeastSquares, heldout_bounds, imagine, open_loop, video_open_loop
 from .infer import (
     History,
     check_training_data,
@@ -55,6 +55,7 @@ from .io import (
     read_checkpoint,
     strict_json,
 )
+from .model.components.images import FRAMES
 from .spaces import ActionSpace
 
 RUN_FORMAT = "pyro_worldmodel.run/1"
@@ -63,6 +64,8 @@ DEFAULT_STEPS, DEFAULT_BATCH_SIZE, DEFAULT_WINDOW = 1500, 32, 30
 DEFAULT_FINAL_LR = 0.01
 # Each training step is drawn about this many times by the random windows.
 WINDOW_REPEATS = 4
+# Video prediction decodes every imagined frame: at most this many futures and windows.
+VIDEO_SAMPLES, VIDEO_WINDOWS = 10, 200
 MAX_OBS_DIM = 2**16
 FIGURES_BYTES = 8 * 2**20  # what a command's figures and JSON need on disk, with room to spare
 
@@ -174,9 +177,41 @@ def tiled_windows(episodes: Episodes, window: int):
 
 def scales_observations(spec) -> bool:
     """Whether a model of ``spec`` trains on normalised observations: not with an emission
-    of binary values (``real_valued = False``, the Bernoulli's), whose data must stay 0 or 1."""
+    of binary values (``real_valued = False``, the Bernoulli's), whose data must stay 0 or 1,
+    nor with image parts, which read pixel values."""
     spec = Spec.from_dict(spec)
-    return getattr(resolve("emission", spec.emission["name"]), "real_valued", True)
+    return getattr(resolve("emission", spec.emission["name"]), "real_valued", True) and not observes_frames(
+        spec
+    )
+
+
+def observes_frames(spec) -> bool:
+    """Whether a model of ``spec`` reads frames: its encoder or its emission is an image part
+    (``observes = "frames"``, e.g. ``conv`` and ``conv_gaussian``)."""
+    spec = Spec.from_dict(spec)
+    return any(
+        getattr(resolve(slot, getattr(spec, slot)["name"]), "observes", None) == FRAMES
+        for slot in ("encoder", "emission")
+    )
+
+
+def model_episodes(episodes: Episodes, spec, what: str = "data") -> Episodes:
+    """``episodes`` as a model of ``spec`` observes them: the frames as the observations
+    (:meth:`Episodes.frames_as_obs`) for a model of frames, else as they are."""
+    if not observes_frames(spec) or episodes.pixel_obs:
+        return episodes
+    if episodes.frames is None:
+        spec = Spec.from_dict(spec)
+        parts = ", ".join(
+            f"{slot} {getattr(spec, slot)['name']}"
+            for slot in ("encoder", "emission")
+            if getattr(resolve(slot, getattr(spec, slot)["name"]), "observes", None) == FRAMES
+        )
+        raise ValueError(
+            f"{what}: the spec's {parts} read frames, but these {episodes.env_id or ''} episodes have none;"
+            " collect them with --pixels (collect(..., pixels=True))"
+        )
+    return episodes.frames_as_obs()
 
 
 def training_windows(train: Episodes, window: int, draws: int | None, seed: int):
@@ -225,8 +260,10 @@ def training_settings(spec: Spec) -> dict:
 
 def build_model(spec, prepared: Prepared) -> Built:
     """:func:`~pyro_worldmodel.config.build` in the prepared data's units (a bounded
-    policy's box mapped by the normaliser)."""
-    return build(spec, prepared.train.obs_dim, prepared.action_space)
+    policy's box mapped by the normaliser), with the frames' shape where they are the observations."""
+    return build(
+        spec, prepared.train.obs_dim, prepared.action_space, image_shape=prepared.train.obs_image_shape
+    )
 
 
 def start(model, guide, prepared: Prepared, init: str = "auto") -> str:
@@ -288,6 +325,11 @@ class EvalSettings:
     :ivar calibrate: also score the model's futures with their spread recalibrated
         (``open_loop(calibrate=True)``, cross-fitted over the held-out episodes), where
         the emission is real-valued and both folds have windows.
+
+    A model of frames is scored by video prediction
+    (:func:`~pyro_worldmodel.evaluate.video_open_loop`), each imagined window decoded into
+    frames: there ``num_samples`` is at most :data:`VIDEO_SAMPLES` and ``max_windows`` at
+    most :data:`VIDEO_WINDOWS`, and ``episode``, ``calibrate`` do not apply.
     """
 
     context: int = 5
@@ -323,6 +365,8 @@ def evaluate(
     s = settings or EvalSettings()
     normalizer = train.normalizer
     val = replace(val, normalizer=normalizer)
+    if val.pixel_obs:
+        return _evaluate_frames(model, guide, train, val, s, env_id=env_id)
     if s.episode is not None:
         L = int(val.lengths[s.episode]) if 0 <= s.episode < len(val) else 0
         if L <= s.context:
@@ -379,6 +423,55 @@ def evaluate(
         "heldout": bounds,
         "kl_per_t": kl_per_t.tolist(),
         "open_loop": asdict(ol),
+    }
+    return Evaluation(metrics, figures)
+
+
+def _evaluate_frames(
+    model, guide, train: Episodes, val: Episodes, s: EvalSettings, *, env_id=""
+) -> Evaluation:
+    """:func:`evaluate` for a model of frames: held-out bounds in nats per frame and bits per
+    dimension, the KL per time index, and open-loop video prediction against the last
+    context frame and the mean training frame, with ``video.png`` and ``video.gif``."""
+    from .plots import plot_kl_per_t, plot_video, video_gif
+
+    pyro.set_rng_seed(s.seed)
+    obs, actions, mask = val.normalized()
+    bounds = heldout_bounds(model, guide, obs, actions, mask, iwae_particles=s.iwae_particles)
+    kl_terms = elbo_terms(model, guide, obs, actions, mask, num_particles=8)
+    t_obs, _, t_mask = train.normalized()
+    counts = t_mask.sum().clamp(min=1)
+    mean_frame = (t_obs.double() * t_mask[..., None]).sum((0, 1)) / counts  # (X,) pixel values
+    video = video_open_loop(
+        model,
+        guide,
+        obs,
+        actions,
+        mask,
+        image_shape=val.obs_image_shape,
+        mean_frame=mean_frame.float(),
+        context=s.context,
+        horizon=s.horizon,
+        num_samples=min(s.num_samples, VIDEO_SAMPLES),
+        max_windows=min(s.max_windows, VIDEO_WINDOWS),
+        seed=s.seed,
+    )
+    # the bounds on log p(x_t, a_t | x_<t, a_<t) per step, in bits per pixel value
+    X = val.obs_dim
+    bits = {k: -v / (X * math.log(2)) for k, v in bounds.items() if k in ("elbo", "iwae")}
+    figures = {
+        "kl_per_t.png": plot_kl_per_t(kl_terms.kl_per_t, monte_carlo=bool(kl_terms.monte_carlo_kl)),
+        "video.png": plot_video(video),
+        "video.gif": video_gif(video),
+    }
+    metrics = {
+        "env_id": env_id,
+        "num_episodes": len(val),
+        "heldout": bounds,
+        "heldout_bits_per_dim": bits,
+        "image_shape": list(val.obs_image_shape),
+        "kl_per_t": kl_terms.kl_per_t.tolist(),
+        "video": video.as_dict(),
     }
     return Evaluation(metrics, figures)
 
@@ -461,15 +554,18 @@ class Architecture:
     action_space: dict
     env_id: str = ""
     spec: dict = field(default_factory=lambda: Spec().to_dict())
+    image_shape: list | None = None  # [C, H, W] of the frames a model of frames reads
 
     @classmethod
     def of(cls, episodes: Episodes, spec) -> Architecture:
-        """The architecture of a model of ``spec`` for ``episodes``."""
+        """The architecture of a model of ``spec`` for ``episodes`` (as the model observes them,
+        :func:`model_episodes`)."""
         return cls(
             episodes.obs_dim,
             space_dict(episodes.action_space),
             episodes.env_id,
             Spec.from_dict(spec).to_dict(),
+            list(episodes.obs_image_shape) if episodes.pixel_obs else None,
         )
 
     def build(self, normalizer: Normalizer | None = None) -> Built:
@@ -478,11 +574,16 @@ class Architecture:
         space = ActionSpace(**self.action_space)
         if normalizer is not None:
             space = normalizer.action_space(space)
-        return build(self.spec, self.obs_dim, space)
+        return build(self.spec, self.obs_dim, space, image_shape=self.frame_shape)
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int] | None:
+        return None if self.image_shape is None else tuple(self.image_shape)
 
     def describe(self) -> str:
         space = ActionSpace(**self.action_space)
-        return f"{self.env_id or 'unknown env'} (obs_dim {self.obs_dim}, actions {space})"
+        frames = "" if self.image_shape is None else ", frames {}×{}×{}".format(*self.image_shape)
+        return f"{self.env_id or 'unknown env'} (obs_dim {self.obs_dim}{frames}, actions {space})"
 
     @classmethod
     def from_dict(cls, data, where: str) -> Architecture:
@@ -505,15 +606,32 @@ class Architecture:
             raise ValueError(f"{where}: action_space: {e}") from None
         env_id = check_env_id(data.get("env_id", ""), f"{where}: env_id")
         spec = Spec.from_dict(data.get("spec", Spec().to_dict())).to_dict()
-        return cls(obs_dim, space, env_id, spec)
+        image_shape = data.get("image_shape")
+        if image_shape is not None and not (
+            isinstance(image_shape, list)
+            and len(image_shape) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in image_shape)
+            and math.prod(image_shape) == obs_dim
+        ):
+            raise ValueError(
+                f"{where}: image_shape: expected [C, H, W] with C·H·W = obs_dim = {obs_dim}, got {image_shape!r}"
+            )
+        return cls(obs_dim, space, env_id, spec, image_shape)
 
     def check_compatible(self, episodes: Episodes, what: str) -> None:
         """Refuse data of another environment, observation size or action space, naming the difference."""
-        got = Architecture(episodes.obs_dim, space_dict(episodes.action_space), env_id=episodes.env_id)
+        got = Architecture(
+            episodes.obs_dim,
+            space_dict(episodes.action_space),
+            env_id=episodes.env_id,
+            image_shape=list(episodes.obs_image_shape) if episodes.pixel_obs else None,
+        )
         differs = []
         if self.env_id and got.env_id and self.env_id != got.env_id:
             differs.append(f"environment {self.env_id} vs {got.env_id}")
-        if self.obs_dim != got.obs_dim:
+        if self.image_shape != got.image_shape:
+            differs.append(f"frames {_shape(self.image_shape)} vs {_shape(got.image_shape)}")
+        elif self.obs_dim != got.obs_dim:
             differs.append(f"obs_dim {self.obs_dim} vs {got.obs_dim}")
         if ActionSpace(**self.action_space) != ActionSpace(**got.action_space):
             differs.append(f"actions {ActionSpace(**self.action_space)} vs {ActionSpace(**got.action_space)}")
@@ -522,6 +640,10 @@ class Architecture:
                 f"data: the checkpoint was made for {self.describe()}, but {what} is {got.describe()};"
                 f" they differ in {', '.join(differs)}"
             )
+
+
+def _shape(image_shape) -> str:
+    return "none" if image_shape is None else "×".join(map(str, image_shape))
 
 
 def space_dict(space: ActionSpace) -> dict:
@@ -737,6 +859,7 @@ def train_run(
     out = Path(out)
     spec = Spec.from_dict(spec)
     settings_fit = training_settings(spec)
+    episodes = model_episodes(episodes, spec)
     prepared = prepare(
         episodes,
         val_fraction=s.val_fraction,
@@ -753,7 +876,7 @@ def train_run(
     if s.init == "linear" and why_no_linear_warm_start(model, guide):
         raise ValueError(f"init: {why_no_linear_warm_start(model, guide)}")
     if s.evaluate is not None:
-        _check_evaluable(prepared.train, prepared.val, s.evaluate.context, s.evaluate.horizon)
+        _check_evaluable(prepared.train, prepared.val, s.evaluate.context, s.evaluate.horizon, arch)
         val = prepared.val
         check_evaluation_memory(s.evaluate, arch, len(val) * int(val.lengths.max()), int(val.lengths.max()))
     targets = model.targets(prepared.rewards, prepared.continues)
@@ -849,6 +972,8 @@ def evaluate_run(
     run = Path(run)
     require_run(run)
     arch = Architecture.from_dict(read_run_info(run / "model.ckpt")["architecture"], str(run / "model.ckpt"))
+    if data is not None:
+        data = model_episodes(data, arch.spec)
     sizes = data if data is not None else Episodes.load(run / "episodes.npz")
     check_evaluation_memory(s, arch, len(sizes) * int(sizes.lengths.max()), int(sizes.lengths.max()))
     check_free_space(run, FIGURES_BYTES, "evaluate")
@@ -900,6 +1025,11 @@ def imagine_run(
     run = Path(run)
     require_run(run)
     arch = Architecture.from_dict(read_run_info(run / "model.ckpt")["architecture"], str(run / "model.ckpt"))
+    if arch.image_shape is not None:
+        raise ValueError(
+            f"run: {run} is a model of frames; imagine draws vector observations. Its imagined"
+            " frames are in evaluate's figures/video.png and figures/video.gif"
+        )
     spec = Spec.from_dict(arch.spec)
     width = arch.obs_dim + 2 * spec.latent_dim + arch.action_space["dim"]
     check_sampling_memory("num_samples", num_samples, 1, "episode", context + horizon, width)
@@ -975,7 +1105,10 @@ def _stage_evaluation(result: Evaluation, tx) -> None:
 
     text = strict_json(result.metrics)  # a value JSON cannot hold fails here, before a file is staged
     for name, fig in result.figures.items():
-        save_figure(fig, tx.path(f"figures/{name}"))
+        if isinstance(fig, bytes):  # an animation, already encoded
+            tx.write(f"figures/{name}", lambda f, data=fig: f.write(data))
+        else:
+            save_figure(fig, tx.path(f"figures/{name}"))
     tx.write("metrics.json", lambda f: f.write(text.encode()))
 
 
@@ -1030,18 +1163,21 @@ def check_evaluation_memory(s: EvalSettings, arch: Architecture, num_windows: in
     deter = int(spec.transition.get("deter_dim", 0) or 0)
     width = arch.obs_dim + 2 * spec.latent_dim + deter + arch.action_space["dim"]
     at_once = min(num_windows, s.max_windows, 256)  # open_loop imagines 256 windows at a time
-    check_sampling_memory("num_samples", s.num_samples, at_once, "windows", s.context + s.horizon, width)
+    if arch.image_shape is None:  # video prediction imagines as few windows at a time as fit in 256 MiB
+        check_sampling_memory("num_samples", s.num_samples, at_once, "windows", s.context + s.horizon, width)
     check_sampling_memory(
         "iwae_particles", min(s.iwae_particles, 250), num_windows, "episode steps", 1, width
     )
 
 
-def _check_evaluable(train: Episodes, val: Episodes, context: int, horizon: int) -> None:
+def _check_evaluable(train: Episodes, val: Episodes, context: int, horizon: int, arch=None) -> None:
     if int(val.lengths.max()) <= context:
         raise ValueError(
             f"context: expected a held-out episode longer than context={context} to evaluate on,"
             f" got held-out episodes of at most {int(val.lengths.max())} steps"
         )
+    if arch is not None and arch.image_shape is not None:
+        return  # video prediction's baselines (the last frame, the mean frame) fit nothing per horizon
     if int(train.lengths.max()) <= horizon:
         raise ValueError(
             f"horizon: expected a training episode longer than horizon={horizon} to fit the"
@@ -1098,9 +1234,9 @@ def default_out(episodes: Episodes, data=None) -> Path:
 
 def print_metrics(metrics: dict, run: Path, settings: EvalSettings, log=print) -> None:
     """The evaluation's figures as the command line prints them."""
-    from .evaluate import OpenLoop
+    from .evaluate import OpenLoop, VideoPrediction
 
-    bounds, ol = metrics["heldout"], metrics["open_loop"]
+    bounds = metrics["heldout"]
 
     def num(x):
         return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
@@ -1110,8 +1246,21 @@ def print_metrics(metrics: dict, run: Path, settings: EvalSettings, log=print) -
         f" {num(bounds['iwae'])}"
     )
     log(f"  log p(x|z) {num(bounds['log_px'])}  log π(a|z) {num(bounds['log_pa'])}  KL {num(bounds['kl'])}")
-    log(f"open loop after {settings.context} context steps, {ol['num_windows']} windows (MSE in real units):")
-    log(OpenLoop(**ol).table())
+    if "video" in metrics:
+        bits = metrics["heldout_bits_per_dim"]
+        log(f"  in bits per pixel value: ELBO {num(bits['elbo'])}  IWAE {num(bits['iwae'])}")
+        video = metrics["video"]
+        log(
+            f"open-loop video after {video['context']} context frames, {video['num_windows']} windows,"
+            f" {video['num_samples']} futures each (MSE per pixel, values in [0, 1]):"
+        )
+        log(VideoPrediction(**video).table())
+    else:
+        ol = metrics["open_loop"]
+        log(
+            f"open loop after {settings.context} context steps, {ol['num_windows']} windows (MSE in real units):"
+        )
+        log(OpenLoop(**ol).table())
     log(f"metrics: {run / 'metrics.json'}\nfigures: {run / 'figures'}/")
 
 
@@ -1151,8 +1300,14 @@ def compare_run(
     spec = Spec.from_dict(spec)
     out = Path(out)
     window = window if window is not None else (10 if smoke else DEFAULT_WINDOW)
+    episodes = model_episodes(episodes, spec)
     prepared = prepare(
-        episodes, val_fraction=val_fraction, seed=seed, window=window, draws=steps * batch_size
+        episodes,
+        val_fraction=val_fraction,
+        seed=seed,
+        window=window,
+        draws=steps * batch_size,
+        scale_obs=scales_observations(spec),
     )
     val = prepared.val[: min(2, len(prepared.val))] if smoke else prepared.val
     pyro.set_rng_seed(seed)

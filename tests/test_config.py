@@ -87,8 +87,8 @@ def small(slot, name):
     return {"name": name, **SIZES[slot].get(name, {})}
 
 
-# A part that reads frames is built for 8×8 grayscale ones (X = 64) and given pixel values.
-IMAGE = (1, 8, 8)
+# A part that reads frames is built for 16×16 grayscale ones (X = 256) and given pixel values.
+IMAGE = (1, 16, 16)
 
 
 def reads_frames(spec) -> bool:
@@ -101,12 +101,12 @@ def reads_frames(spec) -> bool:
 
 def build_for(spec, space):
     """``build`` with the data's sizes: 3 dimensions, or 8×8 frames for a part that reads them."""
-    return build(spec, 64, space, image_shape=IMAGE) if reads_frames(spec) else build(spec, 3, space)
+    return build(spec, 256, space, image_shape=IMAGE) if reads_frames(spec) else build(spec, 3, space)
 
 
 def pixels(obs):
-    """Observations ``(B, T, 3)`` made 8×8 frames of pixel values, one value per frame row."""
-    return (obs.sigmoid() * 255).round().repeat_interleave(22, -1)[..., :64]
+    """Observations ``(B, T, 3)`` made 16×16 frames of pixel values, each value a third of the frame."""
+    return (obs.sigmoid() * 255).round().repeat_interleave(86, -1)[..., :256]
 
 
 def test_the_small_sizes_name_registered_parts():
@@ -383,6 +383,7 @@ PRESET_CHANGES = {
         "guide": {"name": "smoothing"},
         "elbo": {"name": "RenyiELBO", "alpha": 0, "num_particles": 8, "vectorize_particles": True},
     },
+    "pixels": {"encoder": {"name": "conv"}, "emission": {"name": "conv_gaussian"}},
     "binary": {"emission": {"name": "bernoulli"}},
     "dreamer": {
         "transition": {"name": "rssm", "deter_dim": 32, "min_scale": 0.02},
@@ -469,11 +470,13 @@ def assert_built_as_specified(b, spec):
 @pytest.mark.parametrize("name", PRESET_CHANGES)
 def test_every_preset_builds_trains_and_acts(name, space, smoke):
     spec = Spec.preset(name, "smoke") if smoke else Spec.preset(name)
-    b = build(spec, 3, space)
+    b = build_for(spec.to_dict(), space)
     assert_built_as_specified(b, spec)
     obs, actions = data(space)
     if spec.emission["name"] == "bernoulli":
         obs = (obs > 0).float()
+    if reads_frames(spec.to_dict()):
+        obs = pixels(obs)
     targets, heads = {}, set()  # fit's keyword for each head's data, and the heads to train
     if spec.reward is not None:
         targets["rewards"] = torch.randn(obs.shape[:2], generator=torch.Generator().manual_seed(1))
@@ -638,8 +641,9 @@ def test_a_presets_file_gives_each_name_its_description_and_delta():
 def test_smoke_over_a_preset_makes_it_smaller():
     for name in PRESET_CHANGES:
         if name != "smoke":
-            small_count = count_parameters(Spec.preset(name, "smoke"), 3, BOX)
-            assert small_count < count_parameters(Spec.preset(name), 3, BOX), name
+            sizes = (256, BOX, IMAGE) if reads_frames(Spec.preset(name).to_dict()) else (3, BOX)
+            small_count = count_parameters(Spec.preset(name, "smoke"), *sizes)
+            assert small_count < count_parameters(Spec.preset(name), *sizes), name
 
 
 def test_the_presets_file_is_inside_a_built_wheel_and_read_from_it(tmp_path):

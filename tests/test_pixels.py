@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import gymnasium as gym
 import numpy as np
+import pyro
 import pytest
 import torch
 
@@ -237,3 +238,164 @@ def test_collect_pixels_on_the_command_line(tmp_path, capsys):
         "CartPole-v1", 3, seed=4, num_envs=2, pixels=Pixels(24, True), action_repeat=2, progress=False
     )
     assert torch.equal(eps.frames, again.frames) and torch.equal(eps.obs, again.obs)
+
+
+# ---------------------------------------------------------------- training on frames
+
+TINY = [
+    "--set",
+    "encoder.depth=2",
+    "--set",
+    "encoder.layers=2",
+    "--set",
+    "emission.depth=2",
+    "--set",
+    "emission.layers=2",
+]
+EVAL = "--context 3 --horizon 6 --num-samples 3 --max-windows 12 --iwae-particles 2".split()
+
+
+@pytest.fixture(scope="module")
+def frames_run(tmp_path_factory):
+    """A model of 16×16 grayscale Pendulum-v1 frames, trained 20 steps by the command line."""
+    root = tmp_path_factory.mktemp("frames")
+    argv = (
+        "collect --env Pendulum-v1 --episodes 6 --max-episode-steps 20 --pixels --frame-size 16 --grayscale"
+    )
+    assert main([*argv.split(), "--out", str(root / "data")]) == 0
+    argv = ["train", "--data", str(root / "data" / "episodes.npz"), "--preset", "pixels", *TINY]
+    assert main([*argv, "--steps", "20", "--window", "10", *EVAL, "--out", str(root / "run")]) == 0
+    return root
+
+
+def test_frames_are_the_observations_of_a_model_of_frames(frames_run):
+    from pyro_worldmodel.workflow import load_run
+
+    run = load_run(frames_run / "run")
+    assert run.architecture.image_shape == [1, 16, 16] and run.architecture.obs_dim == 256
+    assert run.model.emission.image_shape == (1, 16, 16) and run.guide.encoder.image_shape == (1, 16, 16)
+    saved = Episodes.load(frames_run / "run" / "episodes.npz")
+    data = Episodes.load(frames_run / "data" / "episodes.npz")
+    assert saved.pixel_obs and saved.obs_image_shape == (1, 16, 16)
+    assert torch.equal(saved.obs, data.frames.flatten(2))  # the frames themselves, as uint8 pixel values
+    # pixel values are modelled as they are: no normalisation
+    assert (saved.normalizer.obs_loc == 0).all() and (saved.normalizer.obs_scale == 1).all()
+
+
+def test_video_scores_are_the_baselines_exact_errors(frames_run):
+    """The copy-last and mean-frame rows recomputed from the held-out frames, window by window."""
+    import json
+
+    metrics = json.loads((frames_run / "run" / "metrics.json").read_text())
+    video = metrics["video"]
+    episodes = Episodes.load(frames_run / "run" / "episodes.npz")
+    train, val = episodes.split(0.2, seed=0)
+    frames = val.obs.double() / 255  # (N, T, X) in [0, 1]
+    mean_frame = train.obs[train.mask].double().mean(0) / 255
+    C, H = video["context"], video["horizon"]
+    for h in (1, H):
+        errs = {"copy_last": [], "mean_frame": []}
+        for e, s in video["windows"]:
+            t = s + C + h - 1
+            if t >= int(val.lengths[e]):
+                continue
+            truth = frames[e, t]
+            errs["copy_last"].append(((frames[e, s + C - 1] - truth) ** 2).mean())
+            errs["mean_frame"].append(((mean_frame - truth) ** 2).mean())
+        assert len(errs["copy_last"]) == video["count"][h - 1]
+        for name, values in errs.items():
+            values = torch.stack(values)
+            assert video["mse"][name][h - 1] == pytest.approx(float(values.mean()), rel=1e-5)
+            psnr = (-10 * torch.log10(values.clamp(min=1e-10))).mean()
+            assert video["psnr"][name][h - 1] == pytest.approx(float(psnr), rel=1e-5)
+    bits = metrics["heldout_bits_per_dim"]
+    assert bits["elbo"] == pytest.approx(-metrics["heldout"]["elbo"] / (256 * np.log(2)))
+    figures = frames_run / "run" / "figures"
+    assert (figures / "video.gif").read_bytes()[:6] == b"GIF89a"
+    assert (figures / "video.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(figures / "video.gif") as gif:
+        assert gif.n_frames == H  # one per predicted frame
+        assert gif.size == (2 * (3 * 16 + 4), 2 * 16)  # true | imagined | difference, drawn 2×
+
+
+def test_evaluate_again_gives_the_same_video_scores(frames_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    run = shutil.copytree(frames_run / "run", tmp_path / "run")
+    before = json.loads((run / "metrics.json").read_text())
+    assert main(["evaluate", "--run", str(run), *EVAL]) == 0
+    out = capsys.readouterr().out
+    assert "open-loop video after 3 context frames" in out and "bits per pixel value" in out
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["video"] == before["video"] and after["heldout"] == before["heldout"]
+
+
+def test_uint8_frames_train_as_their_float_values_would(frames_run):
+    """fit keeps pixel observations uint8 and converts each batch: the same losses as float data."""
+    from pyro_worldmodel import fit
+    from pyro_worldmodel.workflow import load_run
+
+    saved = Episodes.load(frames_run / "run" / "episodes.npz")
+    obs, actions, mask = saved.normalized()
+    assert obs.dtype == torch.uint8
+    losses = []
+    for data in (obs, obs.float()):
+        run = load_run(frames_run / "run")
+        pyro.clear_param_store()
+        history = fit(
+            run.model, run.guide, data, actions, mask, num_steps=3, batch_size=4, seed=0, progress=False
+        )
+        losses.append(history.loss)
+    assert losses[0] == losses[1]
+
+
+def test_a_model_of_frames_refuses_data_without_them_or_of_another_size(frames_run, tmp_path, capsys):
+    state = tmp_path / "state"
+    assert (
+        main(
+            [
+                "collect",
+                "--env",
+                "Pendulum-v1",
+                "--episodes",
+                "4",
+                "--max-episode-steps",
+                "20",
+                "--out",
+                str(state),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(state / "episodes.npz"),
+            "--preset",
+            "pixels",
+            *TINY,
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert (
+        rc == 2
+        and "the spec's encoder conv, emission conv_gaussian read frames, but these Pendulum-v1 episodes have none"
+        in err
+    )
+    assert not (tmp_path / "run").exists()
+    rgb = tmp_path / "rgb"
+    argv = "collect --env Pendulum-v1 --episodes 4 --max-episode-steps 20 --pixels --frame-size 16"
+    assert main([*argv.split(), "--out", str(rgb)]) == 0
+    capsys.readouterr()
+    rc = main(["evaluate", "--run", str(frames_run / "run"), "--data", str(rgb / "episodes.npz"), *EVAL])
+    err = capsys.readouterr().err
+    assert rc == 2 and "they differ in frames 1×16×16 vs 3×16×16" in err
+    rc = main(["imagine", "--run", str(frames_run / "run")])
+    assert rc == 2 and "is a model of frames; imagine draws vector observations" in capsys.readouterr().err

@@ -140,7 +140,8 @@ class Episodes:
     on padding are not checked: nothing reads them unmasked.
 
     :ivar obs: ``(N, T, X)`` float32 observations x_t, zero after each episode
-        (float16 and float64 are kept as given).
+        (float16 and float64 are kept as given); uint8 pixel values, with ``final_obs``
+        uint8 too, where frames are the observations (:meth:`frames_as_obs`).
     :ivar actions: ``(N, T, A)`` float32, or ``(N, T)`` int64 for discrete spaces
         (any integer dtype is converted to int64).
     :ivar rewards: ``(N, T)`` float32, the reward after a_t.
@@ -156,6 +157,8 @@ class Episodes:
         (``collect(pixels=True)``). ``obs`` then keeps the low-dimensional state beside them.
     :ivar final_frames: ``(N, C, H, W)`` uint8, the frame after the last action; set
         with ``frames`` and only with them.
+    :ivar obs_image_shape: ``(C, H, W)`` of the frames that uint8 ``obs`` flatten
+        (:meth:`frames_as_obs`); None for any other observations.
     """
 
     obs: torch.Tensor
@@ -170,6 +173,7 @@ class Episodes:
     normalizer: Normalizer | None = None
     frames: torch.Tensor | None = None
     final_frames: torch.Tensor | None = None
+    obs_image_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         if not isinstance(self.action_space, ActionSpace):
@@ -187,8 +191,11 @@ class Episodes:
 
     def _check_dtypes(self):
         floats = ("obs", "rewards", "final_obs") + (("actions",) if self.action_space.kind == "box" else ())
+        pixels = self.obs.dtype == torch.uint8 and self.final_obs.dtype == torch.uint8
         for name in floats:
             dtype = getattr(self, name).dtype
+            if pixels and name in ("obs", "final_obs"):
+                continue  # pixel values: frames as the observations (frames_as_obs)
             if dtype not in _FLOAT_DTYPES:
                 what = " for a box action space" if name == "actions" else ""
                 raise ValueError(
@@ -270,6 +277,19 @@ class Episodes:
             )
 
     def _check_frames(self):
+        shape = self.obs_image_shape
+        if self.pixel_obs or shape is not None:
+            ok = (
+                isinstance(shape, tuple)
+                and len(shape) == 3
+                and all(isinstance(v, int) and v >= 1 for v in shape)
+                and shape[0] in _CHANNELS
+            )
+            if not ok or not self.pixel_obs or math.prod(shape) != self.obs_dim:
+                raise ValueError(
+                    f"obs_image_shape: expected (C, H, W) with C·H·W = obs_dim = {self.obs_dim} for uint8"
+                    f" pixel observations, and None otherwise; got {shape!r} with {self.obs.dtype} obs"
+                )
         if (self.frames is None) != (self.final_frames is None):
             given, missing = (
                 ("frames", "final_frames") if self.final_frames is None else ("final_frames", "frames")
@@ -302,8 +322,32 @@ class Episodes:
 
     @property
     def image_shape(self) -> tuple[int, int, int] | None:
-        """``(C, H, W)`` of the frames, or None for episodes without them."""
-        return None if self.frames is None else tuple(self.frames.shape[2:])
+        """``(C, H, W)`` of the frames, kept beside the observations or as them; None for
+        episodes without frames."""
+        return tuple(self.frames.shape[2:]) if self.frames is not None else self.obs_image_shape
+
+    @property
+    def pixel_obs(self) -> bool:
+        """Whether the observations are frames' pixel values (:meth:`frames_as_obs`)."""
+        return self.obs.dtype == torch.uint8
+
+    def frames_as_obs(self) -> Episodes:
+        """These episodes with their frames as the observations: x_t is the frame flattened
+        channel-major, X = C·H·W uint8 pixel values (a view of the frames, not a copy), as the
+        image parts read them. The low-dimensional state and any normaliser are dropped."""
+        if self.frames is None:
+            raise ValueError(
+                "frames: expected episodes with frames (collect with pixels=True, or --pixels), got none"
+            )
+        return replace(
+            self,
+            obs=self.frames.flatten(2),
+            final_obs=self.final_frames.flatten(1),
+            frames=None,
+            final_frames=None,
+            normalizer=None,
+            obs_image_shape=self.image_shape,
+        )
 
     def _per_episode(self) -> tuple[str, ...]:
         """The per-episode fields these episodes hold."""
@@ -400,7 +444,9 @@ class Episodes:
         :param scale_obs: False to leave observations as they are (loc 0, scale 1):
             binary observations, for a Bernoulli emission, must stay 0 or 1.
         """
-        obs = self.obs[self.mask]  # (n, X)
+        obs = self.obs[self.mask] if scale_obs else None  # (n, X)
+        X = self.obs.shape[-1]
+        stat = dict(dtype=self.obs.dtype if self.obs.is_floating_point() else torch.float32)
         action_loc = action_scale = None
         if self.action_space.kind == "box":
             actions = self.actions[self.mask]  # (n, A)
@@ -410,11 +456,16 @@ class Episodes:
         reward_scale = torch.where(
             reward_scale > 1e-6, reward_scale, torch.tensor(1.0)
         )  # constant: centre only
+        if self.pixel_obs and scale_obs:
+            raise ValueError(
+                "scale_obs: expected False for pixel observations, which the image parts read as"
+                " pixel values 0-255, got True"
+            )
         return replace(
             self,
             normalizer=Normalizer(
-                obs.mean(0) if scale_obs else torch.zeros_like(obs[0]),
-                _floored(obs.std(0).clamp(min=1e-6), min_obs_scale) if scale_obs else torch.ones_like(obs[0]),
+                obs.mean(0) if scale_obs else torch.zeros(X, **stat),
+                _floored(obs.std(0).clamp(min=1e-6), min_obs_scale) if scale_obs else torch.ones(X, **stat),
                 action_loc,
                 action_scale,
                 rewards.mean(),
@@ -427,7 +478,10 @@ class Episodes:
         if self.normalizer is None:
             raise ValueError("normalizer: expected one fitted by fit_normalizer(), got None")
         m = self.mask.unsqueeze(-1)
-        obs = torch.where(m, self.normalizer.obs(self.obs), 0.0)
+        if self.pixel_obs:  # pixel values stay uint8, a quarter of float32: the model converts each batch
+            obs = torch.where(m, self.obs, self.obs.new_zeros(()))
+        else:
+            obs = torch.where(m, self.normalizer.obs(self.obs), 0.0)
         actions = self.actions
         if self.action_space.kind == "box":
             actions = torch.where(m, self.normalizer.actions(actions), 0.0)
@@ -483,7 +537,7 @@ class Episodes:
         if frames:
             obs = torch.where(inside[:, :, None, None, None], self.frames[rows, t], 0)
         else:
-            obs = torch.where(inside[..., None], self.obs[rows, t], 0.0)
+            obs = torch.where(inside[..., None], self.obs[rows, t], self.obs.new_zeros(()))
         actions = self.actions[rows, t]
         actions = torch.where(inside[..., None] if actions.dim() == 3 else inside, actions, 0)
         if not targets:
@@ -504,6 +558,8 @@ class Episodes:
             value = getattr(self.action_space, bound)
             if value is not None:
                 arrays[f"action_{bound}"] = np.array(value)
+        if self.obs_image_shape is not None:
+            arrays["obs_image_shape"] = np.array(self.obs_image_shape, dtype=np.int64)
         if self.normalizer is not None:
             for f in fields(Normalizer):
                 value = getattr(self.normalizer, f.name)
@@ -512,7 +568,7 @@ class Episodes:
 
         # Frames are compressed: rendered classic-control scenes are mostly background, and
         # 64x64 frames of Pendulum-v1 shrink about 50 times, of CartPole-v1 about 100.
-        save = np.savez if self.frames is None else np.savez_compressed
+        save = np.savez_compressed if self.frames is not None or self.pixel_obs else np.savez
         atomic_write(path, lambda f: save(f, **arrays))
         return path
 
@@ -568,6 +624,17 @@ class Episodes:
         except ValueError as e:
             raise ValueError(f"path: {path}: {e}") from None
 
+        image_shape = None
+        if "obs_image_shape" in data:
+            value = data["obs_image_shape"]
+            if (
+                value.shape != (3,)
+                or value.dtype.kind not in "iu"
+                or not (1 <= value).all()
+                or (value > 2**16).any()
+            ):
+                raise refuse("obs_image_shape", "(C, H, W), three positive ints")
+            image_shape = tuple(int(v) for v in value)
         tensors = {}
         for key in (*_PER_EPISODE, *_FRAME_FIELDS, *_NORMALIZER_KEYS):
             if key not in data:
@@ -590,6 +657,7 @@ class Episodes:
                 env_id=env_id,
                 normalizer=normalizer,
                 **{name: tensors.get(name) for name in _FRAME_FIELDS},
+                obs_image_shape=image_shape,
             )
         except ValueError as e:
             raise ValueError(f"path: {path}: {e}") from None
@@ -600,6 +668,7 @@ _NORMALIZER_KEYS = tuple(f"normalizer_{f.name}" for f in fields(Normalizer))
 _FILE_KEYS = (
     *_PER_EPISODE,
     *_FRAME_FIELDS,
+    "obs_image_shape",
     "format",
     "env_id",
     "action_kind",

@@ -9,6 +9,7 @@ from .imagination import Imagination, imagine
 from .open_loop import OpenLoop, open_loop
 from .profiling import PeakMemory, peak_memory
 from .scores import crps, interval_coverage, mixture_log_density, moment_matched
+from .video import VideoPrediction, video_open_loop
 
 __all__ = [
     "CopyLast",
@@ -19,6 +20,7 @@ __all__ = [
     "LinearLeastSquares",
     "OpenLoop",
     "OpenLoopBaseline",
+    "VideoPrediction",
     "PeakMemory",
     "elbo_terms",
     "heldout_bounds",
@@ -26,6 +28,7 @@ __all__ = [
     "iwae_log_likelihood",
     "log_weights",
     "open_loop",
+    "video_open_loop",
     "peak_memory",
     "crps",
     "interval_coverage",

@@ -188,7 +188,7 @@ def open_loop(
     obs, actions, mask = _check_real_units(model, obs, actions, mask)
     check_observed(mask)
     lengths = mask.sum(1)
-    episode, start = _window_starts(lengths, context, max_windows, seed)
+    episode, start = window_starts(lengths, context, max_windows, seed)
     if len(episode) == 0:
         raise ValueError(
             f"mask: expected an episode longer than context={context}, got lengths up to {int(lengths.max())}"
@@ -382,7 +382,7 @@ def _check_real_units(model, obs, actions, mask):
     )
 
 
-def _window_starts(lengths, context, max_windows, seed):
+def window_starts(lengths, context, max_windows, seed):
     """(episode, start) of every window with a full context and one step to predict."""
     episode, start = [], []
     for n, L in enumerate(lengths.tolist()):

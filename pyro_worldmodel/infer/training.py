@@ -162,19 +162,23 @@ def fit(
     if device is not None:
         model.to(device)
         guide.to(device)
+    raw_obs = obs
     obs, actions, mask, targets = check_training_data(
         model, guide, obs, actions, mask, rewards=rewards, continues=continues
     )
+    obs = _keep_pixels(raw_obs, obs, mask)
     lengths = mask.sum(1).cpu()  # (N,)
     N = obs.shape[0]
     batch_size = min(batch_size, N)
     monitor = None
     if val is not None:
         v_obs, v_actions, v_mask = as_sequences("val", val)
+        raw_v_obs = v_obs
         try:
             v_obs, v_actions, v_mask, _ = check_training_data(model, guide, v_obs, v_actions, v_mask)
         except ValueError as e:
             raise ValueError(f"val: {e}") from None
+        v_obs = _keep_pixels(raw_v_obs, v_obs, v_mask)
         monitor = Monitor(
             model, guide, (v_obs, v_actions, v_mask), (obs, actions, mask),
             every=val_every, particles=val_particles, iwae=val_iwae, patience=patience,
@@ -377,6 +381,16 @@ def check_training_data(model, guide, obs, actions, mask=None, *, rewards=None, 
             f" {(lengths == 0).nonzero().flatten().tolist()}"
         )
     return obs, actions, mask, targets
+
+
+def _keep_pixels(raw, checked, mask):
+    """uint8 observations (pixel values) as given, zero outside ``mask``, on ``checked``'s
+    device: a quarter of the float32 ``checked``, which each step's batch becomes when the
+    model checks it. Anything else: ``checked``."""
+    if not (torch.is_tensor(raw) and raw.dtype == torch.uint8):
+        return checked
+    raw = raw.to(checked.device)
+    return torch.where(mask[..., None], raw, raw.new_zeros(()))
 
 
 def _as_tensor(x, device):

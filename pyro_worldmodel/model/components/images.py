@@ -23,7 +23,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .nets import check_dim
+from .nets import check_dim, check_hidden, mlp
 
 #: Every part that reads frames says so; the workflow then trains it on ``Episodes.frames``.
 FRAMES = "frames"
@@ -106,14 +106,16 @@ class ConvGaussianEmission(nn.Module):
     """p(x_t | z_t) = N(decoder(z_t), σ²) per pixel value, σ one per channel (learned, at
     least :data:`PIXEL_FLOOR`) or fixed.
 
-    The decoder maps z_t linearly to ``depth``·2^(layers−1) channels at 1/2^layers of the
-    frame's size, then ``layers`` transposed convolutions double the size back (cropped to
+    The decoder maps z_t (linearly, or through an MLP of ``hidden`` widths) to
+    ``depth``·2^(layers−1) channels at 1/2^layers of the frame's size, then ``layers`` transposed convolutions double the size back (cropped to
     the frame where it is not a multiple of 2^layers); its output u gives the mean
     255 (u + 0.5).
 
     :param latent_dim: what the emission reads ([h_t, z_t] with a recurrent transition).
     :param obs_dim: X = C·H·W. :param image_shape: ``(C, H, W)``, supplied from the data.
     :param scale: ``"learned"``, or a fixed σ in pixel levels.
+    :param hidden: widths of an MLP (ELU) before the transposed convolutions; none by
+        default, as in DreamerV1.
     """
 
     observes = FRAMES
@@ -126,16 +128,18 @@ class ConvGaussianEmission(nn.Module):
         depth: int = 8,
         layers: int = 4,
         scale: float | str = "learned",
+        hidden=(),
     ):
         super().__init__()
         _check_layers(depth, layers)
+        self.hidden = check_hidden(hidden)
         self.latent_dim = check_dim("latent_dim", latent_dim)
         self.obs_dim = check_dim("obs_dim", obs_dim)
         self.image_shape = check_image_shape(image_shape, obs_dim, layers)
         self.depth, self.layers = depth, layers
         C, H, W = self.image_shape
         self.start = (depth * 2 ** (layers - 1), -(-H // 2**layers), -(-W // 2**layers))
-        self.linear = nn.Linear(latent_dim, math.prod(self.start))
+        self.linear = mlp(latent_dim, self.hidden, math.prod(self.start))
         deconvs, channels = [], self.start[0]
         for i in reversed(range(layers)):
             out = C if i == 0 else depth * 2 ** (i - 1)

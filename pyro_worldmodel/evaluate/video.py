@@ -1,0 +1,159 @@
+"""Open-loop video prediction: a model of frames imagines the frames after a context.
+
+Each window of ``context`` observed frames is followed by ``horizon`` frames
+the model imagines from the true actions (:func:`~pyro_worldmodel.evaluate.imagine`);
+its prediction is the average of the decoded means of ``num_samples`` futures.
+Two baselines predict the same frames: the last context frame (``copy_last``)
+and the mean training frame (``mean_frame``). Scores are per horizon, over
+the windows whose episode reaches it, with pixel values scaled to [0, 1]:
+
+* MSE, the mean squared error per pixel;
+* PSNR, 10 log10(1 / MSE) of each predicted frame, averaged over windows
+  (an exact prediction scores :data:`MAX_PSNR`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .imagination import imagine
+from .open_loop import window_starts
+
+#: The PSNR of a frame predicted exactly (its MSE is floored at 10^(−MAX_PSNR/10)).
+MAX_PSNR = 100.0
+PREDICTORS = ("model", "copy_last", "mean_frame")
+
+
+@dataclass
+class VideoPrediction:
+    """Scores of open-loop video prediction, per predictor and horizon h = 1 … H.
+
+    :ivar mse: predictor → ``[H]`` mean squared error per pixel, values in [0, 1].
+    :ivar psnr: predictor → ``[H]`` mean PSNR in dB.
+    :ivar count: ``[H]`` windows scored at each horizon.
+    :ivar windows: ``[[episode, start], ...]`` of the windows, in order.
+    :ivar truth: ``(H, C, H', W')`` uint8, the frames of one window (the first that reaches
+        the whole horizon), and ``imagined`` the model's prediction of them, for the figures.
+    """
+
+    context: int
+    horizon: int
+    num_samples: int
+    num_windows: int
+    count: list
+    mse: dict
+    psnr: dict
+    windows: list
+    truth: torch.Tensor | None = None
+    imagined: torch.Tensor | None = None
+
+    def as_dict(self) -> dict:
+        """Everything but the frames, for ``metrics.json``."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("truth", "imagined")}
+
+    def table(self, horizons=(1, 5, 15, 45)) -> str:
+        """A markdown table at the given horizons (those within H)."""
+        rows = ["| h | predictor | MSE | PSNR (dB) |", "|---:|---|---:|---:|"]
+        for h in horizons:
+            if h > self.horizon:
+                continue
+            for name in PREDICTORS:
+                rows.append(f"| {h} | {name} | {self.mse[name][h - 1]:.4g} | {self.psnr[name][h - 1]:.3g} |")
+        return "\n".join(rows)
+
+
+def video_open_loop(
+    model,
+    guide,
+    obs,
+    actions,
+    mask,
+    *,
+    image_shape,
+    mean_frame,
+    context: int = 5,
+    horizon: int = 15,
+    num_samples: int = 10,
+    max_windows: int | None = 200,
+    seed: int = 0,
+    max_bytes: int = 2**28,
+) -> VideoPrediction:
+    """Predict ``horizon`` frames open loop after ``context`` observed ones, given the true actions.
+
+    :param obs: ``(N, T, X)`` pixel values (uint8 or float), X = C·H·W of ``image_shape``.
+    :param actions: ``(N, T, ...)`` in the model's units. :param mask: ``(N, T)`` bool.
+    :param mean_frame: ``(X,)`` the mean training frame, in pixel values.
+    :param max_windows: at most this many windows, drawn at random with ``seed``; the
+        futures are drawn from the random state as the caller left it.
+    :param max_bytes: the futures are imagined a few windows at a time, so that their
+        frames take at most about this much memory.
+    """
+    for arg, value in (("context", context), ("horizon", horizon), ("num_samples", num_samples)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{arg}: expected an int >= 1, got {value!r}")
+    lengths = mask.sum(1)
+    episode, start = window_starts(lengths, context, max_windows, seed)
+    if len(episode) == 0:
+        raise ValueError(
+            f"mask: expected an episode longer than context={context}, got lengths up to {int(lengths.max())}"
+        )
+    W = context + horizon
+    t = start[:, None] + torch.arange(W)  # (n, W)
+    inside = t < lengths[episode][:, None]
+    t = t.clamp(max=obs.shape[1] - 1)
+    w_obs, w_act = obs[episode[:, None], t], actions[episode[:, None], t]
+    w_obs = torch.where(inside[..., None], w_obs, w_obs.new_zeros(()))
+    w_act = torch.where(inside[..., None] if w_act.dim() == 3 else inside, w_act, w_act.new_zeros(()))
+    valid = inside[:, context:]  # (n, H)
+    X = w_obs.shape[-1]
+    # imagine holds the sampled frames and their means: 2 S b H X floats per chunk of b windows
+    chunk = max(1, int(max_bytes // (2 * num_samples * horizon * X * 4)))
+    sq = {name: [] for name in PREDICTORS}
+    # the window drawn in the figures: the first that reaches the whole horizon
+    shown = int(valid.all(1).double().argmax()) if valid.all(1).any() else 0
+    truth0 = imagined0 = None
+    mean_frame = torch.as_tensor(mean_frame, dtype=torch.float32)
+    for lo in range(0, len(episode), chunk):
+        sl = slice(lo, lo + chunk)
+        im = imagine(
+            model, guide, w_obs[sl, :context], w_act[sl, :context], horizon,
+            future_actions=w_act[sl, context:], num_samples=num_samples,
+        )  # fmt: skip
+        truth = w_obs[sl, context:].float()  # (b, H, X)
+        preds = {
+            "model": im.obs_mean.mean(0).cpu().clamp(0, 255),
+            "copy_last": w_obs[sl, context - 1 : context].float().expand_as(truth),
+            "mean_frame": mean_frame.expand_as(truth),
+        }
+        for name, pred in preds.items():
+            sq[name].append((((pred - truth) / 255.0) ** 2).mean(-1))  # (b, H)
+        if lo <= shown < lo + chunk:
+            shape = (horizon, *image_shape)
+            truth0 = w_obs[shown, context:].reshape(shape).to(torch.uint8)
+            imagined0 = preds["model"][shown - lo].round().to(torch.uint8).reshape(shape)
+    count = valid.sum(0)  # (H,)
+    mse, psnr = {}, {}
+    floor = 10 ** (-MAX_PSNR / 10)
+    for name in PREDICTORS:
+        err = torch.cat(sq[name]).double()  # (n, H)
+        mse[name] = (torch.where(valid, err, 0.0).sum(0) / count).tolist()
+        frame_psnr = -10 * torch.log10(err.clamp(min=floor))
+        psnr[name] = (torch.where(valid, frame_psnr, 0.0).sum(0) / count).tolist()
+    for name in PREDICTORS:  # a horizon no window reaches: NaN, as open_loop gives
+        mse[name] = [v if c else math.nan for v, c in zip(mse[name], count.tolist())]
+        psnr[name] = [v if c else math.nan for v, c in zip(psnr[name], count.tolist())]
+    return VideoPrediction(
+        context=context,
+        horizon=horizon,
+        num_samples=num_samples,
+        num_windows=len(episode),
+        count=count.tolist(),
+        mse=mse,
+        psnr=psnr,
+        windows=torch.stack([episode, start], 1).tolist(),
+        truth=truth0,
+        imagined=imagined0,
+    )
