@@ -36,7 +36,16 @@ import torch
 from .config import Built, Spec, build, resolve
 from .data import Episodes, Normalizer, collect
 from .errors import RunDirectoryError
-from .evaluate import CopyLast, LinearLeastSquares, heldout_bounds, imagine, open_loop, video_open_loop
+from .evaluate import (
+    CopyLast,
+    LinearLeastSquares,
+    StateProbe,
+    heldout_bounds,
+    imagine,
+    open_loop,
+    r_squared,
+    video_open_loop,
+)
 from .infer import (
     History,
     check_training_data,
@@ -439,9 +448,17 @@ def _evaluate_frames(
     obs, actions, mask = val.normalized()
     bounds = heldout_bounds(model, guide, obs, actions, mask, iwae_particles=s.iwae_particles)
     kl_terms = elbo_terms(model, guide, obs, actions, mask, num_particles=8)
-    t_obs, _, t_mask = train.normalized()
+    t_obs, t_actions, t_mask = train.normalized()
     counts = t_mask.sum().clamp(min=1)
     mean_frame = (t_obs.double() * t_mask[..., None]).sum((0, 1)) / counts  # (X,) pixel values
+    probe, probe_metrics = None, None
+    if train.state is not None and val.state is not None:
+        # the state probe: fitted on the training episodes' filtered latents, scored on the held-out ones
+        probe = StateProbe.fit(
+            _filtered_features(model, guide, t_obs, t_actions, t_mask), train.state[t_mask]
+        )
+        val_features = _filtered_features(model, guide, obs, actions, mask)
+        probe_metrics = {"filtered_r2": r_squared(probe.predict(val_features), val.state[mask])}
     video = video_open_loop(
         model,
         guide,
@@ -455,7 +472,11 @@ def _evaluate_frames(
         num_samples=min(s.num_samples, VIDEO_SAMPLES),
         max_windows=min(s.max_windows, VIDEO_WINDOWS),
         seed=s.seed,
+        state=val.state,
+        probe=probe,
     )
+    if probe_metrics is not None:
+        probe_metrics["imagined_r2"] = video.state_r2
     # the bounds on log p(x_t, a_t | x_<t, a_<t) per step, in bits per pixel value
     X = val.obs_dim
     bits = {k: -v / (X * math.log(2)) for k, v in bounds.items() if k in ("elbo", "iwae")}
@@ -472,8 +493,22 @@ def _evaluate_frames(
         "image_shape": list(val.obs_image_shape),
         "kl_per_t": kl_terms.kl_per_t.tolist(),
         "video": video.as_dict(),
+        "state_probe": probe_metrics,
     }
     return Evaluation(metrics, figures)
+
+
+def _filtered_features(model, guide, obs, actions, mask, chunk: int = 16) -> torch.Tensor:
+    """``(n, F)`` the features (z_t, or [h_t, z_t]) of every observed step, z_t drawn from
+    the guide, ``chunk`` episodes at a time (pixel observations are converted per chunk)."""
+    from .act.planners import posterior_states
+
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(mask), chunk):
+            sl = slice(lo, lo + chunk)
+            out.append(posterior_states(model, guide, obs[sl], actions[sl], mask[sl]).features.cpu())
+    return torch.cat(out)
 
 
 def _can_calibrate(model, val: Episodes, context: int) -> bool:
@@ -1255,6 +1290,11 @@ def print_metrics(metrics: dict, run: Path, settings: EvalSettings, log=print) -
             f" {video['num_samples']} futures each (MSE per pixel, values in [0, 1]):"
         )
         log(VideoPrediction(**video).table())
+        probe = metrics.get("state_probe")
+        if probe is not None:
+            imagined = probe["imagined_r2"]
+            at = ", ".join(f"h={h} {imagined[h - 1]:.2f}" for h in (1, 5, 15, 45) if h <= len(imagined))
+            log(f"state probe R² (held out): filtered {probe['filtered_r2']:.3f}; imagined {at}")
     else:
         ol = metrics["open_loop"]
         log(

@@ -399,3 +399,34 @@ def test_a_model_of_frames_refuses_data_without_them_or_of_another_size(frames_r
     assert rc == 2 and "they differ in frames 1×16×16 vs 3×16×16" in err
     rc = main(["imagine", "--run", str(frames_run / "run")])
     assert rc == 2 and "is a model of frames; imagine draws vector observations" in capsys.readouterr().err
+
+
+def test_the_state_probe_recovers_a_linear_map_and_scores_r_squared():
+    from pyro_worldmodel.evaluate import StateProbe, r_squared
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(500, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    state = features @ weight + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    probe = StateProbe.fit(features, state, ridge=0.0)
+    torch.testing.assert_close(probe.weight[:6], weight)
+    torch.testing.assert_close(probe.weight[6], torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    assert r_squared(probe.predict(features), state) == pytest.approx(1.0)
+    assert r_squared(state.mean(0).expand_as(state), state) == pytest.approx(0.0)  # the mean: R² 0
+    noisy = state + torch.randn(state.shape, generator=g, dtype=torch.float64) * state.std(0)
+    # noise of the signal's variance: R² about 1/2
+    assert r_squared(StateProbe.fit(features, noisy).predict(features), noisy) == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(ValueError, match=r"features, state: expected \(n, F\) and \(n, S\)"):
+        StateProbe.fit(features[:, 0], state)
+
+
+def test_a_model_of_frames_keeps_the_state_and_reports_its_probe(frames_run):
+    import json
+
+    saved = Episodes.load(frames_run / "run" / "episodes.npz")
+    data = Episodes.load(frames_run / "data" / "episodes.npz")
+    assert torch.equal(saved.state, data.obs)  # cos θ, sin θ, θ̇ beside the frames
+    probe = json.loads((frames_run / "run" / "metrics.json").read_text())["state_probe"]
+    assert probe["filtered_r2"] <= 1.0 and len(probe["imagined_r2"]) == 6
+    with pytest.raises(ValueError, match="state: expected None unless the observations are frames"):
+        replace(data, state=data.obs)

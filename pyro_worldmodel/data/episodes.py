@@ -25,7 +25,7 @@ _PER_EPISODE = ("obs", "actions", "rewards", "mask", "terminated", "truncated", 
 # Per-episode fields that only episodes with frames hold.
 _FRAME_FIELDS = ("frames", "final_frames")
 # The fields indexed by step as well as by episode: padded in time, cut with the episodes.
-_IN_TIME = ("obs", "actions", "rewards", "mask", "frames")
+_IN_TIME = ("obs", "actions", "rewards", "mask", "frames", "state")
 # Channels of a frame: 1 (grayscale) or 3 (RGB).
 _CHANNELS = (1, 3)
 # The dtypes numpy can save and torch computes with; bfloat16 has no numpy dtype.
@@ -159,6 +159,8 @@ class Episodes:
         with ``frames`` and only with them.
     :ivar obs_image_shape: ``(C, H, W)`` of the frames that uint8 ``obs`` flatten
         (:meth:`frames_as_obs`); None for any other observations.
+    :ivar state: ``(N, T, S)`` the low-dimensional observations the frames show, kept
+        beside pixel observations for evaluation only (a state probe); None otherwise.
     """
 
     obs: torch.Tensor
@@ -174,6 +176,7 @@ class Episodes:
     frames: torch.Tensor | None = None
     final_frames: torch.Tensor | None = None
     obs_image_shape: tuple[int, int, int] | None = None
+    state: torch.Tensor | None = None
 
     def __post_init__(self):
         if not isinstance(self.action_space, ActionSpace):
@@ -290,6 +293,18 @@ class Episodes:
                     f"obs_image_shape: expected (C, H, W) with C·H·W = obs_dim = {self.obs_dim} for uint8"
                     f" pixel observations, and None otherwise; got {shape!r} with {self.obs.dtype} obs"
                 )
+        if self.state is not None:
+            if not self.pixel_obs:
+                raise ValueError("state: expected None unless the observations are frames (frames_as_obs)")
+            if not torch.is_tensor(self.state) or self.state.dtype not in _FLOAT_DTYPES:
+                raise ValueError(
+                    f"state: expected a floating tensor, got {getattr(self.state, 'dtype', self.state)}"
+                )
+            if self.state.dim() != 3 or tuple(self.state.shape[:2]) != tuple(self.mask.shape):
+                raise ValueError(
+                    f"state: expected shape (N, T, S) = ({len(self)}, {self.mask.shape[1]}, S), got"
+                    f" {tuple(self.state.shape)}"
+                )
         if (self.frames is None) != (self.final_frames is None):
             given, missing = (
                 ("frames", "final_frames") if self.final_frames is None else ("final_frames", "frames")
@@ -334,7 +349,8 @@ class Episodes:
     def frames_as_obs(self) -> Episodes:
         """These episodes with their frames as the observations: x_t is the frame flattened
         channel-major, X = C·H·W uint8 pixel values (a view of the frames, not a copy), as the
-        image parts read them. The low-dimensional state and any normaliser are dropped."""
+        image parts read them. The low-dimensional observations are kept as :attr:`state`;
+        any normaliser is dropped."""
         if self.frames is None:
             raise ValueError(
                 "frames: expected episodes with frames (collect with pixels=True, or --pixels), got none"
@@ -347,11 +363,15 @@ class Episodes:
             final_frames=None,
             normalizer=None,
             obs_image_shape=self.image_shape,
+            state=self.obs,
         )
 
     def _per_episode(self) -> tuple[str, ...]:
         """The per-episode fields these episodes hold."""
-        return _PER_EPISODE + (_FRAME_FIELDS if self.frames is not None else ())
+        optional = (_FRAME_FIELDS if self.frames is not None else ()) + (
+            ("state",) if self.state is not None else ()
+        )
+        return _PER_EPISODE + optional
 
     @property
     def obs_dim(self) -> int:
@@ -390,6 +410,8 @@ class Episodes:
                 f"other: expected episodes with {self.obs_dim}-dimensional observations and"
                 f" {self.action_space}, got {other.obs_dim} and {other.action_space}"
             )
+        if (other.state is None) != (self.state is None):
+            raise ValueError("other: expected episodes that both keep their state beside frames, or neither")
         if other.image_shape != self.image_shape:
             raise ValueError(
                 f"other: expected episodes with frames of shape {self.image_shape}, got {other.image_shape}"
@@ -636,7 +658,7 @@ class Episodes:
                 raise refuse("obs_image_shape", "(C, H, W), three positive ints")
             image_shape = tuple(int(v) for v in value)
         tensors = {}
-        for key in (*_PER_EPISODE, *_FRAME_FIELDS, *_NORMALIZER_KEYS):
+        for key in (*_PER_EPISODE, *_FRAME_FIELDS, "state", *_NORMALIZER_KEYS):
             if key not in data:
                 continue
             if data[key].dtype.kind not in "biufc":
@@ -658,6 +680,7 @@ class Episodes:
                 normalizer=normalizer,
                 **{name: tensors.get(name) for name in _FRAME_FIELDS},
                 obs_image_shape=image_shape,
+                state=tensors.get("state"),
             )
         except ValueError as e:
             raise ValueError(f"path: {path}: {e}") from None
@@ -669,6 +692,7 @@ _FILE_KEYS = (
     *_PER_EPISODE,
     *_FRAME_FIELDS,
     "obs_image_shape",
+    "state",
     "format",
     "env_id",
     "action_kind",

@@ -9,7 +9,7 @@ from .imagination import Imagination, imagine
 from .open_loop import OpenLoop, open_loop
 from .profiling import PeakMemory, peak_memory
 from .scores import crps, interval_coverage, mixture_log_density, moment_matched
-from .video import VideoPrediction, video_open_loop
+from .video import StateProbe, VideoPrediction, r_squared, video_open_loop
 
 __all__ = [
     "CopyLast",
@@ -22,6 +22,7 @@ __all__ = [
     "OpenLoopBaseline",
     "VideoPrediction",
     "PeakMemory",
+    "StateProbe",
     "elbo_terms",
     "heldout_bounds",
     "imagine",
@@ -29,6 +30,7 @@ __all__ = [
     "log_weights",
     "open_loop",
     "video_open_loop",
+    "r_squared",
     "peak_memory",
     "crps",
     "interval_coverage",

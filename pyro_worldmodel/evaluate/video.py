@@ -10,6 +10,12 @@ the windows whose episode reaches it, with pixel values scaled to [0, 1]:
 * MSE, the mean squared error per pixel;
 * PSNR, 10 log10(1 / MSE) of each predicted frame, averaged over windows
   (an exact prediction scores :data:`MAX_PSNR`).
+
+A state probe asks how much of the environment's state the latents hold:
+:class:`StateProbe`, a ridge regression from the latent features (what the
+emission reads: z_t, or [h_t, z_t]) to the low-dimensional state, fitted on
+training episodes; its R² on held-out ones, for filtered latents and, per
+horizon, for imagined ones (the probe applied to each future, averaged).
 """
 
 from __future__ import annotations
@@ -21,6 +27,50 @@ import torch
 
 from .imagination import imagine
 from .open_loop import window_starts
+
+
+@dataclass
+class StateProbe:
+    """A linear map from latent features to the state, s ≈ W [f, 1], fitted by ridge
+    regression (:meth:`fit`).
+
+    :ivar weight: ``(F + 1, S)`` float64.
+    """
+
+    weight: torch.Tensor
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, state: torch.Tensor, ridge: float = 1e-3) -> StateProbe:
+        """Least squares with a penalty of ``ridge`` × n × the mean feature variance on the
+        weights (not on the bias). :param features: ``(n, F)``; :param state: ``(n, S)``."""
+        if features.dim() != 2 or state.dim() != 2 or len(features) != len(state) or len(features) < 2:
+            raise ValueError(
+                f"features, state: expected (n, F) and (n, S) with n >= 2 rows each, got"
+                f" {tuple(features.shape)} and {tuple(state.shape)}"
+            )
+        x = _with_bias(features.double())
+        penalty = ridge * len(x) * float(features.double().var(0).mean().clamp(min=1e-12))
+        eye = torch.eye(x.shape[1], dtype=torch.float64)
+        eye[-1, -1] = 0.0
+        return cls(torch.linalg.solve(x.T @ x + penalty * eye, x.T @ state.double()))
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """``(..., F)`` → ``(..., S)``."""
+        return _with_bias(features.double().cpu()) @ self.weight
+
+
+def r_squared(prediction: torch.Tensor, truth: torch.Tensor) -> float:
+    """1 − Σ (s − ŝ)² / Σ (s − s̄)² over the rows, per state dimension, averaged over the
+    dimensions. :param prediction: ``(n, S)``; :param truth: ``(n, S)``."""
+    truth = truth.double()
+    sse = ((prediction.double() - truth) ** 2).sum(0)
+    sst = ((truth - truth.mean(0)) ** 2).sum(0).clamp(min=1e-300)
+    return float((1 - sse / sst).mean())
+
+
+def _with_bias(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+
 
 #: The PSNR of a frame predicted exactly (its MSE is floored at 10^(−MAX_PSNR/10)).
 MAX_PSNR = 100.0
@@ -35,6 +85,8 @@ class VideoPrediction:
     :ivar psnr: predictor → ``[H]`` mean PSNR in dB.
     :ivar count: ``[H]`` windows scored at each horizon.
     :ivar windows: ``[[episode, start], ...]`` of the windows, in order.
+    :ivar state_r2: ``[H]`` the state probe's R² on the imagined latents at each horizon, or
+        None without a probe.
     :ivar truth: ``(H, C, H', W')`` uint8, the frames of one window (the first that reaches
         the whole horizon), and ``imagined`` the model's prediction of them, for the figures.
     """
@@ -47,6 +99,7 @@ class VideoPrediction:
     mse: dict
     psnr: dict
     windows: list
+    state_r2: list | None = None
     truth: torch.Tensor | None = None
     imagined: torch.Tensor | None = None
 
@@ -80,6 +133,8 @@ def video_open_loop(
     max_windows: int | None = 200,
     seed: int = 0,
     max_bytes: int = 2**28,
+    state=None,
+    probe: StateProbe | None = None,
 ) -> VideoPrediction:
     """Predict ``horizon`` frames open loop after ``context`` observed ones, given the true actions.
 
@@ -90,6 +145,8 @@ def video_open_loop(
         futures are drawn from the random state as the caller left it.
     :param max_bytes: the futures are imagined a few windows at a time, so that their
         frames take at most about this much memory.
+    :param state: ``(N, T, S)`` the episodes' state, and ``probe`` a :class:`StateProbe`:
+        also score the probe on the imagined latents, per horizon (``state_r2``).
     """
     for arg, value in (("context", context), ("horizon", horizon), ("num_samples", num_samples)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -109,6 +166,10 @@ def video_open_loop(
     w_act = torch.where(inside[..., None] if w_act.dim() == 3 else inside, w_act, w_act.new_zeros(()))
     valid = inside[:, context:]  # (n, H)
     X = w_obs.shape[-1]
+    probed = probe is not None and state is not None
+    if probed:
+        w_state = state[episode[:, None], t[:, context:]]  # (n, H, S)
+        state_pred = []
     # imagine holds the sampled frames and their means: 2 S b H X floats per chunk of b windows
     chunk = max(1, int(max_bytes // (2 * num_samples * horizon * X * 4)))
     sq = {name: [] for name in PREDICTORS}
@@ -130,6 +191,8 @@ def video_open_loop(
         }
         for name, pred in preds.items():
             sq[name].append((((pred - truth) / 255.0) ** 2).mean(-1))  # (b, H)
+        if probed:  # the probe on each future's features, averaged over the futures
+            state_pred.append(probe.predict(im.emission_input).mean(0))  # (b, H, S)
         if lo <= shown < lo + chunk:
             shape = (horizon, *image_shape)
             truth0 = w_obs[shown, context:].reshape(shape).to(torch.uint8)
@@ -145,6 +208,13 @@ def video_open_loop(
     for name in PREDICTORS:  # a horizon no window reaches: NaN, as open_loop gives
         mse[name] = [v if c else math.nan for v, c in zip(mse[name], count.tolist())]
         psnr[name] = [v if c else math.nan for v, c in zip(psnr[name], count.tolist())]
+    state_r2 = None
+    if probed:
+        predicted = torch.cat(state_pred)
+        state_r2 = [
+            r_squared(predicted[valid[:, h], h], w_state[valid[:, h], h]) if int(count[h]) > 1 else math.nan
+            for h in range(horizon)
+        ]
     return VideoPrediction(
         context=context,
         horizon=horizon,
@@ -154,6 +224,7 @@ def video_open_loop(
         mse=mse,
         psnr=psnr,
         windows=torch.stack([episode, start], 1).tolist(),
+        state_r2=state_r2,
         truth=truth0,
         imagined=imagined0,
     )
