@@ -3,6 +3,7 @@
     python benchmarks/svi_step.py                  # CPU, B=32, T in {10, 50, 200}
     python benchmarks/svi_step.py --device cuda --batch 32 256 1024
     python benchmarks/svi_step.py --tiny           # seconds; what CI runs
+    python benchmarks/svi_step.py --pixels         # a model of 64×64 RGB frames, B=16, T=50
 
 One step is the loss, its backward and the optimiser's step (ClippedAdam, as
 `fit` uses), for a world model with vector observations: latent 16, hidden 64
@@ -20,6 +21,11 @@ One step is the loss, its backward and the optimiser's step (ClippedAdam, as
   sample sites, no input checks, validation off), which is what the library
   / reference column measures;
 - stock: SVI with Pyro's own `TraceMeanField_ELBO`, eager, validation on (Pyro's default).
+
+With ``--pixels`` the model is the ``pixels`` preset's (the convolutional
+encoder and decoder, depth 8) on 64×64×3 frames (``--frame-size``): the
+library is given uint8 pixel values, as ``fit`` gives them, and converts each
+batch; the reference is given them in float32.
 
 Before timing, the reference and the library must give the same loss and
 gradients on the same parameters and noise, to 1e-5 relative: the factors
@@ -53,9 +59,19 @@ from pyro_worldmodel.evaluate.profiling import peak_memory
 from pyro_worldmodel.infer import MAX_PLATE_NESTING, default_elbo, default_optim
 
 OBS_DIM, ACTION_DIM, LATENT, HIDDEN = 8, 2, 16, 64
+# --pixels: the frames' (C, H, W), or None for vector observations
+IMAGE = {"shape": None}
 
 
 def build(device):
+    if IMAGE["shape"] is not None:
+        from pyro_worldmodel.config import Spec
+        from pyro_worldmodel.config import build as build_spec
+
+        spec = Spec.preset("pixels").with_overrides({"latent_dim": LATENT})
+        C, H, W = IMAGE["shape"]
+        built = build_spec(spec, C * H * W, ActionSpace.box(ACTION_DIM), image_shape=IMAGE["shape"])
+        return built.model.to(device), built.guide.to(device)
     model = WorldModel.default(
         OBS_DIM, ActionSpace.box(ACTION_DIM), latent_dim=LATENT, hidden=(HIDDEN, HIDDEN)
     )
@@ -65,7 +81,11 @@ def build(device):
 
 def batch(B, T, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    obs = torch.randn(B, T, OBS_DIM, generator=g)
+    if IMAGE["shape"] is not None:  # pixel values, uint8, as fit gives them to the library
+        X = IMAGE["shape"][0] * IMAGE["shape"][1] * IMAGE["shape"][2]
+        obs = torch.randint(256, (B, T, X), generator=g, dtype=torch.uint8)
+    else:
+        obs = torch.randn(B, T, OBS_DIM, generator=g)
     actions = torch.randn(B, T, ACTION_DIM, generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
     return obs.to(device), actions.to(device), mask.to(device)
@@ -78,6 +98,7 @@ def reference_loss(model, guide, obs, actions, mask):
     """−ELBO of the library's factors, assembled by hand: the guide step by step, then the
     model's priors and observed factors at the drawn latents. Every step is observed here."""
     B = obs.shape[0]
+    obs = obs.float()  # pixel values: the reference reads them in float32
     # Validation off, as the library's batched path runs once its inputs are checked.
     with pyro.validation_enabled(False):
         a_feat = model.action_space.features(actions, obs.dtype)  # (B, T, A)
@@ -181,15 +202,33 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-stock", action="store_true", help="skip stock Pyro (slow at large B on a GPU)")
     parser.add_argument("--tiny", action="store_true", help="B=4, T in {5, 10}, 2 repeats: a smoke run")
+    parser.add_argument(
+        "--pixels", action="store_true", help="the pixels preset on frames: B=16, T=50 unless given"
+    )
+    parser.add_argument("--frame-size", type=int, default=64, help="with --pixels: N×N RGB frames")
     args = parser.parse_args(argv)
+    if args.pixels:
+        IMAGE["shape"] = (3, args.frame_size, args.frame_size)
+        given = set(argv if argv is not None else sys.argv[1:])
+        if "--batch" not in given:
+            args.batch = [16]
+        if "--T" not in given:
+            args.T = [50]
+        if "--memory-batch" not in given:
+            args.memory_batch = [4, 16]
+        if "--repeats" not in given:
+            args.repeats = 8
+        if "--warmup" not in given:
+            args.warmup = 2
     if args.tiny:
         args.batch, args.T, args.memory_batch, args.repeats, args.warmup = [4], [5, 10], [2, 4], 2, 1
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     names = ["library", "reference"] + ([] if args.no_stock else ["stock"])
-    print(
-        f"device {device}, {torch.get_num_threads()} threads; latent {LATENT}, hidden {HIDDEN}, obs {OBS_DIM}"
+    what = (
+        f"frames {'×'.join(map(str, IMAGE['shape']))} (pixels preset)" if IMAGE["shape"] else f"obs {OBS_DIM}"
     )
+    print(f"device {device}, {torch.get_num_threads()} threads; latent {LATENT}, hidden {HIDDEN}, {what}")
     if device.type == "cuda":
         print(f"card: {torch.cuda.get_device_name(device)}")
     check_same_elbo(device)

@@ -23,8 +23,10 @@ def run_benchmark(script: str, *args, timeout: int = 300) -> str:
     return result.stdout
 
 
-def test_svi_step_benchmark_checks_the_reference_and_prints_its_table():
-    out = run_benchmark("svi_step.py", "--tiny")
+@pytest.mark.parametrize("pixels", [[], ["--pixels", "--frame-size", "16"]], ids=["vectors", "frames"])
+def test_svi_step_benchmark_checks_the_reference_and_prints_its_table(pixels):
+    out = run_benchmark("svi_step.py", "--tiny", *pixels)
+    assert ("frames 3×16×16 (pixels preset)" in out) == bool(pixels)
     # the library and the hand-written reference compute the same ELBO before anything is timed
     loss_rel, grad_rel = map(
         float, re.search(r"relative difference (\S+) \(loss\), (\S+) \(gradients\)", out).groups()
