@@ -73,6 +73,7 @@ SIZES = {
         "student_t": {"hidden": [8]},
         "bernoulli": {"hidden": [8]},
         "conv_gaussian": {"depth": 2, "layers": 2},
+        "conv_logistic": {"depth": 2, "layers": 2},
     },
     "guide": {
         "filter": {"rnn_dim": 8, "hidden": [8]},

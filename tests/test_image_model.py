@@ -126,3 +126,60 @@ def test_pixel_values_outside_0_to_255_are_refused_before_training():
         b.model.check_inputs(obs, actions, check_values=True)
     with pyro.validation_enabled(False):
         b.model.check_inputs(obs * 0 + 3, actions, check_values=True)  # in range: accepted
+
+
+@pytest.mark.parametrize(
+    "loc, scale",
+    [(0.0, 1.0), (127.3, 0.3), (255.0, 5.0), (-20.0, 2.0), (300.0, 10.0), (100.0, 0.01), (64.5, 40.0)],
+)
+def test_the_discretised_logistic_is_a_probability_mass_over_pixel_values(loc, scale):
+    from pyro_worldmodel.model.components import DiscretizedLogistic
+
+    x = torch.arange(256, dtype=torch.float64)
+    d = DiscretizedLogistic(torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64))
+    p = d.log_prob(x).exp()
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-12)
+    # each bin is the logistic CDF's mass over [x − ½, x + ½], the tails folded into 0 and 255
+    cdf = torch.sigmoid((torch.cat([x - 0.5, x[-1:] + 0.5]) - loc) / scale)
+    cdf[0], cdf[-1] = 0.0, 1.0
+    exact = cdf[1:] - cdf[:-1]
+    # in float64 the CDF differences are exact where they are not tiny; the log-space form
+    # also keeps the tiny ones, which the differences lose
+    big = exact > 1e-8
+    torch.testing.assert_close(p[big], exact[big], rtol=1e-7, atol=0)
+    assert (p > 0).all() or scale < 0.5
+
+
+def test_the_discretised_logistic_samples_its_own_mass():
+    from pyro_worldmodel.model.components import DiscretizedLogistic
+
+    torch.manual_seed(0)
+    d = DiscretizedLogistic(torch.tensor(250.2), torch.tensor(3.0))
+    x = d.sample((200_000,))
+    assert ((x >= 0) & (x <= 255) & (x == x.round())).all()
+    freq = torch.bincount(x.long(), minlength=256).double() / len(x)
+    p = d.log_prob(torch.arange(256.0)).exp().double()
+    se = (p * (1 - p) / len(x)).sqrt()
+    assert ((freq - p).abs() <= 5 * se + 1e-6).all()
+    assert freq[255] == pytest.approx(float(p[255]), abs=0.01) and p[255] > 0.1  # the folded upper tail
+
+
+def test_the_logistic_decoder_reads_frames_like_the_gaussian_one():
+    from pyro_worldmodel.model.components import ConvLogisticEmission
+
+    em = ConvLogisticEmission(4, 3 * 16 * 16, (3, 16, 16), depth=4, layers=2, scale=2.0)
+    with torch.no_grad():
+        for p in em.parameters():
+            p.zero_()
+        em.net[-1].bias.copy_(torch.tensor([-0.5, 0.0, 0.5]))
+    d = em(torch.randn(5, 4))
+    assert d.event_shape == (768,) and d.batch_shape == (5,)
+    frame = d.mean  # 0, 127.5 and 255 per channel
+    # at its location a bin holds σ(¼) − σ(−¼) of the mass (s = 2), at the ends the folded half and more
+    inner = torch.sigmoid(torch.tensor(0.25)) - torch.sigmoid(torch.tensor(-0.25))
+    x = frame.clone()
+    x[:, 256:512] = 127.0  # half a level below the location
+    expected = 256 * (2 * math.log(torch.sigmoid(torch.tensor(0.25)).item()))
+    expected += 256 * math.log((torch.sigmoid(torch.tensor(0.5)) - torch.sigmoid(torch.tensor(0.0))).item())
+    torch.testing.assert_close(d.log_prob(x), torch.full((5,), expected), rtol=1e-5, atol=1e-3)
+    assert inner > 0

@@ -4,7 +4,7 @@ from .combiner import Combiner
 from .emission import BernoulliEmission, GaussianMLPEmission, LinearGaussianEmission, StudentTEmission
 from .encoder import IdentityEncoder
 from .heads import BernoulliContinue, GaussianReward
-from .images import ConvEncoder, ConvGaussianEmission
+from .images import ConvEncoder, ConvGaussianEmission, ConvLogisticEmission, DiscretizedLogistic
 from .init import LearnedGaussianInit, StandardNormalInit
 from .policy import CategoricalPolicy, LinearGaussianPolicy, NormalPolicy, TanhNormalPolicy, auto_policy
 from .transition import (
@@ -21,6 +21,8 @@ __all__ = [
     "IdentityEncoder",
     "ConvEncoder",
     "ConvGaussianEmission",
+    "ConvLogisticEmission",
+    "DiscretizedLogistic",
     "BernoulliContinue",
     "BernoulliEmission",
     "GaussianReward",
