@@ -256,12 +256,24 @@ def cmd_presets(args) -> dict:
     return presets
 
 
+def _loop_pixels(args, spec):
+    """The loop's frames: --pixels (with --frame-size, --grayscale), or None to follow the spec."""
+    if not args.pixels:
+        for flag, given in (("--grayscale", args.grayscale), ("--frame-size", args.frame_size != 64)):
+            if given:
+                raise ValueError(f"{flag}: expected together with --pixels, got it without")
+        return None
+    return Pixels(args.frame_size, args.grayscale)
+
+
 def cmd_loop(args) -> dict:
     from .loop import model_based_loop
 
     spec = _config(args.config, Spec.preset("loop"))
     if getattr(args, "preset", None):
         spec = spec.with_presets(*args.preset)
+    if args.pixels and not workflow.observes_frames(spec):
+        spec = spec.with_presets("pixels")  # acting from frames: the image parts over the loop's spec
     if spec.planner is None:
         spec = replace(spec, planner={"name": "cem"})
     if args.planner is not None and args.planner != spec.planner["name"]:  # another planner: its defaults
@@ -296,6 +308,7 @@ def cmd_loop(args) -> dict:
         device=args.device,
         resume=args.resume,
         overwrite=args.overwrite,
+        pixels=_loop_pixels(args, spec),
         **settings,
     )
     best = max((r["eval_return"] for r in result.iterations if r["eval_return"] is not None), default=None)
@@ -656,6 +669,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-env-steps", type=positive_int, default=None, help="stop at this many environment steps"
     )
     p.add_argument("--stop-at", type=float, default=None, help="stop once an evaluation return reaches this")
+    p.add_argument(
+        "--pixels",
+        action="store_true",
+        help="act from frames alone: the pixels preset's encoder and decoder over the spec, unless it reads frames",
+    )
+    p.add_argument(
+        "--frame-size",
+        type=positive_int,
+        default=64,
+        help="with --pixels: frames resized to N×N (default: 64)",
+    )
+    p.add_argument("--grayscale", action="store_true", help="with --pixels: one channel instead of RGB")
     p.add_argument("--smoke", action="store_true", help="tiny settings that finish in seconds")
     p.add_argument(
         "--resume",

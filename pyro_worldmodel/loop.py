@@ -29,7 +29,7 @@ import torch
 
 from .act import Agent, CEMPlanner, posterior_states, reward_units
 from .config import Spec, build
-from .data import Episodes, collect, observation_scale_floor, play
+from .data import Episodes, Pixels, collect, observation_scale_floor, play
 from .errors import RunDirectoryError
 from .infer import fit, linear_warm_start, why_no_linear_warm_start
 from .io import (
@@ -101,6 +101,7 @@ def model_based_loop(
     overwrite: bool = False,
     progress: bool = True,
     log=print,
+    pixels: Pixels | bool | None = None,
 ) -> LoopResult:
     """Collect, train, act with a planner, add the episodes, train again; ``iterations`` times.
 
@@ -128,6 +129,10 @@ def model_based_loop(
         result is the one an uninterrupted run with the same settings and seed gives.
     :param overwrite: replace a loop already in ``out`` (refused otherwise).
     :param log: called with one line per iteration (None: silent).
+    :param pixels: for a spec that reads frames (e.g. the ``pixels`` preset over ``loop``):
+        how they are rendered (:class:`~pyro_worldmodel.data.Pixels`; None or True: 64×64
+        RGB). The model then sees only frames, collecting and acting; the state is kept
+        beside them. Refused for a spec of vector observations.
     """
     for arg, value, low in (
         ("iterations", iterations, 1),
@@ -155,10 +160,20 @@ def model_based_loop(
     spec = Spec.preset("loop") if spec is None else spec
     spec = Spec.from_yaml(spec) if isinstance(spec, (str, Path)) else Spec.from_dict(spec)
     if _observes_frames(spec):
+        if pixels is False:
+            raise ValueError(
+                "pixels: expected frames for a spec whose encoder or emission reads them, got False"
+            )
+        pixels = Pixels() if pixels in (None, True) else pixels
+        if not isinstance(pixels, Pixels):
+            raise ValueError(f"pixels: expected a bool or a Pixels, got {type(pixels).__name__}")
+    elif pixels not in (None, False):
         raise ValueError(
-            "spec: the model-based loop plans from vector observations; its encoder or emission"
-            " reads frames, and acting from frames is not built yet"
+            "pixels: the spec reads vector observations; give it an encoder or emission that reads"
+            " frames (e.g. --preset loop --preset pixels) to act from them"
         )
+    else:
+        pixels = False
     if spec.reward is None:
         raise ValueError(
             "spec: the loop plans with the model's reward head, and this spec has none;"
@@ -180,6 +195,7 @@ def model_based_loop(
         max_env_steps=max_env_steps,
         stop_at=stop_at,
         seed=seed,
+        pixels=None if not pixels else {"size": list(pixels.size), "grayscale": pixels.grayscale},
     )
     log = log or (lambda line: None)
     # The environment is made once before anything is written: an unknown id, a missing
@@ -201,6 +217,7 @@ def model_based_loop(
 def _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log, floor) -> LoopResult:
     s = SimpleNamespace(**settings)
     seed = s.seed
+    pixels = False if s.pixels is None else Pixels(tuple(s.pixels["size"]), s.pixels["grayscale"])
     saved = None
     if run is not None:
         if resume and run.has("model.ckpt"):
@@ -214,15 +231,19 @@ def _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log,
     pyro.set_rng_seed(seed)
     start = time.perf_counter()
     if saved is None:
-        data = collect(env_id, s.seed_episodes, seed=seed, progress=progress)
-        # Fixed from here, so the model's units never move; floored by the observation space's
-        # bounds, as the planner will go where random actions did not.
-        normalizer = data.fit_normalizer(floor).normalizer
+        data = collect(env_id, s.seed_episodes, seed=seed, progress=progress, pixels=pixels)
+        if pixels:  # the frames are what the model observes, in pixel values
+            data = data.frames_as_obs()
+            normalizer = data.fit_normalizer(scale_obs=False).normalizer
+        else:
+            # Fixed from here, so the model's units never move; floored by the observation
+            # space's bounds, as the planner will go where random actions did not.
+            normalizer = data.fit_normalizer(floor).normalizer
     else:
         data, normalizer = saved["data"], saved["normalizer"]
     real_space = data.action_space
     pyro.set_rng_seed(seed)
-    built = build(spec, data.obs_dim, normalizer.action_space(real_space))
+    built = build(spec, data.obs_dim, normalizer.action_space(real_space), image_shape=data.obs_image_shape)
     model, guide, planner = built.model, built.guide, built.planner
     if device is not None:
         for part in (model, guide, planner):
@@ -297,7 +318,11 @@ def _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log,
                 generator=generator,
             )
 
-        new = play(env_id, agent(s.explore), s.episodes_per_iteration, seed=ep_seed, progress=False)
+        new = play(
+            env_id, agent(s.explore), s.episodes_per_iteration, seed=ep_seed, progress=False, pixels=pixels
+        )
+        if pixels:
+            new = new.frames_as_obs()
         ep_seed += s.episodes_per_iteration
         data = data + new
         env_steps = int(data.lengths.sum())
@@ -313,6 +338,7 @@ def _loop(env_id, spec, settings, run, resume, overwrite, device, progress, log,
                 seed=10**6 + it * s.eval_episodes,
                 num_envs=s.eval_episodes,
                 progress=False,
+                pixels=pixels,
             )
             eval_return, eval_std = (
                 float(evaluation.returns.mean()),

@@ -430,3 +430,73 @@ def test_a_model_of_frames_keeps_the_state_and_reports_its_probe(frames_run):
     assert probe["filtered_r2"] <= 1.0 and len(probe["imagined_r2"]) == 6
     with pytest.raises(ValueError, match="state: expected None unless the observations are frames"):
         replace(data, state=data.obs)
+
+
+# ---------------------------------------------------------------- acting from frames
+
+
+class Recorder:
+    """An agent that pushes the cart left, and keeps what it was shown."""
+
+    def __init__(self):
+        self.seen = []
+
+    def reset(self, obs):
+        self.seen = []
+
+    def act(self, obs):
+        self.seen.append(np.array(obs))
+        return np.zeros(len(obs), dtype=np.int64)
+
+
+def test_an_agent_playing_from_frames_sees_the_frames_that_are_recorded():
+    agent = Recorder()
+    eps = __import__("pyro_worldmodel.data", fromlist=["play"]).play(
+        "CartPole-v1", agent, 1, seed=3, pixels=Pixels(16, grayscale=True), progress=False
+    )
+    L = int(eps.lengths[0])
+    seen = np.stack([s[0] for s in agent.seen])  # (L, 256)
+    assert seen.dtype == np.uint8 and seen.shape == (L, 256)
+    np.testing.assert_array_equal(seen, eps.frames[0, :L].flatten(1).numpy())
+    frames, states, _ = rendered_replay("CartPole-v1", [0] * L, 3, Pixels(16, grayscale=True))
+    np.testing.assert_array_equal(eps.frames[0, :L].numpy(), frames[:-1])
+    np.testing.assert_array_equal(eps.final_frames[0].numpy(), frames[-1])
+    np.testing.assert_array_equal(eps.obs[0, :L].numpy(), states[:-1])
+
+
+def test_the_loop_acts_from_frames_alone(tmp_path, capsys):
+    import json
+
+    from pyro_worldmodel.workflow import load_run
+
+    out = tmp_path / "loop"
+    argv = "loop --env CartPole-v1 --pixels --frame-size 16 --grayscale --smoke".split()
+    assert main([*argv, *TINY, "--out", str(out)]) == 0
+    result = json.loads((out / "loop.json").read_text())
+    data = Episodes.load(out / "episodes.npz")
+    assert data.pixel_obs and data.obs_image_shape == (1, 16, 16) and data.state.shape[-1] == 4
+    assert result["iterations"][-1]["env_steps"] == int(data.lengths.sum())
+    assert result["settings"]["pixels"] == {"size": [16, 16], "grayscale": True}
+    run = load_run(out)
+    assert run.architecture.image_shape == [1, 16, 16]
+    assert type(run.model.emission).__name__ == "ConvGaussianEmission" and run.model.reward is not None
+    # the frames the agent played from are the environment's: the first planned episode (after
+    # the two random ones, reset with seed 0 + 1000) replays to the recorded pixel observations
+    L = int(data.lengths[2])
+    frames, states, _ = rendered_replay(
+        "CartPole-v1", data.actions[2, :L].numpy(), 1000, Pixels(16, grayscale=True)
+    )
+    np.testing.assert_array_equal(data.obs[2, :L].numpy(), frames[:-1].reshape(L, -1))
+    np.testing.assert_array_equal(data.state[2, :L].numpy(), states[:-1])
+
+
+def test_the_loop_refuses_frames_for_a_spec_of_vectors_and_vectors_for_a_spec_of_frames():
+    from pyro_worldmodel.config import Spec
+    from pyro_worldmodel.loop import model_based_loop
+
+    with pytest.raises(ValueError, match="pixels: the spec reads vector observations"):
+        model_based_loop("CartPole-v1", Spec.preset("loop"), pixels=True)
+    with pytest.raises(
+        ValueError, match="pixels: expected frames for a spec whose encoder or emission reads them"
+    ):
+        model_based_loop("CartPole-v1", Spec.preset("loop", "pixels"), pixels=False)

@@ -149,10 +149,7 @@ def collect(
         raise ValueError(f"num_envs: expected a positive int, got {num_envs!r}")
     if isinstance(action_repeat, bool) or not isinstance(action_repeat, int) or action_repeat < 1:
         raise ValueError(f"action_repeat: expected a positive int, got {action_repeat!r}")
-    if pixels is True:
-        pixels = Pixels()
-    elif pixels is not False and not isinstance(pixels, Pixels):
-        raise ValueError(f"pixels: expected a bool or a Pixels, got {type(pixels).__name__}")
+    pixels = _pixels(pixels)
     spec = _env_spec(env_id)
     make_kwargs = dict(env_kwargs)
     if max_episode_steps is not None:
@@ -213,6 +210,15 @@ def collect(
     return _pad(done, space, spec.id)
 
 
+def _pixels(pixels) -> Pixels | bool:
+    """``pixels`` as given to :func:`collect` and :func:`play`: False, or a :class:`Pixels`."""
+    if pixels is True:
+        return Pixels()
+    if pixels is not False and not isinstance(pixels, Pixels):
+        raise ValueError(f"pixels: expected a bool or a Pixels, got {type(pixels).__name__}")
+    return pixels
+
+
 def _split(obs, pixels: Pixels | bool):
     """``(state, frames)`` of an observation: as it is and None without pixels, else the
     state and the rendered frames resized (``(..., C, H, W)`` uint8)."""
@@ -249,6 +255,7 @@ def play(
     seed: int = 0,
     num_envs: int = 1,
     progress: bool = True,
+    pixels: Pixels | bool = False,
     **env_kwargs,
 ) -> Episodes:
     """Run an agent for whole episodes, ``num_envs`` environments in lockstep.
@@ -259,13 +266,22 @@ def play(
         others end, and its actions are ignored (e.g. :class:`~pyro_worldmodel.loop.Agent`).
     :param num_episodes: episodes in all, in rounds of at most ``num_envs``.
     :param seed: episode i is reset with ``seed + i``.
+    :param pixels: record the rendered frames too (as :func:`collect` does), and show the
+        agent the frames, flattened to ``(B, C·H·W)`` uint8 pixel values, instead of the state.
     :returns: the episodes, with the agent's actions as taken.
     """
     if not isinstance(num_episodes, int) or num_episodes < 1:
         raise ValueError(f"num_episodes: expected a positive int, got {num_episodes!r}")
     if not isinstance(num_envs, int) or num_envs < 1:
         raise ValueError(f"num_envs: expected a positive int, got {num_envs!r}")
+    pixels = _pixels(pixels)
     spec = _env_spec(env_id)
+    make_kwargs = dict(env_kwargs)
+    if pixels:
+        with _dependencies(env_id):
+            _check_renders(env_id, spec)
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+        make_kwargs["render_mode"] = "rgb_array"
     done: list[_Episode] = []
     space = None
     bar = tqdm(total=num_episodes, desc=f"play {env_id}", disable=not progress)
@@ -276,11 +292,20 @@ def play(
             try:
                 with _dependencies(env_id):
                     for _ in range(B):
-                        envs.append(gym.make(spec.id, **env_kwargs))
-                _check_observation_space(env_id, envs[0].observation_space)
+                        env = gym.make(spec.id, **make_kwargs)
+                        if pixels:
+                            env = gym.wrappers.AddRenderObservation(env, render_only=False)
+                        envs.append(env)
+                single = envs[0].observation_space
+                _check_observation_space(env_id, single["state"] if pixels else single)
                 space = _action_space(env_id, envs[0].action_space)
-                obs = np.stack([env.reset(seed=seed + len(done) + i)[0] for i, env in enumerate(envs)])
-                running = [_Episode(o.copy()) for o in obs]  # copies: obs is overwritten below
+                with _dependencies(env_id):
+                    first = [
+                        _split(env.reset(seed=seed + len(done) + i)[0], pixels) for i, env in enumerate(envs)
+                    ]
+                running = [_Episode(o.copy(), f) for o, f in first]  # copies: obs is overwritten below
+                # what the agent sees: the state, or the frames flattened to pixel values
+                obs = np.stack([o if f is None else f.reshape(-1) for o, f in first])
                 live = [True] * B
                 agent.reset(obs)
                 while any(live):
@@ -289,14 +314,17 @@ def play(
                         if not live[i]:
                             continue
                         o, r, terminated, truncated, _ = env.step(actions[i])
+                        o, frame = _split(o, pixels)
                         running[i].actions.append(actions[i])
                         running[i].rewards.append(float(r))
                         if terminated or truncated:
-                            running[i].close(o, bool(terminated), bool(truncated))
+                            running[i].close(o, bool(terminated), bool(truncated), frame)
                             live[i] = False
                         else:
                             running[i].obs.append(o)
-                        obs[i] = o
+                            if frame is not None:
+                                running[i].frames.append(frame)
+                        obs[i] = o if frame is None else frame.reshape(-1)
             finally:
                 for env in envs:
                     env.close()
