@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "notebooks"))
 from strip_outputs import strip  # noqa: E402
 
 
-def test_there_are_the_six_notebooks():
+def test_there_are_the_seven_notebooks():
     assert [p.stem for p in NOTEBOOKS] == [
         "01_quickstart",
         "02_swap_priors_and_guides",
@@ -23,6 +23,7 @@ def test_there_are_the_six_notebooks():
         "04_dreaming",
         "05_exact_linear_gaussian",
         "06_act_from_imagination",
+        "07_dreaming_in_pixels",
     ]
 
 
