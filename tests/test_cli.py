@@ -648,3 +648,11 @@ def test_imagine_calibrated_moves_the_same_futures_by_the_factors_evaluate_fitte
     assert rc == 2 and "context: the spread factors were fitted after 3 context steps, got context=4" in err
     rc, _, err = cli(capsys, *dream, "--horizon", 6, "--calibrated")
     assert rc == 2 and "horizon: the spread factors reach horizon 5, got horizon=6" in err
+
+
+def test_one_held_out_episode_prints_no_standard_error(tmp_path, capsys):
+    """With one held-out episode the standard error over episodes does not exist: "n/a", not "nan"."""
+    argv = "train --env Pendulum-v1 --episodes 5 --steps 5 --window 10".split()
+    rc, out, _ = cli(capsys, *argv, *EVAL, "--out", tmp_path / "run")
+    assert rc == 0
+    assert " ± n/a " in out and "nan" not in out

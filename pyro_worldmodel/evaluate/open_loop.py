@@ -107,7 +107,7 @@ class OpenLoop:
                 i = h - 1
                 rows.append(
                     f"| {h} | {name} | {self.mse[name][i]:.3g} | {_ll(self.log_lik, name, i)}"
-                    + (f" ± {self.log_lik_se[name][i]:.2g}" if name in self.log_lik_se else "")
+                    + _se(self.log_lik_se, name, i)
                     + f" | {_ll(self.log_lik_median, name, i)} | {_ll(self.log_lik_p10, name, i)}"
                     + f" | {_ll(self.log_lik_gaussian, name, i)} | {_num(self.crps, name, i, '.3g')}"
                     + f" | {_num(self.coverage.get('0.5', {}), name, i, '.2f')}"
@@ -120,6 +120,14 @@ def _num(values: dict, name: str, i: int, fmt: str) -> str:
     if name not in values or values[name][i] is None or not math.isfinite(values[name][i]):
         return "–"
     return format(values[name][i], fmt)
+
+
+def _se(values: dict, name: str, i: int) -> str:
+    """`` ± s.e.``; `` ± n/a`` where there is none (the windows of one held-out episode)."""
+    if name not in values:
+        return ""
+    v = values[name][i]
+    return " ± n/a" if v is None or not math.isfinite(v) else f" ± {v:.2g}"
 
 
 def _ll(values: dict, name: str, i: int) -> str:
