@@ -128,3 +128,17 @@ def test_variational_bias_benchmark_scores_every_recipe_against_the_truth():
     # from a random start, 20 steps leave every bound-trained model far below the truth, and
     # exact maximum likelihood, 10 L-BFGS iterations on the same data, far closer
     assert shortfall["exact ML"] < min(v for k, v in shortfall.items() if k != "exact ML")
+
+
+def test_video_benchmark_prints_the_scores_and_the_targets(tmp_path):
+    out = run_benchmark("video.py", "--tiny", "--envs", "CartPole-v1", "--out", str(tmp_path))
+    rows = [
+        line for line in out.splitlines() if re.match(r"\| (1|5) \| (model|copy_last|mean_frame) \|", line)
+    ]
+    assert len(rows) == 6  # h = 1 and 5, three predictors
+    assert "state probe R², held out: filtered" in out
+    assert "the model beats both baselines in MSE" in out and "filtered R² ≥ 0.9" in out
+    report = __import__("json").loads((tmp_path / "video.json").read_text())
+    (video,) = report["CartPole-v1"]["video"]
+    # the table's copy-last MSE at h = 1 is the run's own
+    assert f"| 1 | copy_last | {video['mse']['copy_last'][0]:.3g} |" in out
