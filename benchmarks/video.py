@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyro_worldmodel.cli import key_value
+
 ENVS = ("Pendulum-v1", "CartPole-v1")
 HORIZONS = (1, 5, 15, 45)
 PREDICTORS = ("model", "copy_last", "mean_frame")
@@ -93,14 +95,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", type=Path, default=None, help="keep the runs and write the tables here")
     p.add_argument("--tiny", action="store_true", help="16×16 frames, a few steps: to check the script")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as train's --set")
+    p.add_argument(
+        "--set", type=key_value, action="append", default=[], metavar="KEY=VALUE", help="as train's --set"
+    )
     args = p.parse_args(argv)
-    from pyro_worldmodel.config import yaml_value
-
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = yaml_value(value, f"--set {key.strip()}")
+    overrides = dict(args.set)
     if args.tiny:
         args.seeds, args.frame_size, args.grayscale, args.steps = args.seeds[:1], 16, True, 5
         overrides = {"encoder.layers": 2, "emission.layers": 2, **overrides}

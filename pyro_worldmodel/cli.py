@@ -45,11 +45,19 @@ DEFAULT_ENV = "Pendulum-v1"
 # ---------------------------------------------------------------- subcommands
 
 
+def _pixels(args) -> Pixels | None:
+    """The frames that ``--pixels``, ``--frame-size`` and ``--grayscale`` ask for; None without
+    ``--pixels``, where the other two are refused."""
+    if args.pixels:
+        return Pixels(args.frame_size, args.grayscale)
+    for flag, given in (("--grayscale", args.grayscale), ("--frame-size", args.frame_size != 64)):
+        if given:
+            raise ValueError(f"{flag}: expected together with --pixels, got it without")
+    return None
+
+
 def cmd_collect(args) -> Path:
-    if not args.pixels:
-        for flag, given in (("--grayscale", args.grayscale), ("--frame-size", args.frame_size != 64)):
-            if given:
-                raise ValueError(f"{flag}: expected together with --pixels, got it without")
+    pixels = _pixels(args)
     return workflow.collect_run(
         args.env,
         args.episodes,
@@ -58,7 +66,7 @@ def cmd_collect(args) -> Path:
         num_envs=args.num_envs,
         max_episode_steps=args.max_episode_steps,
         overwrite=args.overwrite,
-        pixels=Pixels(args.frame_size, args.grayscale) if args.pixels else False,
+        pixels=pixels or False,
         action_repeat=args.action_repeat,
     )
 
@@ -144,7 +152,7 @@ def _config(path, default: Spec) -> Spec:
         raise ValueError(f"--config: {e}") from None
 
 
-def _key_value(text: str) -> tuple[str, object]:
+def key_value(text: str) -> tuple[str, object]:
     """``key.path=value`` with the value read as YAML: ``[128, 128]``, ``0.5``, ``1e-4``, ``filter``."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(
@@ -256,23 +264,14 @@ def cmd_presets(args) -> dict:
     return presets
 
 
-def _loop_pixels(args, spec):
-    """The loop's frames: --pixels (with --frame-size, --grayscale), or None to follow the spec."""
-    if not args.pixels:
-        for flag, given in (("--grayscale", args.grayscale), ("--frame-size", args.frame_size != 64)):
-            if given:
-                raise ValueError(f"{flag}: expected together with --pixels, got it without")
-        return None
-    return Pixels(args.frame_size, args.grayscale)
-
-
 def cmd_loop(args) -> dict:
     from .loop import model_based_loop
 
+    pixels = _pixels(args)  # None: the loop follows the spec
     spec = _config(args.config, Spec.preset("loop"))
     if getattr(args, "preset", None):
         spec = spec.with_presets(*args.preset)
-    if args.pixels and not workflow.observes_frames(spec):
+    if pixels is not None and not workflow.observes_frames(spec):
         spec = spec.with_presets("pixels")  # acting from frames: the image parts over the loop's spec
     if spec.planner is None:
         spec = replace(spec, planner={"name": "cem"})
@@ -308,7 +307,7 @@ def cmd_loop(args) -> dict:
         device=args.device,
         resume=args.resume,
         overwrite=args.overwrite,
-        pixels=_loop_pixels(args, spec),
+        pixels=pixels,
         **settings,
     )
     best = max((r["eval_return"] for r in result.iterations if r["eval_return"] is not None), default=None)
@@ -398,16 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=positive_int, default=50, help="episodes to collect (default: 50)")
     p.add_argument("--num-envs", type=positive_int, default=8, help="vector environments (default: 8)")
     p.add_argument("--max-episode-steps", type=positive_int, default=None, help="override the time limit")
-    p.add_argument(
-        "--pixels", action="store_true", help="also record the rendered frames (uint8, beside the state)"
-    )
-    p.add_argument(
-        "--frame-size",
-        type=positive_int,
-        default=64,
-        help="with --pixels: frames resized to N×N (default: 64)",
-    )
-    p.add_argument("--grayscale", action="store_true", help="with --pixels: one channel instead of RGB")
+    _pixel_options(p, "also record the rendered frames (uint8, beside the state)")
     p.add_argument(
         "--action-repeat", type=positive_int, default=1, help="environment steps per action (default: 1)"
     )
@@ -435,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     _preset_option(p)
     p.add_argument(
         "--set",
-        type=_key_value,
+        type=key_value,
         action="append",
         metavar="KEY=VALUE",
         help="override a spec entry, e.g. --set transition.hidden=[128,128] (repeatable)",
@@ -551,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     _preset_option(p)
     p.add_argument(
         "--set",
-        type=_key_value,
+        type=key_value,
         action="append",
         metavar="KEY=VALUE",
         help="override a spec entry, e.g. --set latent_dim=4 (repeatable)",
@@ -632,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--set",
-        type=_key_value,
+        type=key_value,
         action="append",
         metavar="KEY=VALUE",
         help="override a spec entry, e.g. --set planner.horizon=20 (repeatable)",
@@ -669,18 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-env-steps", type=positive_int, default=None, help="stop at this many environment steps"
     )
     p.add_argument("--stop-at", type=float, default=None, help="stop once an evaluation return reaches this")
-    p.add_argument(
-        "--pixels",
-        action="store_true",
-        help="act from frames alone: the pixels preset's encoder and decoder over the spec, unless it reads frames",
+    _pixel_options(
+        p,
+        "act from frames alone: the pixels preset's encoder and decoder over the spec, unless it reads frames",
     )
-    p.add_argument(
-        "--frame-size",
-        type=positive_int,
-        default=64,
-        help="with --pixels: frames resized to N×N (default: 64)",
-    )
-    p.add_argument("--grayscale", action="store_true", help="with --pixels: one channel instead of RGB")
     p.add_argument("--smoke", action="store_true", help="tiny settings that finish in seconds")
     p.add_argument(
         "--resume",
@@ -710,6 +692,18 @@ def _preset_option(p):
         metavar="NAME",
         help="named spec presets, laid over the spec in order (see `pyro-worldmodel presets`)",
     )
+
+
+def _pixel_options(p, help_pixels: str) -> None:
+    """``--pixels`` (its help ``help_pixels``), ``--frame-size`` and ``--grayscale``, read by :func:`_pixels`."""
+    p.add_argument("--pixels", action="store_true", help=help_pixels)
+    p.add_argument(
+        "--frame-size",
+        type=positive_int,
+        default=64,
+        help="with --pixels: frames resized to N×N (default: 64)",
+    )
+    p.add_argument("--grayscale", action="store_true", help="with --pixels: one channel instead of RGB")
 
 
 def _overwrite_option(p):

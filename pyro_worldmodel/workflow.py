@@ -197,28 +197,30 @@ def scales_observations(spec) -> bool:
 def observes_frames(spec) -> bool:
     """Whether a model of ``spec`` reads frames: its encoder or its emission is an image part
     (``observes = "frames"``, e.g. ``conv`` and ``conv_gaussian``)."""
+    return bool(_frame_parts(spec))
+
+
+def _frame_parts(spec) -> list[str]:
+    """``["encoder conv", ...]``: the parts of ``spec`` that read frames."""
     spec = Spec.from_dict(spec)
-    return any(
-        getattr(resolve(slot, getattr(spec, slot)["name"]), "observes", None) == FRAMES
-        for slot in ("encoder", "emission")
-    )
+    names = {slot: getattr(spec, slot)["name"] for slot in ("encoder", "emission")}
+    return [
+        f"{slot} {name}"
+        for slot, name in names.items()
+        if getattr(resolve(slot, name), "observes", None) == FRAMES
+    ]
 
 
 def model_episodes(episodes: Episodes, spec, what: str = "data") -> Episodes:
     """``episodes`` as a model of ``spec`` observes them: the frames as the observations
     (:meth:`Episodes.frames_as_obs`) for a model of frames, else as they are."""
-    if not observes_frames(spec) or episodes.pixel_obs:
+    parts = _frame_parts(spec)
+    if not parts or episodes.pixel_obs:
         return episodes
     if episodes.frames is None:
-        spec = Spec.from_dict(spec)
-        parts = ", ".join(
-            f"{slot} {getattr(spec, slot)['name']}"
-            for slot in ("encoder", "emission")
-            if getattr(resolve(slot, getattr(spec, slot)["name"]), "observes", None) == FRAMES
-        )
         raise ValueError(
-            f"{what}: the spec's {parts} read frames, but these {episodes.env_id or ''} episodes have none;"
-            " collect them with --pixels (collect(..., pixels=True))"
+            f"{what}: the spec's {', '.join(parts)} read frames, but these {episodes.env_id or ''} episodes"
+            " have none; collect them with --pixels (collect(..., pixels=True))"
         )
     return episodes.frames_as_obs()
 

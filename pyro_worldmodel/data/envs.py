@@ -156,14 +156,8 @@ def collect(
         make_kwargs["max_episode_steps"] = max_episode_steps
     wrappers = [] if action_repeat == 1 else [lambda env: ActionRepeat(env, action_repeat)]
     if pixels:
-        with _dependencies(env_id):  # finding the render modes imports the environment
-            _check_renders(env_id, spec)
-        # rgb_array draws off screen: no display is needed, and without one SDL's default
-        # video driver complains on stderr. A driver the user chose stands.
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-        make_kwargs["render_mode"] = "rgb_array"
-        # the observation becomes {"state": x_t, "pixels": the frame rendered after the step}
-        wrappers.append(lambda env: gym.wrappers.AddRenderObservation(env, render_only=False))
+        _render_off_screen(env_id, spec, make_kwargs)
+        wrappers.append(_with_frames)
     with _dependencies(env_id):
         envs = gym.make_vec(
             spec.id,
@@ -227,6 +221,22 @@ def _split(obs, pixels: Pixels | bool):
     return obs["state"], pixels(obs["pixels"])
 
 
+def _render_off_screen(env_id: str, spec, make_kwargs: dict) -> None:
+    """Make ``env_id`` render ``rgb_array`` frames (``ValueError`` where it cannot): its
+    ``make_kwargs`` get the render mode, and SDL the dummy video driver."""
+    with _dependencies(env_id):  # finding the render modes imports the environment
+        _check_renders(env_id, spec)
+    # rgb_array draws off screen: no display is needed, and without one SDL's default
+    # video driver complains on stderr. A driver the user chose stands.
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    make_kwargs["render_mode"] = "rgb_array"
+
+
+def _with_frames(env):
+    """The observation becomes {"state": x_t, "pixels": the frame rendered after the step}."""
+    return gym.wrappers.AddRenderObservation(env, render_only=False)
+
+
 def _check_renders(env_id: str, spec) -> None:
     """``ValueError`` unless ``env_id`` renders ``rgb_array`` frames."""
     modes = _render_modes(spec)
@@ -239,11 +249,8 @@ def _check_renders(env_id: str, spec) -> None:
 
 def _render_modes(spec) -> list[str]:
     entry = spec.entry_point
-    if isinstance(entry, str):
-        module, _, name = entry.partition(":")
-        import importlib
-
-        entry = getattr(importlib.import_module(module), name)
+    if isinstance(entry, str):  # "module:Class", imported as gymnasium.make would
+        entry = gym.envs.registration.load_env_creator(entry)
     return list(getattr(entry, "metadata", {}).get("render_modes", []))
 
 
@@ -278,10 +285,7 @@ def play(
     spec = _env_spec(env_id)
     make_kwargs = dict(env_kwargs)
     if pixels:
-        with _dependencies(env_id):
-            _check_renders(env_id, spec)
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-        make_kwargs["render_mode"] = "rgb_array"
+        _render_off_screen(env_id, spec, make_kwargs)
     done: list[_Episode] = []
     space = None
     bar = tqdm(total=num_episodes, desc=f"play {env_id}", disable=not progress)
@@ -294,7 +298,7 @@ def play(
                     for _ in range(B):
                         env = gym.make(spec.id, **make_kwargs)
                         if pixels:
-                            env = gym.wrappers.AddRenderObservation(env, render_only=False)
+                            env = _with_frames(env)
                         envs.append(env)
                 single = envs[0].observation_space
                 _check_observation_space(env_id, single["state"] if pixels else single)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -195,21 +196,9 @@ def open_loop(
             raise ValueError(f"{arg}: expected an int >= {low}, got {value!r}")
     obs, actions, mask = _check_real_units(model, obs, actions, mask)
     check_observed(mask)
-    lengths = mask.sum(1)
-    episode, start = window_starts(lengths, context, max_windows, seed)
-    if len(episode) == 0:
-        raise ValueError(
-            f"mask: expected an episode longer than context={context}, got lengths up to {int(lengths.max())}"
-        )
-    W = context + horizon
-    t = start[:, None] + torch.arange(W)  # (n, W)
-    inside = t < lengths[episode][:, None]
-    t = t.clamp(max=obs.shape[1] - 1)
-    w_obs, w_act = obs[episode[:, None], t], actions[episode[:, None], t]
-    # Past an episode's end lies padding, NaN included: never let it reach a network.
-    w_obs = torch.where(inside[..., None], w_obs, 0.0)
-    w_act = torch.where(inside[..., None] if w_act.dim() == 3 else inside, w_act, 0)
-    valid = inside[:, context:]  # (n, H)
+    episode, start, _, w_obs, w_act, valid = cut_windows(
+        obs, actions, mask, context, horizon, max_windows, seed
+    )
     to_model = (lambda x: x) if normalizer is None else normalizer.obs
     to_real = (lambda x: x) if normalizer is None else normalizer.obs_inverse
     # log-density in real units = in model units − log |d real / d model|
@@ -272,7 +261,7 @@ def open_loop(
             means["calibrated"] = means["model"]
             draws["calibrated"] = moved(draws["model"], means["model"], c.cpu().to(draws["model"].dtype))
         for name, predictor in (baselines or {}).items():
-            model_act = w_act[sl, : W - 1]
+            model_act = w_act[sl, : context + horizon - 1]
             if normalizer is not None and model_act.is_floating_point():
                 model_act = normalizer.actions(model_act)
             pred = predictor.predict(to_model(ctx_obs), model_act, horizon)
@@ -390,7 +379,40 @@ def _check_real_units(model, obs, actions, mask):
     )
 
 
-def window_starts(lengths, context, max_windows, seed):
+class Windows(NamedTuple):
+    """Open-loop windows of ``context + horizon`` steps cut from episodes (:func:`cut_windows`)."""
+
+    episode: torch.Tensor  # (n,) the episode of each window
+    start: torch.Tensor  # (n,) its first step
+    steps: torch.Tensor  # (n, W) the steps it covers, clamped to the episodes' padded length
+    obs: torch.Tensor  # (n, W, X), zero past the episode's end
+    actions: torch.Tensor  # (n, W, ...), zero past the episode's end
+    valid: torch.Tensor  # (n, H) whether each predicted step lies inside the episode
+
+
+def cut_windows(obs, actions, mask, context: int, horizon: int, max_windows, seed) -> Windows:
+    """Windows starting at every step of every episode that leaves at least one step to
+    predict (a random ``max_windows`` of them, drawn with ``seed``, if there are more).
+
+    :raises ValueError: where no episode is longer than ``context``.
+    """
+    lengths = mask.sum(1)
+    episode, start = _window_starts(lengths, context, max_windows, seed)
+    if len(episode) == 0:
+        raise ValueError(
+            f"mask: expected an episode longer than context={context}, got lengths up to {int(lengths.max())}"
+        )
+    t = start[:, None] + torch.arange(context + horizon)  # (n, W)
+    inside = t < lengths[episode][:, None]
+    t = t.clamp(max=obs.shape[1] - 1)
+    w_obs, w_act = obs[episode[:, None], t], actions[episode[:, None], t]
+    # Past an episode's end lies padding, NaN included: never let it reach a network.
+    w_obs = torch.where(inside[..., None], w_obs, w_obs.new_zeros(()))
+    w_act = torch.where(inside[..., None] if w_act.dim() == 3 else inside, w_act, w_act.new_zeros(()))
+    return Windows(episode, start, t, w_obs, w_act, inside[:, context:])
+
+
+def _window_starts(lengths, context, max_windows, seed):
     """(episode, start) of every window with a full context and one step to predict."""
     episode, start = [], []
     for n, L in enumerate(lengths.tolist()):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .imagination import imagine
-from .open_loop import window_starts
+from .open_loop import cut_windows
 
 
 @dataclass
@@ -151,20 +151,9 @@ def video_open_loop(
     for arg, value in (("context", context), ("horizon", horizon), ("num_samples", num_samples)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{arg}: expected an int >= 1, got {value!r}")
-    lengths = mask.sum(1)
-    episode, start = window_starts(lengths, context, max_windows, seed)
-    if len(episode) == 0:
-        raise ValueError(
-            f"mask: expected an episode longer than context={context}, got lengths up to {int(lengths.max())}"
-        )
-    W = context + horizon
-    t = start[:, None] + torch.arange(W)  # (n, W)
-    inside = t < lengths[episode][:, None]
-    t = t.clamp(max=obs.shape[1] - 1)
-    w_obs, w_act = obs[episode[:, None], t], actions[episode[:, None], t]
-    w_obs = torch.where(inside[..., None], w_obs, w_obs.new_zeros(()))
-    w_act = torch.where(inside[..., None] if w_act.dim() == 3 else inside, w_act, w_act.new_zeros(()))
-    valid = inside[:, context:]  # (n, H)
+    episode, start, t, w_obs, w_act, valid = cut_windows(
+        obs, actions, mask, context, horizon, max_windows, seed
+    )
     X = w_obs.shape[-1]
     probed = probe is not None and state is not None
     if probed:
