@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 from .config import REGISTRY, build, resolve, typed_kwargs
 from .evaluate import iwae_log_likelihood
 from .evaluate.profiling import PeakMemory
-from .infer import MAX_PLATE_NESTING, elbo_terms, fit, minibatch_indices
+from .infer import MAX_PLATE_NESTING, TraceEnum_ELBO, elbo_terms, fit, minibatch_indices, why_not_enumerable
 from .infer.validation import isolated_rng
 from .spaces import ActionSpace, check_device
 
@@ -155,7 +155,12 @@ class EstimatorResult:
     :ivar heldout_elbo: held-out ELBO after training, the mean over the training seeds.
     :ivar heldout_iwae: held-out IWAE-K estimate of log p(x, a) after training, likewise.
     :ivar heldout_elbo_sd, heldout_iwae_sd: their standard deviations over the training seeds.
-    :ivar heldout_by_seed: ``[{"seed": s, "heldout_elbo": …, "heldout_iwae": …}]``.
+    :ivar heldout_exact: for a model whose chain enumeration sums out (one categorical state,
+        :func:`~pyro_worldmodel.infer.why_not_enumerable`), the held-out log p(x, a) itself,
+        exactly, after training (mean over the seeds); NaN for any other model.
+    :ivar heldout_exact_sd: its standard deviation over the training seeds.
+    :ivar heldout_by_seed: ``[{"seed": s, "heldout_elbo": …, "heldout_iwae": …}]`` (and
+        ``"heldout_exact"`` where it exists).
     :ivar train_loss: the estimator's own loss per training step (the first seed).
     :ivar checkpoints: ``[{"step": s, "heldout_elbo": …}]`` during training, step 0 first (the first seed).
     :ivar seconds: wall time for this estimator, all phases.
@@ -181,6 +186,8 @@ class EstimatorResult:
     heldout_iwae: float = math.nan
     heldout_elbo_sd: float = math.nan
     heldout_iwae_sd: float = math.nan
+    heldout_exact: float = math.nan
+    heldout_exact_sd: float = math.nan
     heldout_by_seed: list[dict[str, float]] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     checkpoints: list[dict[str, float]] = field(default_factory=list)
@@ -212,11 +219,13 @@ class EstimatorComparison:
     def table(self) -> str:
         """A markdown table, one row per estimator; ``n/a`` where a figure does not exist."""
         K = self.settings["iwae_particles"]
+        exact = any(math.isfinite(r.heldout_exact) for r in self.results)
         head = (
             "| estimator | bound ± se | Var loss | Var ∇ model | Var ∇ guide | SNR model | SNR guide"
             f" | ms / step | MB / step | held-out ELBO | held-out IWAE-{K} |"
+            + (" held-out exact |" if exact else "")
         )
-        rule = "|---|" + "---:|" * 10
+        rule = "|---|" + "---:|" * (11 if exact else 10)
         rows = []
         for r in self.results:
             bound = "n/a" if r.bound is None else f"{r.bound:.3f} ± {r.bound_se:.3f}"
@@ -232,6 +241,7 @@ class EstimatorComparison:
                 _fmt(r.peak_memory / 1e6, ".3g"),
                 _pm(r.heldout_elbo, r.heldout_elbo_sd, ".3f"),
                 _pm(r.heldout_iwae, r.heldout_iwae_sd, ".3f"),
+                *([_pm(r.heldout_exact, r.heldout_exact_sd, ".3f")] if exact else []),
             ]
             rows.append("| " + " | ".join(cells) + " |")
         return "\n".join([head, rule, *rows])
@@ -293,7 +303,12 @@ class EstimatorComparison:
             " SNR is the mean of |E[g_i]| / sd[g_i] over elements with sd > 0; g is the gradient of"
             " the loss per timestep. ± after a variance or an SNR is its standard error (Var loss:"
             f" Var·√(2/(R−1)); the gradient's: {BOOTSTRAP} bootstrap resamples of the R draws). Held-out ELBO uses the analytic KL where there is one, the"
-            " same measure for every estimator.",
+            " same measure for every estimator."
+            + (
+                " Held-out exact is log p(x, a) itself, the chain summed out by enumeration (TraceEnum_ELBO)."
+                if any(math.isfinite(r.heldout_exact) for r in self.results)
+                else ""
+            ),
             "",
         ]
         return "\n".join(lines)
@@ -433,7 +448,8 @@ def compare_estimators(
     seeds = _setting("seeds", seeds, preset, 1)
     if train not in ("all", "model", "guide"):
         raise ValueError(f"train: expected 'all', 'model' or 'guide', got {train!r}")
-    if estimators is None:
+    default = estimators is None
+    if default:
         estimators = default_estimators(preset["num_particles"], num_steps)
     specs = [_as_spec(e) for e in estimators]
     if not specs:
@@ -458,11 +474,20 @@ def compare_estimators(
         pyro.set_rng_seed(seed)
         built = build(spec, obs.shape[-1], action_space)
         model, guide = built.model, built.guide
+    if default and why_not_enumerable(model) is None:  # exact enumeration joins the default estimators
+        specs.append({"name": "TraceEnum_ELBO"})
+        labels.append(estimator_label(specs[-1]))
     device = check_device(device)
     if device is not None:
         model.to(device)
         guide.to(device)
     device = next(model.parameters()).device
+    not_enumerable = why_not_enumerable(model)
+    for spec_i, label in zip(specs, labels, strict=True):
+        if not_enumerable is not None and issubclass(resolve("elbo", spec_i["name"]), TraceEnum_ELBO):
+            raise ValueError(
+                f"estimators: {label} sums the chain out exactly, but not this model's: {not_enumerable}"
+            )
 
     def on_device(x):
         return None if x is None else torch.as_tensor(x).to(device)
@@ -524,6 +549,12 @@ def compare_estimators(
         with isolated_rng(seed + 1), poutine.block():
             return elbo_terms(model, guide, *heldout, num_particles=checkpoint_particles).elbo
 
+    def heldout_exact():
+        if not_enumerable is not None:
+            return math.nan
+        exact = TraceEnum_ELBO().log_likelihood(model, *heldout)
+        return float(exact.sum() / heldout[2].sum())
+
     def heldout_iwae():
         with isolated_rng(seed + 2):
             iwae = iwae_log_likelihood(model, guide, *heldout, num_particles=iwae_particles)
@@ -570,6 +601,7 @@ def compare_estimators(
                     "seed": seed,
                     "heldout_elbo": probe.checkpoints[-1]["heldout_elbo"],
                     "heldout_iwae": heldout_iwae(),
+                    "heldout_exact": heldout_exact(),
                 }
             ]
             for k in range(1, seeds):  # the same start, other minibatches and draws
@@ -577,9 +609,17 @@ def compare_estimators(
                     make_estimator(spec_i), seed + k, callback=lambda step, history: bar.update(1)
                 )
                 row.heldout_by_seed.append(
-                    {"seed": seed + k, "heldout_elbo": float(heldout_elbo()), "heldout_iwae": heldout_iwae()}
+                    {
+                        "seed": seed + k,
+                        "heldout_elbo": float(heldout_elbo()),
+                        "heldout_iwae": heldout_iwae(),
+                        "heldout_exact": heldout_exact(),
+                    }
                 )
-            for key in ("heldout_elbo", "heldout_iwae"):
+            if not_enumerable is not None:
+                for r in row.heldout_by_seed:
+                    del r["heldout_exact"]
+            for key in ("heldout_elbo", "heldout_iwae", "heldout_exact")[: 2 if not_enumerable else 3]:
                 values = torch.tensor([r[key] for r in row.heldout_by_seed], dtype=torch.float64)
                 setattr(row, key, float(values.mean()))
                 setattr(row, f"{key}_sd", float(values.std()) if len(values) > 1 else math.nan)
@@ -595,6 +635,11 @@ def compare_estimators(
                     f"too few training steps ({num_steps}) after a warm-up of {warmup} to time one"
                 )
             row.peak_memory = probe.peak_memory
+            if isinstance(elbo, TraceEnum_ELBO):
+                row.notes.append(
+                    "exact: its bound is log p(x, a) itself, with no variance; it trains no guide, so its"
+                    " held-out ELBO and IWAE use the guide as it started: compare its held-out exact"
+                )
             if isinstance(elbo, pyro.infer.TraceTailAdaptive_ELBO):
                 row.notes.append(
                     "no bound and no loss variance: Pyro does not implement TraceTailAdaptive_ELBO.loss;"

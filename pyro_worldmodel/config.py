@@ -66,6 +66,7 @@ from .infer.elbos import (
     KLAnnealing_ELBO,
     KLBalancing_ELBO,
     LatentOvershooting_ELBO,
+    TraceEnum_ELBO,
     TraceMeanField_ELBO,
 )
 from .infer.training import MAX_PLATE_NESTING, fit
@@ -74,7 +75,10 @@ from .model.components import (
     BayesianMLPTransition,
     BernoulliContinue,
     BernoulliEmission,
+    CategoricalInit,
+    CategoricalMLPTransition,
     CategoricalPolicy,
+    CategoricalRSSMTransition,
     ConvEncoder,
     ConvGaussianEmission,
     ConvLogisticEmission,
@@ -95,7 +99,8 @@ from .model.components import (
     StudentTMLPTransition,
     TanhNormalPolicy,
 )
-from .model.guides import FilterGuide, IAFFilterGuide, MeanFieldGuide, SmoothingGuide
+from .model.components.categorical import check_guide_state, latent_classes_of
+from .model.guides import CategoricalFilterGuide, FilterGuide, IAFFilterGuide, MeanFieldGuide, SmoothingGuide
 from .model.world_model import WorldModel
 from .spaces import ActionSpace
 
@@ -103,7 +108,17 @@ from .spaces import ActionSpace
 OPTIONAL = ("reward", "continuation", "planner")
 SLOTS = ("init", "transition", "emission", "policy", "guide", "encoder", "elbo", "optim", *OPTIONAL)
 # Filled in by build() from the data and the other parts, never written in a spec.
-SUPPLIED = {"latent_dim", "obs_dim", "image_shape", "action_dim", "action_space", "encoder", "name", "self"}
+SUPPLIED = {
+    "latent_dim",
+    "latent_classes",
+    "obs_dim",
+    "image_shape",
+    "action_dim",
+    "action_space",
+    "encoder",
+    "name",
+    "self",
+}
 # fit's arguments that are data or objects, not settings a spec can hold.
 _FIT_OBJECTS = ("model", "guide", "obs", "actions", "mask", "elbo", "optim", "val")
 
@@ -150,6 +165,9 @@ def _auto_policy(latent_dim: int, action_space: ActionSpace, hidden: Sequence[in
 for _slot, _name, _cls in (
     ("init", "standard_normal", StandardNormalInit),
     ("init", "learned_gaussian", LearnedGaussianInit),
+    ("init", "categorical", CategoricalInit),
+    ("transition", "categorical_mlp", CategoricalMLPTransition),
+    ("transition", "categorical_rssm", CategoricalRSSMTransition),
     ("transition", "gaussian_mlp", GaussianMLPTransition),
     ("transition", "ensemble", EnsembleTransition),
     ("transition", "bayesian", BayesianMLPTransition),
@@ -174,6 +192,7 @@ for _slot, _name, _cls in (
     ("guide", "smoothing", SmoothingGuide),
     ("guide", "mean_field", MeanFieldGuide),
     ("guide", "iaf_filter", IAFFilterGuide),
+    ("guide", "categorical_filter", CategoricalFilterGuide),
     ("reward", "gaussian", GaussianReward),
     ("continuation", "bernoulli", BernoulliContinue),
     *(("planner", _name, _cls) for _name, _cls in PLANNERS.items()),
@@ -188,6 +207,7 @@ for _cls in (
     FreeNats_ELBO,
     KLBalancing_ELBO,
     LatentOvershooting_ELBO,
+    TraceEnum_ELBO,
 ):
     register("elbo", _cls.__name__)(_cls)
 for _name in (
@@ -718,7 +738,10 @@ def _make_all(spec: Spec, obs_dim: int, action_space: ActionSpace, name: str | N
         "action_space": action_space,
         "action_dim": action_space.feature_dim,
     }
-    parts = {slot: _make(slot, spec, supplied) for slot in ("init", "transition")}
+    parts = {"init": _make("init", spec, supplied)}
+    # A categorical state's classes are the init's setting; the transition and the guide get them.
+    supplied["latent_classes"] = latent_classes_of(parts["init"])
+    parts["transition"] = _make("transition", spec, supplied)
     # The emission and the policy read [h_t, z_t] when the transition is recurrent.
     readers = {**supplied, "latent_dim": Z + getattr(parts["transition"], "deter_dim", 0)}
     parts.update({slot: _make(slot, spec, readers) for slot in ("emission", "policy")})
@@ -730,6 +753,7 @@ def _make_all(spec: Spec, obs_dim: int, action_space: ActionSpace, name: str | N
     encoder = _make("encoder", spec, supplied)
     guide_supplied = {**supplied, "encoder": encoder, **({} if name is None else {"name": name})}
     guide = _make("guide", spec, guide_supplied)
+    check_guide_state(model, guide)
     if hasattr(guide, "attach_globals"):
         guide.attach_globals(model)  # a Bayesian transition's weights are drawn by the guide
     planner = _make("planner", spec, readers) if spec.planner else None

@@ -86,6 +86,22 @@ NOT_BATCHED = {
     ("guide", "iaf_filter"): "IAFFilterGuide's steps are not the diagonal Normals of its step_params",
 }
 SPACES = {("policy", "categorical"): DISCRETE, ("policy", "tanh_normal"): BOUNDED}
+# The parts of a categorical state are compared within one: a categorical init, transition and guide.
+CATEGORICAL = {
+    "init": {"name": "categorical", "classes": 3},
+    "transition": {"name": "categorical_mlp", "hidden": [8]},
+    "guide": {"name": "categorical_filter", "rnn_dim": 8, "hidden": [8]},
+}
+CATEGORICAL_SIZES = {"categorical_rssm": {"hidden": [8], "deter_dim": 4}}
+for _slot, _name in (
+    ("init", "categorical"),
+    ("transition", "categorical_mlp"),
+    ("transition", "categorical_rssm"),
+    ("guide", "categorical_filter"),
+):
+    NOT_BATCHED[(_slot, _name)] = (
+        "CategoricalFilterGuide's steps are not the diagonal Normals of its step_params"
+    )
 
 
 # Parts that read frames get 8×8 grayscale ones, as pixel values in a uint8 tensor.
@@ -121,6 +137,9 @@ def test_every_registered_part_gives_the_traces_loss_and_gradient(slot, name):
     frames = getattr(REGISTRY[slot][name], "observes", None) == "frames"
     if frames:
         part = {"name": name, **IMAGE_SIZES}
+    if (slot, name) in NOT_BATCHED and "Categorical" in NOT_BATCHED[(slot, name)]:
+        spec.update(CATEGORICAL)
+        part = {**CATEGORICAL.get(slot, {}), "name": name, **CATEGORICAL_SIZES.get(name, {})}
     spec[slot] = part
     if frames:
         b = build(spec, 64, space, image_shape=IMAGE)

@@ -561,7 +561,7 @@ def test_a_bad_config_is_refused_before_anything_is_written(pendulum_data, tmp_p
     )
     assert (
         rc == 2
-        and "registered: ['bayesian', 'ensemble', 'gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t']"
+        and "registered: ['bayesian', 'categorical_mlp', 'categorical_rssm', 'ensemble', 'gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t']"
         in err
     )
     assert not out.exists()

@@ -1,6 +1,7 @@
 """Specs and the registry: every part swappable by name, from Python or YAML."""
 
 import contextlib
+import inspect
 import itertools
 import json
 import math
@@ -59,6 +60,32 @@ def parameters(module):
 TRANSITIONS, EMISSIONS, GUIDES, INITS = (
     list(REGISTRY[slot]) for slot in ("transition", "emission", "guide", "init")
 )
+
+
+def state(slot, name) -> str:
+    """The kind of z_t a part is for: ``categorical`` (it takes the init's classes) or ``gaussian``."""
+    cls = REGISTRY[slot][name]
+    if slot == "init":
+        return "categorical" if "classes" in inspect.signature(cls).parameters else "gaussian"
+    return "categorical" if "latent_classes" in inspect.signature(cls).parameters else "gaussian"
+
+
+# A categorical state of one group of 3 classes (latent_dim 3); its transition and guide get them.
+CATEGORICAL_INIT = {"name": "categorical", "classes": 3}
+
+
+def init_for(transition) -> dict:
+    return (
+        CATEGORICAL_INIT if state("transition", transition) == "categorical" else {"name": "standard_normal"}
+    )
+
+
+# Transitions and guides of the same kind of state, with every emission.
+COMBINATIONS = [
+    (t, e, g)
+    for t, e, g in itertools.product(TRANSITIONS, EMISSIONS, GUIDES)
+    if state("transition", t) == state("guide", g)
+]
 # Small sizes, so that every combination trains in a fraction of a second; a part not
 # listed is built with its own defaults.
 SIZES = {
@@ -67,6 +94,8 @@ SIZES = {
         "gated": {"hidden": [8]},
         "rssm": {"hidden": [8], "deter_dim": 4},
         "student_t": {"hidden": [8]},
+        "categorical_mlp": {"hidden": [8]},
+        "categorical_rssm": {"hidden": [8], "deter_dim": 4},
     },
     "emission": {
         "gaussian_mlp": {"hidden": [8]},
@@ -80,6 +109,7 @@ SIZES = {
         "smoothing": {"rnn_dim": 8, "hidden": [8]},
         "mean_field": {"hidden": [8]},
         "iaf_filter": {"rnn_dim": 8, "hidden": [8], "iaf_hidden": [8]},
+        "categorical_filter": {"rnn_dim": 8, "hidden": [8]},
     },
 }
 
@@ -126,13 +156,12 @@ def expected_kl(transition, guide, T):
 
 
 @pytest.mark.parametrize("elbo", ["TraceMeanField_ELBO", "Trace_ELBO"])
-@pytest.mark.parametrize(
-    "transition, emission, guide", list(itertools.product(TRANSITIONS, EMISSIONS, GUIDES))
-)
+@pytest.mark.parametrize("transition, emission, guide", COMBINATIONS)
 @pytest.mark.parametrize("space", [BOX, DISCRETE], ids=["box", "discrete"])
 def test_every_combination_trains(transition, emission, guide, elbo, space):
     spec = {
         "latent_dim": 3,
+        "init": init_for(transition),
         "transition": small("transition", transition),
         "emission": small("emission", emission),
         "guide": small("guide", guide),
@@ -176,11 +205,15 @@ def test_every_combination_trains(transition, emission, guide, elbo, space):
 
 def test_round_trip_object_spec_yaml_spec_object():
     for transition, emission, init in itertools.product(TRANSITIONS, EMISSIONS, INITS):
+        if state("transition", transition) != state("init", init):
+            continue
+        categorical = state("init", init) == "categorical"
         spec = {
             "latent_dim": 4,
-            "init": {"name": init},
+            "init": {"name": init, "classes": 2} if categorical else {"name": init},
             "transition": small("transition", transition),
             "emission": small("emission", emission),
+            **({"guide": small("guide", "categorical_filter")} if categorical else {}),
         }
         pyro.set_rng_seed(1)
         first = build_for(spec, BOX)
@@ -202,6 +235,8 @@ def test_round_trip_object_spec_yaml_spec_object():
 @pytest.mark.parametrize("guide", GUIDES)
 def test_round_trip_of_each_guide(guide):
     spec = {"latent_dim": 3, "guide": small("guide", guide)}
+    if state("guide", guide) == "categorical":
+        spec.update(init=CATEGORICAL_INIT, transition=small("transition", "categorical_mlp"))
     pyro.set_rng_seed(3)
     first = build(spec, 3, DISCRETE)
     read_back = spec_of(first.model, first.guide)
@@ -283,7 +318,7 @@ def test_two_specs_in_one_process_keep_their_own_parameters():
         (
             {"transition": {"name": "gausian_mlp"}},
             BOX,
-            "transition.name: unknown 'gausian_mlp' (did you mean 'gaussian_mlp'?); registered: ['bayesian', 'ensemble', 'gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t'",
+            "transition.name: unknown 'gausian_mlp' (did you mean 'gaussian_mlp'?); registered: ['bayesian', 'categorical_mlp', 'categorical_rssm', 'ensemble', 'gated', 'gaussian_mlp', 'linear_gaussian', 'rssm', 'student_t'",
         ),
         ({"guide": {"name": "smoother"}}, BOX, "guide.name: unknown 'smoother' (did you mean 'smoothing'?)"),
         (
@@ -388,6 +423,22 @@ PRESET_CHANGES = {
     "binary": {"emission": {"name": "bernoulli"}},
     "dreamer": {
         "transition": {"name": "rssm", "deter_dim": 32, "min_scale": 0.02},
+        "elbo": {"name": "KLBalancing_ELBO", "alpha": 0.8},
+        "reward": {"name": "gaussian"},
+        "continuation": {"name": "bernoulli"},
+        "planner": {"name": "actor_critic"},
+    },
+    "categorical": {
+        "latent_dim": 32,
+        "init": {"name": "categorical", "classes": 4},
+        "transition": {"name": "categorical_mlp"},
+        "guide": {"name": "categorical_filter"},
+    },
+    "dreamerv2": {
+        "latent_dim": 32,
+        "init": {"name": "categorical", "classes": 4},
+        "transition": {"name": "categorical_rssm", "deter_dim": 32},
+        "guide": {"name": "categorical_filter"},
         "elbo": {"name": "KLBalancing_ELBO", "alpha": 0.8},
         "reward": {"name": "gaussian"},
         "continuation": {"name": "bernoulli"},

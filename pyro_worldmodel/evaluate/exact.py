@@ -130,13 +130,7 @@ class LinearGaussianSSM:
         obs = torch.as_tensor(obs, dtype=torch.float64)
         actions = torch.as_tensor(actions, dtype=torch.float64)
         B, T = obs.shape[:2]
-        if mask is None:
-            lengths = torch.full((B,), T)
-        else:
-            mask = torch.as_tensor(mask, dtype=torch.bool)
-            lengths = mask.sum(1)
-            if not torch.equal(mask, torch.arange(T) < lengths[:, None]):
-                raise ValueError("mask: expected each row to be a prefix of True values")
+        lengths = _prefix_lengths(mask, B, T)
         out = torch.zeros(B, dtype=torch.float64)  # an empty episode has log p = 0
         for L in lengths.unique().tolist():
             if L == 0:
@@ -335,3 +329,267 @@ def maximum_likelihood(
         for _ in range(num_steps):
             optim.step(closure)
     return losses
+
+
+@dataclass
+class CategoricalHMM:
+    """A hidden Markov model with actions: one categorical state of K values, action-dependent
+    transitions, Gaussian observations and a Gaussian policy, in float64::
+
+        z_1     ~ Categorical(mix(softmax(init_logits)))
+        x_t     ~ N(H[:, z_t] + obs_bias, diag obs_scale²)
+        a_t     ~ N(P[:, z_t] + act_bias, diag act_scale²)
+        z_{t+1} ~ Categorical(mix(softmax(W[:, z_t] + V a_t + bias)))
+
+    mix(p) = (1 − unimix)·p + unimix / K. It is the world model that
+    :meth:`world_model` builds (a categorical init, a categorical MLP transition without
+    hidden layers, linear-Gaussian emission and policy), and :meth:`log_prob` is its exact
+    log p(x, a), from Pyro's :class:`~pyro.distributions.DiscreteHMM` with time-varying
+    transition logits from the recorded actions: the anchor of the categorical state
+    and of :class:`~pyro_worldmodel.infer.TraceEnum_ELBO`.
+    """
+
+    init_logits: torch.Tensor  # (K,)
+    W: torch.Tensor  # (K, K): W[j, i] the logit of j after i
+    V: torch.Tensor  # (K, A)
+    bias: torch.Tensor  # (K,)
+    H: torch.Tensor  # (X, K)
+    obs_bias: torch.Tensor  # (X,)
+    obs_scale: torch.Tensor  # (X,)
+    P: torch.Tensor  # (A, K)
+    act_bias: torch.Tensor  # (A,)
+    act_scale: torch.Tensor  # (A,)
+    unimix: float = 0.0
+
+    def __post_init__(self):
+        for f in fields(self):
+            if f.name != "unimix":
+                setattr(self, f.name, torch.as_tensor(getattr(self, f.name), dtype=torch.float64))
+
+    @classmethod
+    def random(
+        cls,
+        states: int = 5,
+        obs_dim: int = 2,
+        action_dim: int = 1,
+        *,
+        seed: int = 0,
+        stay: float = 2.0,
+        spread: float = 1.0,
+        obs_scale: float = 0.5,
+        act_scale: float = 0.5,
+        unimix: float = 0.0,
+    ) -> CategoricalHMM:
+        """Random parameters: each state's observation mean drawn N(0, spread² I), transitions
+        that favour staying (``stay`` added to the diagonal's logits) and depend on the action."""
+        g = torch.Generator().manual_seed(seed)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+        K, X, A = states, obs_dim, action_dim
+        return cls(
+            init_logits=0.5 * randn(K),
+            W=randn(K, K) + stay * torch.eye(K, dtype=torch.float64),
+            V=randn(K, A),
+            bias=0.1 * randn(K),
+            H=spread * randn(X, K),
+            obs_bias=torch.zeros(X),
+            obs_scale=torch.full((X,), obs_scale),
+            P=randn(A, K),
+            act_bias=torch.zeros(A),
+            act_scale=torch.full((A,), act_scale),
+            unimix=unimix,
+        )
+
+    @classmethod
+    def initial_guess(
+        cls, obs, actions, states: int, *, seed: int = 0, restarts: int = 10, unimix: float = 0.0
+    ) -> CategoricalHMM:
+        """A start for fitting an HMM to data, as EM is commonly started: the states' means
+        (x, a) are the centres of k-means on the steps of the data, every scale the data's
+        standard deviation, the initial and transition probabilities uniform (V = 0).
+
+        k-means, in standard units: k-means++ seeds (the first centre a step drawn uniformly,
+        each next one drawn with probability proportional to its squared distance from the
+        nearest centre so far), Lloyd's iterations, the best of ``restarts`` runs by the sum of
+        squared distances. Centres drawn at random, even by k-means++ alone, often start two
+        states in one cluster of the data and none in another: a local optimum that gradient
+        ascent on the likelihood does not leave (docs/pyro_pitfalls.md).
+
+        :param obs: ``(N, T, X)``; :param actions: ``(N, T, A)``; :param states: K.
+        :param seed: seeds the k-means draws.
+        """
+        obs = torch.as_tensor(obs, dtype=torch.float64)
+        actions = torch.as_tensor(actions, dtype=torch.float64)
+        X, A = obs.shape[-1], actions.shape[-1]
+        steps = torch.cat([obs, actions], -1).reshape(-1, X + A)
+        check_int("states", states, 2)
+        check_int("restarts", restarts, 1)
+        if states > len(steps):
+            raise ValueError(f"states: expected at most the {len(steps)} steps of the data, got {states}")
+        sd = steps.std(0).clamp(min=1e-6)
+        means = _k_means(steps / sd, states, restarts, torch.Generator().manual_seed(seed)) * sd  # (K, X + A)
+        zeros = torch.zeros
+        return cls(
+            zeros(states), zeros(states, states), zeros(states, A), zeros(states),
+            means[:, :X].T, zeros(X), sd[:X], means[:, X:].T, zeros(A), sd[X:], unimix,
+        )  # fmt: skip
+
+    @property
+    def states(self) -> int:
+        return self.W.shape[0]
+
+    def _log_probs(self, logits):
+        """log mix(softmax(logits)) over the last dim."""
+        log_p = logits.log_softmax(-1)
+        if self.unimix:
+            log_p = ((1 - self.unimix) * log_p.exp() + self.unimix / self.states).log()
+        return log_p
+
+    def sample(self, num_episodes: int, T: int, *, seed: int = 0):
+        """Simulate episodes. :returns: ``obs (B, T, X)``, ``actions (B, T, A)``, ``z (B, T)`` integers."""
+        g = torch.Generator().manual_seed(seed)
+
+        def noise(scale):
+            return scale * torch.randn(num_episodes, scale.shape[0], generator=g, dtype=torch.float64)
+
+        def draw(log_p):
+            return torch.multinomial(log_p.exp(), 1, generator=g).squeeze(-1)
+
+        obs, actions, zs = [], [], []
+        z = draw(self._log_probs(self.init_logits).expand(num_episodes, -1))  # (B,)
+        for _ in range(T):
+            x = self.H.T[z] + self.obs_bias + noise(self.obs_scale)
+            a = self.P.T[z] + self.act_bias + noise(self.act_scale)
+            obs.append(x)
+            actions.append(a)
+            zs.append(z)
+            z = draw(self._log_probs(self.W.T[z] + a @ self.V.T + self.bias))
+        return torch.stack(obs, 1), torch.stack(actions, 1), torch.stack(zs, 1)
+
+    def log_prob(self, obs, actions, mask=None) -> torch.Tensor:
+        """Exact log p(x_{1:T}, a_{1:T}) per episode, by the forward algorithm of
+        :class:`~pyro.distributions.DiscreteHMM`, in float64.
+
+        (x_t, a_t) is one joint Gaussian emission of z_t. The DiscreteHMM's first
+        transition draws z_1: its logits are the init's, from every state.
+
+        :param mask: ``(B, T)`` bool, each row a prefix of True values.
+        :returns: ``(B,)``.
+        """
+        obs = torch.as_tensor(obs, dtype=torch.float64)
+        actions = torch.as_tensor(actions, dtype=torch.float64)
+        lengths = _prefix_lengths(mask, *obs.shape[:2])
+        out = torch.zeros(obs.shape[0], dtype=torch.float64)  # an empty episode has log p = 0
+        K = self.states
+        emit = dist.Normal(
+            torch.cat([self.H.T + self.obs_bias, self.P.T + self.act_bias], -1),  # (K, X + A)
+            torch.cat([self.obs_scale, self.act_scale]),
+        ).to_event(1)
+        for L in lengths.unique().tolist():
+            if L == 0:
+                continue
+            rows = lengths == L
+            a = actions[rows, :L]
+            first = self._log_probs(self.init_logits).expand(a.shape[0], 1, K, K)
+            # from state i after a_{t-1}: logits W[:, i] + V a_{t-1} + bias, (b, L - 1, K, K)
+            later = self._log_probs(self.W.T + (a[:, :-1] @ self.V.T + self.bias)[:, :, None, :])
+            trans = torch.cat([first, later], dim=1)  # (b, L, K, K)
+            hmm = dist.DiscreteHMM(torch.zeros(K, dtype=torch.float64), trans, emit, duration=L)
+            out[rows] = hmm.log_prob(torch.cat([obs[rows, :L], a], -1))
+        return out
+
+    @classmethod
+    def from_world_model(cls, model: WorldModel) -> CategoricalHMM:
+        """The HMM a :class:`WorldModel` with :meth:`world_model`'s parts defines, e.g. after
+        training, so that its exact log-likelihood can be computed (differentiably in
+        the model's parameters)."""
+        from ..model.components import CategoricalInit, CategoricalMLPTransition
+
+        for part, expected in (
+            (model.init, CategoricalInit),
+            (model.transition, CategoricalMLPTransition),
+            (model.emission, LinearGaussianEmission),
+            (model.policy, LinearGaussianPolicy),
+        ):
+            if not isinstance(part, expected):
+                raise ValueError(
+                    f"model: expected the parts of CategoricalHMM.world_model(), got a"
+                    f" {type(part).__name__} where a {expected.__name__} belongs"
+                )
+        i, t, e, p = model.init, model.transition, model.emission, model.policy
+        K = model.latent_dim
+        if i.classes != K or t.hidden or i.unimix != t.unimix:
+            raise ValueError(
+                "model: expected one categorical (latent_dim = classes), a transition without hidden"
+                f" layers and one unimix, got latent_dim {K}, classes {i.classes}, hidden {list(t.hidden)},"
+                f" unimix {i.unimix} and {t.unimix}"
+            )
+        layer = t.net[0]
+        return cls(
+            i.logits.double(), layer.weight[:, :K].double(), layer.weight[:, K:].double(),
+            layer.bias.double(), e.H.double(), e.bias.double(), e.log_scale.exp().double(),
+            p.K.double(), p.bias.double(), p.log_scale.exp().double(), i.unimix,
+        )  # fmt: skip
+
+    def world_model(self, *, name: str | None = None) -> WorldModel:
+        """A float64 :class:`WorldModel` at these parameters."""
+        from ..model.components import CategoricalInit, CategoricalMLPTransition
+
+        K, X, A = self.states, self.H.shape[0], self.P.shape[0]
+        model = WorldModel(
+            CategoricalInit(K, classes=K, unimix=self.unimix),
+            CategoricalMLPTransition(K, A, K, hidden=(), unimix=self.unimix),
+            LinearGaussianEmission(K, X),
+            LinearGaussianPolicy(K, ActionSpace.box(A)),
+            name=name,
+        ).double()
+        with torch.no_grad():
+            model.init.logits.copy_(self.init_logits)
+            layer = model.transition.net[0]
+            layer.weight.copy_(torch.cat([self.W, self.V], 1))
+            layer.bias.copy_(self.bias)
+            model.emission.H.copy_(self.H)
+            model.emission.bias.copy_(self.obs_bias)
+            model.emission.log_scale.copy_(self.obs_scale.log())
+            model.policy.K.copy_(self.P)
+            model.policy.bias.copy_(self.act_bias)
+            model.policy.log_scale.copy_(self.act_scale.log())
+        return model
+
+
+def _k_means(points, k: int, restarts: int, generator, iterations: int = 100) -> torch.Tensor:
+    """The centres ``(k, D)`` of the best of ``restarts`` runs of k-means (k-means++ seeds, then
+    Lloyd's iterations) on ``points`` ``(n, D)``, by the sum of squared distances."""
+    best, best_cost = None, float("inf")
+    for _ in range(restarts):
+        centres = points[torch.randint(len(points), (1,), generator=generator)]
+        nearest = ((points - centres[0]) ** 2).sum(-1)
+        for _ in range(k - 1):
+            pick = torch.multinomial(nearest / nearest.sum(), 1, generator=generator)
+            centres = torch.cat([centres, points[pick]])
+            nearest = torch.minimum(nearest, ((points - points[pick]) ** 2).sum(-1))
+        for _ in range(iterations):
+            label = torch.cdist(points, centres).argmin(-1)
+            moved = torch.stack(
+                [points[label == j].mean(0) if (label == j).any() else centres[j] for j in range(k)]
+            )
+            if torch.equal(moved, centres):
+                break
+            centres = moved
+        cost = float(torch.cdist(points, centres).min(-1).values.pow(2).sum())
+        if cost < best_cost:
+            best, best_cost = centres, cost
+    return best
+
+
+def _prefix_lengths(mask, B: int, T: int) -> torch.Tensor:
+    """Each row's length, ``(B,)``, from a mask whose rows are prefixes of True values."""
+    if mask is None:
+        return torch.full((B,), T)
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    lengths = mask.sum(1)
+    if not torch.equal(mask, torch.arange(T) < lengths[:, None]):
+        raise ValueError("mask: expected each row to be a prefix of True values")
+    return lengths

@@ -7,8 +7,10 @@ from .elbos import (
     KLBalancing_ELBO,
     LatentOvershooting_ELBO,
     MonteCarloKLWarning,
+    TraceEnum_ELBO,
     TraceMeanField_ELBO,
     analytic_kl,
+    why_not_enumerable,
 )
 from .terms import ELBOTerms, elbo_terms
 from .training import (
@@ -32,6 +34,7 @@ __all__ = [
     "LatentOvershooting_ELBO",
     "MAX_PLATE_NESTING",
     "MonteCarloKLWarning",
+    "TraceEnum_ELBO",
     "TraceMeanField_ELBO",
     "analytic_kl",
     "check_training_data",
@@ -41,5 +44,6 @@ __all__ = [
     "fit",
     "linear_warm_start",
     "minibatch_indices",
+    "why_not_enumerable",
     "why_no_linear_warm_start",
 ]

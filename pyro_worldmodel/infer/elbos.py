@@ -36,6 +36,8 @@ from pyro.infer.util import check_fully_reparametrized, is_validation_enabled, t
 from pyro.util import warn_if_nan
 from torch.distributions import Normal, kl_divergence
 
+from ..model.components.categorical import GroupedOneHot
+from ..model.world_model import WorldModel
 from ..spaces import check_real
 from . import batched
 
@@ -488,7 +490,9 @@ class KLBalancing_ELBO(TraceMeanField_ELBO):
     It is implemented by rebuilding q and p with each parameter tensor x
     replaced by x̃ = sg(x) + w·(x − sg(x)): x̃ equals x, and its gradient
     is w times x's (w = α for p, 1 − α for q). Supports distributions built
-    from ``MaskedDistribution``, ``Independent`` and ``Normal``; any other
+    from ``MaskedDistribution``, ``Independent`` and ``Normal``, and the categorical
+    state's :class:`~pyro_worldmodel.model.components.GroupedOneHot` (x its normalised
+    logits, so that the unimix is applied once); any other
     pair raises ``ValueError``, as does a site without an analytic KL (a
     Monte Carlo estimate has no stop-gradient split of this kind).
 
@@ -645,10 +649,14 @@ def _weigh_gradient(d, w, where):
         return dist.Independent(_weigh_gradient(d.base_dist, w, where), d.reinterpreted_batch_ndims)
     if type(d) in (dist.Normal, torch.distributions.Normal):
         return dist.Normal(_scale_grad(d.loc, w), _scale_grad(d.scale, w), validate_args=False)
+    if type(d) is GroupedOneHot:  # its logits are normalised already: the unimix is not applied twice
+        return GroupedOneHot(
+            _scale_grad(d.logits, w), d.classes, 0.0, d.straight_through, validate_args=False
+        )
     name, pair = where
     raise ValueError(
         f"KLBalancing_ELBO: cannot split the gradient of {pair} at {name}: {type(d).__name__} is not"
-        " supported; expected MaskedDistribution and Independent around Normal"
+        " supported; expected MaskedDistribution and Independent around Normal, or GroupedOneHot"
     )
 
 
@@ -670,6 +678,121 @@ def _check_pyro_args(num_particles, max_plate_nesting):
     _check_int("num_particles", num_particles, low=1)
     if max_plate_nesting != float("inf"):
         _check_int("max_plate_nesting", max_plate_nesting, low=0)
+
+
+# ---------------------------------------------------------------- exact enumeration
+
+
+class TraceEnum_ELBO(pyro.infer.TraceEnum_ELBO):
+    """The exact log-likelihood −log p(x, a) of a world model whose z_t is one categorical of
+    K states, by Pyro's ``TraceEnum_ELBO``: every z_t enumerated in parallel under
+    ``pyro.markov``, no guide for z.
+
+    The model is the world model's own Pyro program (:meth:`WorldModel.model
+    <pyro_worldmodel.model.WorldModel.model>`), run inside :meth:`WorldModel.enumerated
+    <pyro_worldmodel.model.WorldModel.enumerated>` so that each step's observed sites sit
+    beside z_t in the chain, with every z_t configured for parallel enumeration. Pyro then
+    sums the chain out by variable elimination, in O(T K²) per episode, and the loss is
+    −log p(x_{1:T}, a_{1:T}) itself: no bound. The guide passed to the loss is not run (its
+    parameters are not trained); with a categorical prior the exact posterior needs none.
+
+    It applies to a model whose init and transition give one categorical (``latent_dim``
+    equal to the init's ``classes``), whose transition is Markov (not the RSSM: its h_t
+    carries every earlier z_t, so no dimension could be recycled) and has no global latents;
+    anything else raises ``ValueError``. Its cost grows as K², so it is for up to a few
+    hundred states.
+
+    The arguments are Pyro's ``TraceEnum_ELBO``'s, with ``max_plate_nesting`` 2, the world
+    model's two plates.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: float = 2,
+        vectorize_particles: bool = False,
+        strict_enumeration_warning: bool = True,
+        ignore_jit_warnings: bool = False,
+        retain_graph: bool | None = None,
+    ):
+        _check_pyro_args(num_particles, max_plate_nesting)
+        if max_plate_nesting == float("inf"):
+            raise ValueError("max_plate_nesting: expected an int (2 for the world model), got inf")
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            strict_enumeration_warning=strict_enumeration_warning,
+            ignore_jit_warnings=ignore_jit_warnings,
+            retain_graph=retain_graph,
+        )
+
+    def _programs(self, model_fn, kwargs):
+        world_model = getattr(model_fn, "__self__", None)
+        if (
+            not isinstance(world_model, WorldModel)
+            or getattr(model_fn, "__func__", None) is not WorldModel.model
+        ):
+            raise ValueError(f"TraceEnum_ELBO: expected a world model's .model, got {model_fn!r}")
+        why = why_not_enumerable(world_model)
+        if why is None and kwargs.get("horizon", 0) not in (0, None):
+            why = "a horizon imagines steps past the data, which enumeration would sum out too"
+        if why is not None:
+            raise ValueError(f"TraceEnum_ELBO: {why}")
+
+        def model(*args, **kw):
+            with world_model.enumerated():
+                return model_fn(*args, **kw)
+
+        return pyro.infer.config_enumerate(model, default="parallel"), _no_guide
+
+    def loss(self, model, guide, *args, **kwargs):
+        return super().loss(*self._programs(model, kwargs), *args, **kwargs)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        return super().differentiable_loss(*self._programs(model, kwargs), *args, **kwargs)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        return super().loss_and_grads(*self._programs(model, kwargs), *args, **kwargs)
+
+    def log_likelihood(self, model, obs, actions, mask=None, **targets) -> torch.Tensor:
+        """log p(x_{1:T}, a_{1:T}) of each episode, exactly: ``(B,)`` nats, without gradient.
+
+        :param model: the :class:`~pyro_worldmodel.model.WorldModel`; the other arguments
+            are its :meth:`~pyro_worldmodel.model.WorldModel.model`'s (``rewards``,
+            ``continues`` as keywords).
+        """
+        obs, actions, mask = model.check_inputs(obs, actions, mask)
+        out = []
+        for b in range(mask.shape[0]):  # the contraction sums the episodes: one at a time
+            one = {k: v[b : b + 1] for k, v in targets.items() if v is not None}
+            rows = (obs[b : b + 1], actions[b : b + 1], mask[b : b + 1])
+            out.append(-self.loss(model.model, None, *rows, **one))
+        return torch.tensor(out, dtype=obs.dtype)
+
+
+def _no_guide(*args, **kwargs):
+    """No guide: every latent site of the model is enumerated."""
+
+
+def why_not_enumerable(model) -> str | None:
+    """None if :class:`TraceEnum_ELBO` can sum ``model``'s chain out exactly; else why not."""
+    K = model.latent_classes
+    if K is None:
+        return f"z_t is Gaussian ({type(model.init).__name__}); enumeration needs a categorical state"
+    if model.latent_dim != K:
+        return (
+            f"z_t is {model.latent_dim // K} groups of {K} classes, {K}^{model.latent_dim // K} joint"
+            f" states; enumeration takes one group (latent_dim = classes = {K})"
+        )
+    if model.deter_dim:
+        return (
+            f"the {type(model.transition).__name__} carries h_t, a function of every earlier z_t,"
+            " so the chain is not Markov in z_t; use the categorical_mlp transition"
+        )
+    if model.has_global_latents:
+        return "the transition has global latents (a Bayesian transition's weights)"
+    return None
 
 
 # ---------------------------------------------------------------- compiled

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DivergenceError
 from ..io import load_checkpoint, save_checkpoint
+from ..model.components.categorical import check_guide_state
 from ..spaces import check_device, check_int
 from .elbos import TraceMeanField_ELBO
 from .terms import elbo_terms
@@ -369,6 +370,7 @@ def check_training_data(model, guide, obs, actions, mask=None, *, rewards=None, 
     targets = {k: v for k, v in (("rewards", rewards), ("continues", continues)) if v is not None}
     if hasattr(guide, "check_inputs"):
         guide.check_inputs(obs, actions, mask, check_values=False)
+    check_guide_state(model, guide)
     if hasattr(guide, "draws_globals_of") and not guide.draws_globals_of(model):
         raise ValueError(
             f"guide: expected it to draw the weights of the model's {type(model.transition).__name__},"

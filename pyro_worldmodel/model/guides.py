@@ -14,7 +14,7 @@ from pyro.nn import AutoRegressiveNN
 from torch import nn
 
 from ..spaces import ActionSpace, ChecksInputs
-from .components import Combiner, IdentityEncoder
+from .components import CategoricalCombiner, Combiner, IdentityEncoder
 from .components.nets import ScaleMap, mlp
 from .naming import register_module, unique_name
 
@@ -226,6 +226,74 @@ class SmoothingGuide(FilterGuide):
         h, _ = self.rnn(inputs[rows, reverse])  # the GRU reads each episode from its end
         a_prev = torch.cat([torch.zeros_like(a_feat[:, :1]), a_feat[:, :-1]], dim=1)
         return torch.cat([h[rows, reverse], inputs, a_prev], dim=-1)  # (B, T, H + X + 2A)
+
+
+class CategoricalFilterGuide(FilterGuide):
+    """q(z_t | z_{t-1}, x_{≤t}, a_{<t}) for a categorical state: G groups of K classes.
+
+    The filter of :class:`FilterGuide` (the same GRU over the encoded observations and the
+    actions), whose step is a :class:`~pyro_worldmodel.model.components.CategoricalCombiner`:
+    logits = MLP([z_{t-1}, h_t]), straight-through samples, the uniform mix ``unimix``.
+    Its KL to the model's categorical prior is analytic at every step. It is trained on
+    Pyro's traces (its steps are not Normals).
+
+    :param latent_classes: K, supplied by :func:`~pyro_worldmodel.build` from the init's ``classes``.
+    :param unimix: u of the uniform mix; :param straight_through: as
+        :class:`~pyro_worldmodel.model.components.GroupedOneHot`'s.
+    The other arguments are :class:`FilterGuide`'s.
+    """
+
+    _prefix = "categorical_filter_guide"
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_space: ActionSpace,
+        latent_dim: int,
+        latent_classes: int,
+        rnn_dim: int = 64,
+        hidden: Sequence[int] = (64,),
+        *,
+        encoder: nn.Module | None = None,
+        name: str | None = None,
+        unimix: float = 0.01,
+        straight_through: bool = True,
+        input_noise: float = 0.0,
+    ):
+        super().__init__(
+            obs_dim,
+            action_space,
+            latent_dim,
+            rnn_dim,
+            hidden,
+            encoder=encoder,
+            name=name,
+            input_noise=input_noise,
+        )
+        summary = self.combiner.summary_dim
+        self.combiner = CategoricalCombiner(
+            latent_dim, summary, latent_classes, hidden, unimix, straight_through
+        )
+        self.latent_classes = self.combiner.latent_classes
+        self.unimix, self.straight_through = self.combiner.unimix, self.combiner.straight_through
+        del self.min_scale, self.covariance
+
+    @classmethod
+    def for_model(cls, model, **kwargs) -> CategoricalFilterGuide:
+        """A filter whose sizes and classes match ``model``'s."""
+        guide = cls(model.obs_dim, model.action_space, model.latent_dim, model.latent_classes, **kwargs)
+        guide.attach_globals(model)
+        return guide
+
+    def init_reading(self, obs_map, scale) -> None:
+        raise ValueError("init_reading: a categorical state is not read off x_t by a linear map")
+
+    def step_params(self, z_prev, context_t, weights):
+        raise NotImplementedError("a categorical step has logits, not a loc and a scale: use step()")
+
+    def step(self, z_prev, context_t, weights) -> dist.TorchDistribution:
+        """q(z_t | z_{t-1}, ·): :class:`~pyro_worldmodel.model.components.GroupedOneHot`, event ``(Z,)``."""
+        return self.combiner.step(z_prev, context_t, weights)
 
 
 class IAFFilterGuide(FilterGuide):

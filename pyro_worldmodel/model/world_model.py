@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import pyro
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 
 from ..spaces import INT_DTYPES, ActionSpace, ChecksInputs
 from .components import GaussianMLPEmission, GaussianMLPTransition, StandardNormalInit, auto_policy
+from .components.categorical import describe_state, latent_classes_of
 from .components.nets import cat_batched
 from .naming import register_module, unique_name
 
@@ -66,6 +67,12 @@ class WorldModel(ChecksInputs, nn.Module):
                 raise ValueError(
                     f"{type(part).__name__}: expected latent_dim={expected} {why}, got {part.latent_dim}"
                 )
+        init_classes, transition_classes = latent_classes_of(init), latent_classes_of(transition)
+        if init_classes != transition_classes:
+            raise ValueError(
+                f"transition: expected {describe_state(init_classes)} as {type(init).__name__} gives,"
+                f" got {type(transition).__name__} with {describe_state(transition_classes)}"
+            )
         if transition.action_dim != policy.action_space.feature_dim:
             raise ValueError(
                 f"transition: expected action_dim={policy.action_space.feature_dim} to match"
@@ -119,6 +126,12 @@ class WorldModel(ChecksInputs, nn.Module):
     @property
     def latent_dim(self) -> int:
         return self.init.latent_dim
+
+    @property
+    def latent_classes(self) -> int | None:
+        """K, the classes per group of a categorical state (z_t is latent_dim / K one-hot
+        groups); None for a Gaussian state."""
+        return latent_classes_of(self.init)
 
     @property
     def deter_dim(self) -> int:
@@ -191,18 +204,48 @@ class WorldModel(ChecksInputs, nn.Module):
                         prior = self.init((B, 1))
                     else:
                         prior, h = self.step(z[-1], a_feat[:, t - 1 : t], h)  # a_{t-1}: (B, 1, A)
-                    z.append(pyro.sample(f"z_{t}", prior.mask(mask[:, t : t + 1])))  # (..., B, 1, Z)
+                    if self._per_step:
+                        # Summed out by enumeration: unmasked, as a padded step's prior sums to 1
+                        # over its states (masked, each state would count 1, the sum K).
+                        z.append(pyro.sample(f"z_{t}", prior))
+                    else:
+                        z.append(pyro.sample(f"z_{t}", prior.mask(mask[:, t : t + 1])))  # (..., B, 1, Z)
                     feats.append(self.features(z[-1], h))
+                    if self._per_step:  # x_t etc. beside z_t, in the chain that enumeration contracts
+                        step = slice(t, t + 1)
+                        targets = [None if v is None else v[:, step] for v in (rewards, continues)]
+                        for site, (d, value) in self.observation_sites(
+                            feats[-1], a_feat[:, step], obs[:, step], actions[:, step], *targets
+                        ).items():
+                            pyro.sample(f"{site}_{t}", d.mask(mask[:, step]), obs=value)
                 z = _cat_time(z)  # (..., B, T, Z)
                 features = _cat_time(feats)  # (..., B, T, D + Z)
-                with pyro.plate("time", T, dim=-1):
-                    for site, (d, value) in self.observation_sites(
-                        features, a_feat, obs, actions, rewards, continues
-                    ).items():
-                        pyro.sample(site, d.mask(mask), obs=value)
+                if not self._per_step:
+                    with pyro.plate("time", T, dim=-1):
+                        for site, (d, value) in self.observation_sites(
+                            features, a_feat, obs, actions, rewards, continues
+                        ).items():
+                            pyro.sample(site, d.mask(mask), obs=value)
                 if horizon:
                     self._dream(z[..., -1:, :], h, a_feat[:, -1:], T, horizon, future_actions)
         return z
+
+    _per_step = False
+
+    @contextmanager
+    def enumerated(self):
+        """Inside the block, :meth:`model` is the same program arranged for exact enumeration
+        (:class:`~pyro_worldmodel.infer.TraceEnum_ELBO`): each step's observed sites,
+        ``x_{t}``, ``a_{t}`` (and ``r_{t}``, ``c_{t}``), are sampled beside z_t inside the
+        Markov chain instead of over a time plate after it, so that ``pyro.markov`` can
+        recycle each z_t's enumeration dimension; and the z_t sites are not masked, so that
+        a padded step's prior sums to 1. The factors are the same
+        (:meth:`observation_sites`)."""
+        previous, self._per_step = self._per_step, True
+        try:
+            yield self
+        finally:
+            self._per_step = previous
 
     def targets(self, rewards, continues) -> dict:
         """``{"rewards": ..., "continues": ...}`` for the heads this model has: the keywords

@@ -1,5 +1,12 @@
 """Components: small modules, each returning the distribution of one factor."""
 
+from .categorical import (
+    CategoricalCombiner,
+    CategoricalInit,
+    CategoricalMLPTransition,
+    CategoricalRSSMTransition,
+    GroupedOneHot,
+)
 from .combiner import Combiner
 from .emission import BernoulliEmission, GaussianMLPEmission, LinearGaussianEmission, StudentTEmission
 from .encoder import IdentityEncoder
@@ -18,6 +25,11 @@ from .transition import (
 )
 
 __all__ = [
+    "CategoricalCombiner",
+    "CategoricalInit",
+    "CategoricalMLPTransition",
+    "CategoricalRSSMTransition",
+    "GroupedOneHot",
     "IdentityEncoder",
     "ConvEncoder",
     "ConvGaussianEmission",

@@ -439,5 +439,9 @@ class RSSMTransition(nn.Module):
         e = e.expand(*shape, e.shape[-1]).reshape(-1, e.shape[-1])  # GRUCell takes (N, ·)
         h_prev = h_prev.expand(*shape, self.deter_dim).reshape(-1, self.deter_dim)
         h = self.cell(e, h_prev).reshape(*shape, self.deter_dim)  # (..., D)
-        loc, raw_scale = self.prior(h).chunk(2, dim=-1)  # (..., Z) each
-        return dist.Normal(loc, self.scale_map(raw_scale)).to_event(1), h
+        return self.latent(self.prior(h)), h
+
+    def latent(self, out: torch.Tensor) -> dist.Distribution:
+        """p(z_t | h_t) from the prior MLP's output: a diagonal Normal of loc and raw scale."""
+        loc, raw_scale = out.chunk(2, dim=-1)  # (..., Z) each
+        return dist.Normal(loc, self.scale_map(raw_scale)).to_event(1)
