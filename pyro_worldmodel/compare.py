@@ -474,7 +474,7 @@ def compare_estimators(
         pyro.set_rng_seed(seed)
         built = build(spec, obs.shape[-1], action_space)
         model, guide = built.model, built.guide
-    if default and why_not_enumerable(model) is None:  # exact enumeration joins the default estimators
+    if default and train != "guide" and why_not_enumerable(model) is None:  # exact enumeration joins them
         specs.append({"name": "TraceEnum_ELBO"})
         labels.append(estimator_label(specs[-1]))
     device = check_device(device)
@@ -484,9 +484,16 @@ def compare_estimators(
     device = next(model.parameters()).device
     not_enumerable = why_not_enumerable(model)
     for spec_i, label in zip(specs, labels, strict=True):
-        if not_enumerable is not None and issubclass(resolve("elbo", spec_i["name"]), TraceEnum_ELBO):
+        if not issubclass(resolve("elbo", spec_i["name"]), TraceEnum_ELBO):
+            continue
+        if not_enumerable is not None:
             raise ValueError(
                 f"estimators: {label} sums the chain out exactly, but not this model's: {not_enumerable}"
+            )
+        if train == "guide":
+            raise ValueError(
+                f"estimators: {label} trains the model alone (it runs no guide), but train='guide' holds"
+                " the model fixed; leave it out or train 'all'"
             )
 
     def on_device(x):

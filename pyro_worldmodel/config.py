@@ -987,6 +987,11 @@ def _check_kwargs(slot, cls, kwargs, skip=()):
         k for k, p in params.items() if k not in SUPPLIED and k not in skip and p.kind != p.VAR_POSITIONAL
     ]
     for key in kwargs:
+        if key == "latent_classes" and key in params:
+            raise ValueError(
+                f"{slot}.latent_classes: build gives {getattr(cls, '__name__', cls)} the init's classes;"
+                f" set init.classes instead, got {slot}.latent_classes={_show(kwargs[key])}"
+            )
         if key not in accepted:
             raise ValueError(
                 f"{slot}.{key}: {getattr(cls, '__name__', cls)} takes no keyword {_show(key)}"

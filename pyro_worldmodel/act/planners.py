@@ -69,7 +69,8 @@ def belief(model, guide, obs, actions) -> LatentState:
     if getattr(guide, "_action_blocks", 1) > 1:
         raise ValueError(
             f"guide: {type(guide).__name__} reads a_t and the future, which an agent that has yet to"
-            " act does not have; act with a filter (filter, iaf_filter) or the mean-field guide"
+            " act does not have; act with a filter (filter, iaf_filter, categorical_filter) or the"
+            " mean-field guide"
         )
     z = guide(obs, actions)  # (B, C, Z)
     h = _deterministic_states(model, z, actions)
@@ -144,7 +145,7 @@ def imagined_returns(
             weight = weight * model.continuation(f).mean
         weight = weight * discount
         prior, h = model.step(z, a_k, h)
-        z = prior.rsample() if sample else prior.mean
+        z = _next_state(prior, sample)
         if latents is not None:
             latents.append(z)
     if value is not None:
@@ -387,6 +388,16 @@ class PolicyPlanner:
         return clip_to_space(_mode(pi), model.action_space)
 
 
+def _next_state(prior, sample: bool) -> torch.Tensor:
+    """z_{t+1} of an imagined step: a draw (reparameterised where the prior can be, so that
+    gradients reach the dynamics), or the most likely state: the mean of a Gaussian, the
+    likeliest class of each group of a categorical state (its mean, the probabilities, is
+    no state the model was trained on)."""
+    if sample:
+        return prior.rsample() if prior.has_rsample else prior.sample()
+    return prior.mode
+
+
 def _mode(d):
     """The most likely action of a policy's distribution (the squashed base mean for a tanh policy)."""
     while isinstance(d, dist.Independent):
@@ -563,7 +574,7 @@ class ActorCriticPlanner(nn.Module):
             logps.append(log_p)
             ents.append(entropy)
             prior, h = model.step(z, a_feat, h)
-            z = prior.rsample()
+            z = _next_state(prior, sample=True)
             if discrete:
                 z = z.detach()
                 h = None if h is None else h.detach()

@@ -404,7 +404,7 @@ class CategoricalHMM:
 
     @classmethod
     def initial_guess(
-        cls, obs, actions, states: int, *, seed: int = 0, restarts: int = 10, unimix: float = 0.0
+        cls, obs, actions, states: int, mask=None, *, seed: int = 0, restarts: int = 10, unimix: float = 0.0
     ) -> CategoricalHMM:
         """A start for fitting an HMM to data, as EM is commonly started: the states' means
         (x, a) are the centres of k-means on the steps of the data, every scale the data's
@@ -418,16 +418,21 @@ class CategoricalHMM:
         ascent on the likelihood does not leave (docs/pyro_pitfalls.md).
 
         :param obs: ``(N, T, X)``; :param actions: ``(N, T, A)``; :param states: K.
+        :param mask: ``(N, T)`` bool, True on observed steps (padding is not clustered); all if None.
         :param seed: seeds the k-means draws.
         """
         obs = torch.as_tensor(obs, dtype=torch.float64)
         actions = torch.as_tensor(actions, dtype=torch.float64)
         X, A = obs.shape[-1], actions.shape[-1]
-        steps = torch.cat([obs, actions], -1).reshape(-1, X + A)
+        steps = torch.cat([obs, actions], -1)
+        steps = steps.reshape(-1, X + A) if mask is None else steps[torch.as_tensor(mask, dtype=torch.bool)]
         check_int("states", states, 2)
         check_int("restarts", restarts, 1)
-        if states > len(steps):
-            raise ValueError(f"states: expected at most the {len(steps)} steps of the data, got {states}")
+        distinct = len(torch.unique(steps, dim=0))
+        if states > distinct:
+            raise ValueError(
+                f"states: expected at most the {distinct} distinct observed steps of the data, got {states}"
+            )
         sd = steps.std(0).clamp(min=1e-6)
         means = _k_means(steps / sd, states, restarts, torch.Generator().manual_seed(seed)) * sd  # (K, X + A)
         zeros = torch.zeros
@@ -507,6 +512,11 @@ class CategoricalHMM:
         the model's parameters)."""
         from ..model.components import CategoricalInit, CategoricalMLPTransition
 
+        if model.reward is not None or model.continuation is not None:
+            raise ValueError(
+                "model: expected no reward or continue head: the HMM's log p(x, a) has no r_t or c_t, got"
+                f" {', '.join(type(h).__name__ for h in (model.reward, model.continuation) if h is not None)}"
+            )
         for part, expected in (
             (model.init, CategoricalInit),
             (model.transition, CategoricalMLPTransition),

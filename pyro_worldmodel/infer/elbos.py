@@ -716,8 +716,15 @@ class TraceEnum_ELBO(pyro.infer.TraceEnum_ELBO):
         retain_graph: bool | None = None,
     ):
         _check_pyro_args(num_particles, max_plate_nesting)
-        if max_plate_nesting == float("inf"):
-            raise ValueError("max_plate_nesting: expected an int (2 for the world model), got inf")
+        if max_plate_nesting == float("inf") or max_plate_nesting < 2:
+            raise ValueError(
+                f"max_plate_nesting: expected an int >= 2 (the world model's two plates), got {max_plate_nesting}"
+            )
+        if num_particles != 1 or vectorize_particles:
+            raise ValueError(
+                "num_particles, vectorize_particles: expected 1 and False: the enumerated loss is exact,"
+                f" so further particles repeat it, got {num_particles} and {vectorize_particles}"
+            )
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -736,7 +743,10 @@ class TraceEnum_ELBO(pyro.infer.TraceEnum_ELBO):
             raise ValueError(f"TraceEnum_ELBO: expected a world model's .model, got {model_fn!r}")
         why = why_not_enumerable(world_model)
         if why is None and kwargs.get("horizon", 0) not in (0, None):
-            why = "a horizon imagines steps past the data, which enumeration would sum out too"
+            why = (
+                f"horizon: expected 0, got {kwargs['horizon']}: a horizon imagines steps past the data,"
+                " which enumeration would sum out too"
+            )
         if why is not None:
             raise ValueError(f"TraceEnum_ELBO: {why}")
 

@@ -19,7 +19,7 @@ from ..errors import DivergenceError
 from ..io import load_checkpoint, save_checkpoint
 from ..model.components.categorical import check_guide_state
 from ..spaces import check_device, check_int
-from .elbos import TraceMeanField_ELBO
+from .elbos import TraceEnum_ELBO, TraceMeanField_ELBO
 from .terms import elbo_terms
 from .validation import Monitor, as_sequences, set_training_mode
 
@@ -183,11 +183,22 @@ def fit(
         monitor = Monitor(
             model, guide, (v_obs, v_actions, v_mask), (obs, actions, mask),
             every=val_every, particles=val_particles, iwae=val_iwae, patience=patience,
+            exact=isinstance(elbo, TraceEnum_ELBO),
         )  # fmt: skip
     if getattr(model, "has_global_latents", False):
         # A minibatch of B episodes carries B / N of the global latents' KL.
         model.transition.num_episodes.fill_(N)
 
+    if isinstance(elbo, TraceEnum_ELBO) and train == "guide":
+        raise ValueError(
+            "train: expected 'all' or 'model' with TraceEnum_ELBO, which runs no guide and sums the"
+            " model's chain out, got 'guide': there would be nothing to train"
+        )
+    if isinstance(elbo, pyro.infer.TraceMeanField_ELBO) and getattr(guide, "straight_through", True) is False:
+        raise ValueError(
+            f"guide.straight_through: expected True with {type(elbo).__name__}, which needs samples that"
+            " carry a gradient; got False: train with TraceGraph_ELBO (or Trace_ELBO), which score them"
+        )
     if seed is not None:
         pyro.set_rng_seed(seed)
     order_seed = int(torch.randint(2**62, ())) if seed is None else seed

@@ -12,6 +12,7 @@ from pyro.util import get_rng_state, set_rng_state
 
 from ..spaces import check_int
 from . import batched
+from .elbos import TraceEnum_ELBO
 from .terms import elbo_terms, iwae_log_likelihood
 
 # The validation draws are the same at every check, whatever the training has drawn:
@@ -93,9 +94,14 @@ class Monitor:
     """What :func:`~pyro_worldmodel.fit` measures every ``every`` steps: the bound on the
     held-out sequences and on a fixed subset of as many training sequences (at most 256),
     the best held-out value so far, and whether ``patience`` checks have passed without it
-    improving."""
+    improving.
 
-    def __init__(self, model, guide, val, train, *, every, particles, iwae, patience):
+    With ``exact`` (training by :class:`~pyro_worldmodel.infer.TraceEnum_ELBO`, which trains
+    no guide), ``val_elbo`` and ``train_elbo`` are the exact log-likelihood per observed
+    timestep, summed out by enumeration, not a bound through the untrained guide."""
+
+    def __init__(self, model, guide, val, train, *, every, particles, iwae, patience, exact=False):
+        self.exact = exact
         self.every = check_int("val_every", every, 1)
         self.particles = check_int("val_particles", particles, 1)
         self.iwae = check_int("val_iwae", iwae, 0)
@@ -126,6 +132,11 @@ class Monitor:
         set_training_mode(False, self.model, self.guide)  # measured as used: without training-time noise
         try:
             for name, data in (("train", self.train), ("val", self.val)):
+                if self.exact:
+                    with torch.no_grad():
+                        exact = TraceEnum_ELBO().log_likelihood(self.model, *data)
+                    record[f"{name}_elbo"] = float(exact.sum() / data[2].sum())
+                    continue
                 record[f"{name}_elbo"] = bound_per_step(
                     self.model, self.guide, *data, num_particles=self.particles
                 )

@@ -173,7 +173,7 @@ class WorldModel(ChecksInputs, nn.Module):
             Both are checked (:meth:`check_future_actions`,
             :meth:`check_future_action`). Set actions are
             interventions: they are not scored by π.
-        :returns: the latents ``(B, T, Z)``.
+        :returns: the latents ``(B, T, Z)``; None inside :meth:`enumerated`.
 
         Sites: ``z_{t}`` for each t, then ``x`` and ``a`` (and ``r``, ``c`` when given)
         over a time plate.
@@ -218,14 +218,17 @@ class WorldModel(ChecksInputs, nn.Module):
                             feats[-1], a_feat[:, step], obs[:, step], actions[:, step], *targets
                         ).items():
                             pyro.sample(f"{site}_{t}", d.mask(mask[:, step]), obs=value)
+                if self._per_step:
+                    # Each z_t carries its own enumeration dimension: stacked over time they
+                    # would broadcast to K^2 · B · T · Z values, and nothing reads them.
+                    return None
                 z = _cat_time(z)  # (..., B, T, Z)
                 features = _cat_time(feats)  # (..., B, T, D + Z)
-                if not self._per_step:
-                    with pyro.plate("time", T, dim=-1):
-                        for site, (d, value) in self.observation_sites(
-                            features, a_feat, obs, actions, rewards, continues
-                        ).items():
-                            pyro.sample(site, d.mask(mask), obs=value)
+                with pyro.plate("time", T, dim=-1):
+                    for site, (d, value) in self.observation_sites(
+                        features, a_feat, obs, actions, rewards, continues
+                    ).items():
+                        pyro.sample(site, d.mask(mask), obs=value)
                 if horizon:
                     self._dream(z[..., -1:, :], h, a_feat[:, -1:], T, horizon, future_actions)
         return z

@@ -106,7 +106,7 @@ class GroupedOneHot(dist.TorchDistribution):
 
     @property
     def support(self):
-        return constraints.independent(constraints.boolean, 1)  # one-hot blocks, each summing to 1
+        return _OneHotBlocks(self.classes)
 
     @property
     def probs(self) -> torch.Tensor:
@@ -131,7 +131,12 @@ class GroupedOneHot(dist.TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
         logits = self.logits.expand(*batch_shape, self.logits.shape[-1])
-        return GroupedOneHot(logits, self.classes, 0.0, self.straight_through, validate_args=False)
+        # The logits are mixed already: mixed again they would change; the setting is kept.
+        new = GroupedOneHot(
+            logits, self.classes, 0.0, self.straight_through, validate_args=self._validate_args
+        )
+        new.unimix = self.unimix
+        return new
 
     def sample(self, sample_shape=()) -> torch.Tensor:
         with torch.no_grad():
@@ -152,9 +157,11 @@ class GroupedOneHot(dist.TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         grouped = value.reshape(*value.shape[:-1], self.groups, self.classes)
-        # Σ_k value_gk log p_gk, with 0 · log p = 0 (a unimix of 0 can give log p = -inf)
-        terms = torch.where(grouped != 0, grouped * self.log_probs, grouped.new_zeros(()))
-        return terms.sum((-2, -1))
+        # Σ_k value_gk log p_gk, linear in the value, so that a straight-through sample's
+        # gradient reaches every class; log p floored at the dtype's least, so that
+        # 0 · log p = 0 where a unimix of 0 leaves a probability of 0.
+        log_p = self.log_probs.clamp(min=torch.finfo(self.log_probs.dtype).min)
+        return (grouped * log_p).sum((-2, -1))
 
     def entropy(self) -> torch.Tensor:
         return -(self.probs * self.log_probs).sum((-2, -1))
@@ -174,11 +181,29 @@ class GroupedOneHot(dist.TorchDistribution):
         return values.expand(K, *self.batch_shape, K) if expand else values
 
 
+class _OneHotBlocks(constraints.Constraint):
+    """Vectors of G one-hot blocks of K values: each value 0 or 1, each block summing to 1."""
+
+    event_dim = 1
+
+    def __init__(self, classes: int):
+        self.classes = classes
+        super().__init__()
+
+    def check(self, value):
+        blocks = value.reshape(*value.shape[:-1], -1, self.classes)
+        binary = ((blocks == 0) | (blocks == 1)).all(-1)
+        return (binary & (blocks.sum(-1) == 1)).all(-1)
+
+
 @register_kl(GroupedOneHot, GroupedOneHot)
 def _kl_grouped(q: GroupedOneHot, p: GroupedOneHot) -> torch.Tensor:
     """Σ_g Σ_k q_gk (log q_gk − log p_gk)."""
     if (q.groups, q.classes) != (p.groups, p.classes):
-        raise NotImplementedError
+        raise ValueError(
+            f"KL(q ‖ p): expected q and p of the same groups and classes, got q of {q.groups}×{q.classes}"
+            f" and p of {p.groups}×{p.classes}"
+        )
     return (q.probs * (q.log_probs - p.log_probs)).sum((-2, -1))
 
 
@@ -186,7 +211,8 @@ class CategoricalInit(nn.Module):
     """p(z_1): G groups of K classes, with learned logits (uniform at the start).
 
     :param classes: K, the classes per group; ``latent_dim`` = G·K.
-    :param unimix: the uniform mix of every categorical of the model (DreamerV3 uses 0.01).
+    :param unimix: u of p(z_1)'s uniform mix (DreamerV3 uses 0.01); the transition and the
+        guide have their own.
     """
 
     def __init__(self, latent_dim: int, classes: int = 8, unimix: float = 0.01):
