@@ -81,7 +81,9 @@ def cmd_train(args) -> dict:
         episodes = _load_episodes(args.data)
     else:
         frames = workflow.observes_frames(spec)  # a model of frames: collect them too
-        episodes = collect(args.env, args.episodes, seed=args.seed, num_envs=args.num_envs, pixels=frames)
+        episodes = collect(  # every rank of a data-parallel train collects the same episodes
+            args.env, args.episodes, seed=args.seed, num_envs=args.num_envs, pixels=frames, progress=_leader()
+        )
     if args.out is None:  # named after the data's environment, not --env's default
         args.out = workflow.default_out(episodes, args.data)
     evaluation = None if args.no_evaluate else _eval_settings(args)
@@ -743,7 +745,9 @@ def main(argv=None) -> int:
     if getattr(args, "run", "unset") is None:
         args.run = Path("runs") / args.env
     torch.set_num_threads(1)  # faster at these sizes, and no spinning threads fighting
+    joined = False
     try:
+        joined = _join_process_group(args)
         args.func(args)
     except KeyboardInterrupt:
         print(
@@ -758,7 +762,41 @@ def main(argv=None) -> int:
             raise  # a bug (or a user who asked): the traceback
         print(f"pyro-worldmodel {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
     return 0
+
+
+def _leader() -> bool:
+    """Whether this process prints: the only one, or rank 0 of a data-parallel train."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _join_process_group(args) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), join its process group: gloo on the CPU, NCCL
+    on CUDA with one GPU per rank (``LOCAL_RANK``). Only ``train`` runs data-parallel."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(text)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE: expected an int (torchrun sets it), got {text!r}") from None
+    if world < 2:
+        return False
+    if args.command != "train":
+        raise ValueError(
+            f"WORLD_SIZE: expected 1 for {args.command}, which runs in one process; only train runs"
+            f" data-parallel under torchrun, got {world}"
+        )
+    device = str(args.device or "cpu")
+    backend = "gloo"
+    if device.startswith("cuda"):
+        backend = "nccl"
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    torch.distributed.init_process_group(backend)
+    return True
 
 
 def user_error(e: BaseException) -> str | None:

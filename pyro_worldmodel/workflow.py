@@ -47,6 +47,7 @@ from .evaluate import (
     video_open_loop,
 )
 from .infer import (
+    DataParallel,
     History,
     check_training_data,
     elbo_terms,
@@ -927,9 +928,50 @@ def train_run(
         horizon=None if s.evaluate is None else s.evaluate.horizon,
     )
     same_data = data_path is not None and (out / "episodes.npz").resolve() == Path(data_path).resolve()
+    ranks = DataParallel.of_process_group()
+    if ranks is not None and ranks.rank != 0:
+        return _train_beside_rank_0(ranks, prepared, built, s)
     needed = 2 * (_episodes_bytes(episodes) + _checkpoint_bytes(model, guide)) + FIGURES_BYTES
     check_free_space(out, needed, "train")
+    # The other ranks wait for rank 0's word: where training starts, or why it does not.
+    told = {"done": ranks is None}
 
+    def tell(source):
+        ranks.broadcast({"resume_from": None if source is None else str(source)})
+        told["done"] = True
+
+    try:
+        metrics = _train_into(
+            out, s, info, same_data, prepared, built, arch, progress, log, None if ranks is None else tell
+        )
+    except BaseException as e:
+        if not told["done"]:
+            ranks.broadcast({"error": str(e).splitlines()[0] if str(e) else type(e).__name__})
+        raise
+    log(f"checkpoint: {out / 'model.ckpt'}")
+    return metrics
+
+
+def _train_beside_rank_0(ranks, prepared, built, s) -> dict:
+    """A rank other than 0 of a data-parallel train: the same data, model and start as rank 0,
+    its shard of every minibatch, and nothing written (rank 0 writes the run and evaluates)."""
+    word = ranks.broadcast()
+    if "error" in word:
+        raise ValueError(f"rank 0 stopped before training: {word['error']}")
+    source = word["resume_from"]
+    if source is None:
+        start(built.model, built.guide, prepared, s.init)
+    with pyro.validation_enabled(False):
+        train(prepared, built, seed=s.seed, device=s.device, checkpoint=source, resume=source is not None,
+              progress=False)  # fmt: skip
+    return {}
+
+
+def _train_into(out, s, info, same_data, prepared, built, arch, progress, log, tell) -> dict:
+    """Rank 0's (or the only process's) part of :func:`train_run`: the run directory.
+    ``tell(source)`` gives the other ranks of a data-parallel train the checkpoint to resume
+    from (None: the start), once it is known."""
+    model, guide = built.model, built.guide
     # One writer: the directory's lock, then what is already there.
     with _writing(out, "train") as run:
         staged = run.staged_transaction("train")
@@ -954,6 +996,8 @@ def train_run(
                 f"note: discarding the checkpoint of an interrupted train (pid {staged.get('pid', '?')},"
                 f" started {staged.get('started', '?')}), {resumable}"
             )
+        if tell is not None:  # the other ranks start where this one starts, and read what it resumes
+            tell(source)
 
         # Everything is written into the transaction, which becomes the run at its commit.
         # Of an interrupted train's files only its checkpoint is kept, and only to resume it.
@@ -996,7 +1040,6 @@ def train_run(
             _stage_evaluation(result, tx)
             metrics = result.metrics
         tx.commit()
-    log(f"checkpoint: {out / 'model.ckpt'}")
     return metrics
 
 

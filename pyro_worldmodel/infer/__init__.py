@@ -15,6 +15,7 @@ from .elbos import (
 from .terms import ELBOTerms, elbo_terms
 from .training import (
     MAX_PLATE_NESTING,
+    DataParallel,
     History,
     check_training_data,
     default_elbo,
@@ -25,6 +26,7 @@ from .training import (
 from .warm_start import linear_warm_start, why_no_linear_warm_start
 
 __all__ = [
+    "DataParallel",
     "ELBOTerms",
     "FreeNats_ELBO",
     "History",

@@ -132,6 +132,19 @@ def fit(
         load the best parameters back (early stopping); None trains all ``num_steps``
         and keeps the last parameters.
     :returns: the :class:`History` of the run (of all runs, when resumed).
+
+    **Data-parallel.** Called in every process of an initialised ``torch.distributed``
+    process group of N > 1 ranks (as ``torchrun`` starts them, gloo on CPU, NCCL on GPU),
+    each rank computes the loss and gradient of its shard of every minibatch (the batch's
+    episodes r, r + N, …, so that the N shards are the batch), the gradients and losses are
+    summed over the ranks in one all-reduce, and every rank takes the same update: the
+    gradient of the whole batch, as one process with the same ``batch_size`` takes it (the
+    ELBO is a sum over episodes). The ranks draw their own random numbers (each reseeded
+    from the minibatch seed and its rank), so a stochastic estimator's draws differ from
+    one process's; an exact one (``TraceEnum_ELBO``) gives the same parameters. Only rank 0
+    writes checkpoints and shows the progress bar; a checkpoint holds no rank count, so a
+    run saved by N ranks resumes with any number. Every rank must call ``fit`` with the
+    same data and arguments.
     """
     check_int("num_steps", num_steps, 1)
     check_int("batch_size", batch_size, 1)
@@ -199,9 +212,16 @@ def fit(
             f"guide.straight_through: expected True with {type(elbo).__name__}, which needs samples that"
             " carry a gradient; got False: train with TraceGraph_ELBO (or Trace_ELBO), which score them"
         )
+    ranks = DataParallel.of_process_group()
+    if ranks is not None and batch_size < ranks.world:
+        raise ValueError(
+            f"batch_size: expected at least one episode per rank, {ranks.world} ranks, got {batch_size}"
+        )
     if seed is not None:
         pyro.set_rng_seed(seed)
     order_seed = int(torch.randint(2**62, ())) if seed is None else seed
+    if ranks is not None:
+        order_seed = ranks.agree(order_seed)  # rank 0's: every rank draws the same minibatches
     history = History()
     start = 0
     if resume and Path(checkpoint).exists():
@@ -216,6 +236,8 @@ def fit(
             return history
         if isinstance(getattr(elbo, "step", None), int):  # a schedule over steps, e.g. KL annealing
             elbo.step = start
+    if ranks is not None:
+        ranks.reseed(order_seed, start)
 
     frozen = {"all": None, "guide": model, "model": guide}[train]
     # The frozen side's parameters are left out of each update, not hidden from Pyro: a
@@ -245,6 +267,9 @@ def fit(
                     snapshot.append(p.detach().clone())
 
     def save(step, rng):
+        if ranks is not None and ranks.rank != 0:  # rank 0 writes; every rank holds the same state
+            last_saved["step"] = step
+            return
         save_checkpoint(
             checkpoint,
             model,
@@ -276,11 +301,15 @@ def fit(
             checkpoint=None if last_saved["step"] is None else Path(checkpoint),
         )
 
-    bar = tqdm(range(start, num_steps), desc="SVI", disable=not progress, initial=start, total=num_steps)
+    quiet = not progress or (ranks is not None and ranks.rank != 0)
+    bar = tqdm(range(start, num_steps), desc="SVI", disable=quiet, initial=start, total=num_steps)
     set_training_mode(True, model, guide)  # training-time noise (a guide's input_noise) on while fitting
     try:
         for step in bar:
             idx = minibatch_indices(step, N, batch_size, order_seed)  # on the CPU, like lengths
+            observed = float(lengths[idx].sum())  # the whole batch's steps, every rank's shard together
+            if ranks is not None:
+                idx = ranks.shard(idx)
             T_b = int(lengths[idx].max())
             on_device = idx.to(obs.device)
             batch = (obs[on_device, :T_b], actions[on_device, :T_b], mask[on_device, :T_b])
@@ -308,8 +337,10 @@ def fit(
                 raise diverged(
                     step, f"the loss is not finite{cause}", before if step > start else now
                 ) from None
-            loss = float(loss) / float(lengths[idx].sum())
             touched = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+            if ranks is not None:  # the batch's loss and gradient: every shard's, summed
+                loss = ranks.sum_loss_and_grads(loss, touched)
+            loss = float(loss) / observed
             track(touched)
             if not math.isfinite(loss):
                 pyro.infer.util.zero_grads(touched)
@@ -465,6 +496,59 @@ def _nonfinite_terms(model, guide, batch) -> str:
         return f" ({str(e).splitlines()[0]})"
     bad = [f"{labels[k]} is {terms[k]}" for k in labels if not math.isfinite(terms[k])]
     return f" ({', '.join(bad)})" if bad else " (a reward or continue term, or a Monte Carlo draw)"
+
+
+class DataParallel:
+    """This process's place in an initialised ``torch.distributed`` process group, for :func:`fit`."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    @classmethod
+    def of_process_group(cls) -> DataParallel | None:
+        """The group's rank and size, or None outside one (or in a group of one process)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's episodes of a minibatch: r, r + N, …"""
+        return idx[self.rank :: self.world]
+
+    def agree(self, value: int) -> int:
+        """Rank 0's ``value`` (an int below 2**62), on every rank."""
+        t = torch.tensor([value if self.rank == 0 else 0], dtype=torch.int64, device=self._device())
+        torch.distributed.all_reduce(t)  # the others add 0
+        return int(t)
+
+    def broadcast(self, obj=None):
+        """Rank 0's ``obj`` (any picklable object), on every rank; the others pass nothing."""
+        box = [obj if self.rank == 0 else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def reseed(self, order_seed: int, start: int) -> None:
+        """Every rank its own random numbers, from the minibatch seed, its rank and the step."""
+        pyro.set_rng_seed((order_seed + 1_000_003 * (self.rank + 1) + start) % 2**62)
+
+    def sum_loss_and_grads(self, loss, params) -> float:
+        """The sum over the ranks of ``loss`` and of each parameter's gradient (in place), in
+        one all-reduce. A parameter without a gradient on this rank counts as zero."""
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        device = grads[0].device if grads else self._device()
+        total = torch.tensor([float(loss)], dtype=torch.float64, device=device)
+        flat = torch.cat([total, *[g.reshape(-1).to(torch.float64) for g in grads]])
+        torch.distributed.all_reduce(flat)
+        offset = 1
+        for p, g in zip(params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+        return float(flat[0])
+
+    def _device(self):
+        backend = torch.distributed.get_backend()
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def minibatch_indices(step: int, N: int, batch_size: int, seed: int) -> torch.Tensor:
