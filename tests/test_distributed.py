@@ -60,29 +60,44 @@ def train_gaussian(steps):
     return {k: v.clone() for k, v in state.items()}, history.loss
 
 
-def _worker(rank, world, init_file, out, steps, checkpoint, resume, batch_size, gaussian=False):
+def _worker(rank, world, init_file, out, jobs):
+    """Each job in one process group: ``(name, kind, keywords)``, kind "exact" or "gaussian";
+    the result (or the ValueError's message) saved per job and rank."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        try:
-            if gaussian:
-                state, losses = train_gaussian(steps)
-            else:
-                state, losses = train(steps, checkpoint, resume, batch_size=batch_size)
-            result = {"state": state, "losses": losses}
-        except ValueError as e:
-            result = {"error": str(e)}
-        torch.save(result, f"{out}.rank{rank}")
+        results = {}
+        for name, kind, kw in jobs:
+            try:
+                state, losses = train_gaussian(**kw) if kind == "gaussian" else train(**kw)
+                results[name] = {"state": state, "losses": losses}
+            except ValueError as e:
+                results[name] = {"error": str(e)}
+        torch.save(results, f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(
-    tmp_path, world, name, steps=STEPS, checkpoint=None, resume=False, batch_size=B, gaussian=False
-):
-    out = tmp_path / name
-    args = (world, str(tmp_path / f"{name}.init"), str(out), steps, checkpoint, resume, batch_size, gaussian)
-    mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn")
+def run_ranks(tmp_path, world, jobs):
+    """``jobs`` run by ``world`` ranks, one spawn for all: ``[{job: result} for each rank]``."""
+    out = tmp_path / "ranks"
+    mp.start_processes(
+        _worker, args=(world, str(tmp_path / "init"), str(out), jobs), nprocs=world, start_method="spawn"
+    )
     return [torch.load(f"{out}.rank{r}") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every job of the 2-rank tests, in one spawn of 2 ranks (each spawn costs seconds)."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    checkpoint = str(tmp / "run.ckpt")
+    jobs = [
+        ("exact", "exact", {"steps": 10, "checkpoint": checkpoint}),
+        ("gaussian", "gaussian", {"steps": 10}),
+        ("small", "exact", {"steps": 2, "batch_size": 1}),
+    ]
+    ranks = run_ranks(tmp, 2, jobs)
+    return ranks, checkpoint
 
 
 def assert_same_state(a, b):
@@ -92,25 +107,24 @@ def assert_same_state(a, b):
 
 
 @pytest.mark.slow
-def test_two_ranks_with_half_the_batch_each_take_one_processs_steps_and_resume_in_one(tmp_path):
-    checkpoint = tmp_path / "run.ckpt"
-    ranks = run_ranks(tmp_path, 2, "two", steps=10, checkpoint=str(checkpoint))
+def test_two_ranks_with_half_the_batch_each_take_one_processs_steps_and_resume_in_one(two_ranks):
+    ranks, checkpoint = two_ranks
     one_state, one_losses = train(10)
     for r in ranks:  # every rank holds the same parameters, those of one process
-        assert_same_state(r["state"], one_state)
-        assert r["losses"] == pytest.approx(one_losses, rel=1e-10)
+        assert_same_state(r["exact"]["state"], one_state)
+        assert r["exact"]["losses"] == pytest.approx(one_losses, rel=1e-10)
     assert one_losses[-1] < one_losses[0]  # it trained
     # the 2 ranks' checkpoint, resumed by one process, ends where one process ends
-    resumed_state, resumed_losses = train(STEPS, checkpoint=str(checkpoint), resume=True)
+    resumed_state, resumed_losses = train(STEPS, checkpoint=checkpoint, resume=True)
     one_state, one_losses = train(STEPS)
     assert_same_state(resumed_state, one_state)
     assert resumed_losses == pytest.approx(one_losses, rel=1e-10)
 
 
 @pytest.mark.slow
-def test_with_a_stochastic_elbo_every_rank_takes_the_same_update(tmp_path):
+def test_with_a_stochastic_elbo_every_rank_takes_the_same_update(two_ranks):
     """The ranks draw different noise, but the summed gradient, so the update, is one."""
-    first, second = run_ranks(tmp_path, 2, "gaussian", steps=10, gaussian=True)
+    first, second = (r["gaussian"] for r in two_ranks[0])
     assert_same_state(first["state"], second["state"])
     assert first["losses"] == second["losses"] and all(math.isfinite(x) for x in first["losses"])
     one_state, _ = train_gaussian(10)
@@ -118,8 +132,8 @@ def test_with_a_stochastic_elbo_every_rank_takes_the_same_update(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_batch_smaller_than_the_ranks_is_refused_on_every_rank(tmp_path):
-    for r in run_ranks(tmp_path, 2, "small", steps=2, batch_size=1):
+def test_a_batch_smaller_than_the_ranks_is_refused_on_every_rank(two_ranks):
+    for r in (r["small"] for r in two_ranks[0]):
         assert r["error"] == "batch_size: expected at least one episode per rank, 2 ranks, got 1"
 
 
