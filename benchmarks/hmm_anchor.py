@@ -18,6 +18,7 @@ the spread (max − min) over the seeds:
 
     python benchmarks/hmm_anchor.py                 # seeds 0-2, a few minutes
     python benchmarks/hmm_anchor.py --seeds 0 --quick
+    python benchmarks/hmm_anchor.py --tiny          # seconds: checks the script
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ def elbo_per_step(model, guide, obs, actions, draws=10):
         )
 
 
-def run(seed, quick):
+def run(seed, quick, tiny=False):
     torch.set_default_dtype(torch.float64)
     hmm = CategoricalHMM.random(STATES, OBS, ACT, seed=0, spread=2.5)
-    obs, actions, _ = hmm.sample(150, T, seed=100 + seed)
+    obs, actions, _ = hmm.sample(150, 5 if tiny else T, seed=100 + seed)
     train, test = (obs[:100], actions[:100]), (obs[100:], actions[100:])
     n_test = test[0].shape[:2].numel()
     row = {}
@@ -69,18 +70,24 @@ def run(seed, quick):
     guide = guide_for(truth, seed)
     pyro.set_rng_seed(seed)
     row["ELBO, untrained guide"] = elbo_per_step(truth, guide, *sub) - exact_sub
-    for k in IWAE_K[:3] if quick else IWAE_K:
+    for k in IWAE_K[:3] if quick or tiny else IWAE_K:
         iwae = iwae_log_likelihood(truth, guide, *sub, num_particles=k)
         row[f"IWAE-{k}, untrained guide"] = float(iwae.sum()) / sub[0].shape[:2].numel() - exact_sub
-    fit(truth, guide, *sub, num_steps=100 if quick else 300, batch_size=40, lr=3e-3, train="guide",
+    fit(truth, guide, *sub, num_steps=5 if tiny else 100 if quick else 300, batch_size=40, lr=3e-3, train="guide",
         progress=False, seed=seed)  # fmt: skip
     pyro.set_rng_seed(seed)
     row["ELBO, guide trained"] = elbo_per_step(truth, guide, *sub) - exact_sub
     row["share of the gap closed"] = 1 - row["ELBO, guide trained"] / row["ELBO, untrained guide"]
     true_test = float(hmm.log_prob(*test).sum()) / n_test
     for name, elbo, steps, batch, lr in (
-        ("enumeration", TraceEnum_ELBO(), 200, 100, 0.1),
-        ("ELBO", TraceMeanField_ELBO(monte_carlo_kl="error"), 300 if quick else 1000, 50, 0.02),
+        ("enumeration", TraceEnum_ELBO(), 5 if tiny else 200, 100, 0.1),
+        (
+            "ELBO",
+            TraceMeanField_ELBO(monte_carlo_kl="error"),
+            5 if tiny else 300 if quick else 1000,
+            50,
+            0.02,
+        ),
     ):
         model = CategoricalHMM.initial_guess(*train, STATES, seed=seed).world_model()
         guide = guide_for(model, seed)
@@ -97,11 +104,14 @@ def run(seed, quick):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--quick", action="store_true", help="fewer steps and particles: to check the script")
+    p.add_argument("--quick", action="store_true", help="fewer steps and particles")
+    p.add_argument(
+        "--tiny", action="store_true", help="episodes of 5 steps, 5 training steps: to check the script"
+    )
     args = p.parse_args(argv)
     rows = []
     for seed in args.seeds:
-        rows.append(run(seed, args.quick))
+        rows.append(run(seed, args.quick, args.tiny))
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items()), flush=True)
     print()
     print(f"| figure (nats per step, or a ratio) | mean over seeds {args.seeds} | spread (max − min) |")
