@@ -8,7 +8,7 @@ every file matching the manifest, and the dataset's normaliser the
 checkpoint's. ``--resume`` then has to reach the bytes of an uninterrupted run.
 
 The default run kills each command at a few seeded instants; ``-m slow`` runs
-the thorough version (at least 20 instants per command, and a kill at every
+the thorough version (at least 12 instants per command, and a kill at every
 rename a train makes).
 """
 
@@ -36,7 +36,7 @@ LOOP = [
     *"--eval-episodes 1 --context 4".split(),
     *"--set planner.candidates=16 --set planner.top_k=4 --set planner.horizon=3 --set planner.iterations=1".split(),
 ]
-FAST_KILLS, SLOW_KILLS = 3, 20
+FAST_KILLS, SLOW_KILLS = 3, 12
 
 
 # ---------------------------------------------------------------- fixtures and checks
@@ -217,7 +217,7 @@ def test_train_killed_at_random_instants_leaves_a_run_and_resumes_to_the_same_by
 
 
 @pytest.mark.slow
-def test_train_killed_at_20_instants(workdir, data, reference, old_run):
+def test_train_killed_at_12_instants(workdir, data, reference, old_run):
     print("train kills:", _kill_train(workdir, data, reference, old_run, SLOW_KILLS, seed=1))
 
 
@@ -316,7 +316,7 @@ def test_evaluate_killed_at_random_instants_leaves_the_old_metrics_or_the_new(wo
 
 
 @pytest.mark.slow
-def test_evaluate_killed_at_20_instants(workdir, data, reference):
+def test_evaluate_killed_at_12_instants(workdir, data, reference):
     _kill_evaluate(workdir, data, reference, SLOW_KILLS, seed=1)
 
 
@@ -373,7 +373,7 @@ def test_loop_killed_at_random_instants_resumes_to_the_same_weights(workdir, loo
 
 
 @pytest.mark.slow
-def test_loop_killed_at_20_instants(workdir, loop_reference):
+def test_loop_killed_at_12_instants(workdir, loop_reference):
     seen = _kill_loop(workdir, loop_reference, SLOW_KILLS, seed=1)
     print("loop iterations complete at each kill:", seen)
 
