@@ -227,7 +227,20 @@ class CategoricalInit(nn.Module):
         return GroupedOneHot(self.logits.expand(*batch_shape, self.latent_dim), self.classes, self.unimix)
 
 
-class CategoricalMLPTransition(nn.Module):
+class _CategoricalOutput:
+    """A part whose output is logits of G categoricals of K classes: its settings, checked
+    once, and the distribution it gives."""
+
+    def _categorical(self, latent_dim: int, latent_classes: int, unimix: float, straight_through: bool):
+        self.latent_classes = check_classes(latent_dim, latent_classes, "latent_classes")
+        self.unimix = check_unimix(unimix)
+        self.straight_through = _check_flag("straight_through", straight_through)
+
+    def latent(self, logits: torch.Tensor) -> GroupedOneHot:
+        return GroupedOneHot(logits, self.latent_classes, self.unimix, self.straight_through)
+
+
+class CategoricalMLPTransition(_CategoricalOutput, nn.Module):
     """p(z_{t+1} | z_t, a_t): G categoricals of K classes, logits = MLP([z_t, a_t]).
 
     With ``hidden=[]`` the logits are linear in [z_t, a_t]: with one group, an HMM whose
@@ -249,19 +262,16 @@ class CategoricalMLPTransition(nn.Module):
         super().__init__()
         self.latent_dim = check_dim("latent_dim", latent_dim)
         self.action_dim = check_dim("action_dim", action_dim)
-        self.latent_classes = check_classes(latent_dim, latent_classes, "latent_classes")
+        self._categorical(latent_dim, latent_classes, unimix, straight_through)
         self.hidden = check_hidden(hidden)
-        self.unimix = check_unimix(unimix)
-        self.straight_through = _check_flag("straight_through", straight_through)
         self.net = mlp(latent_dim + action_dim, self.hidden, latent_dim)
 
     def forward(self, z_prev: torch.Tensor, a_prev: torch.Tensor) -> GroupedOneHot:
         """:param z_prev: ``(..., Z)``; :param a_prev: ``(..., A)`` action features."""
-        logits = self.net(cat_batched(z_prev, a_prev))
-        return GroupedOneHot(logits, self.latent_classes, self.unimix, self.straight_through)
+        return self.latent(self.net(cat_batched(z_prev, a_prev)))
 
 
-class CategoricalRSSMTransition(RSSMTransition):
+class CategoricalRSSMTransition(_CategoricalOutput, RSSMTransition):
     """DreamerV2's RSSM: PlaNet's recurrent state-space transition with a categorical z_t.
 
         h_t = GRU(h_{t-1}, e([z_{t-1}, a_{t-1}])),   p(z_t | h_t) = G categoricals, logits = MLP(h_t).
@@ -281,22 +291,15 @@ class CategoricalRSSMTransition(RSSMTransition):
         straight_through: bool = True,
     ):
         super().__init__(latent_dim, action_dim, deter_dim, hidden)
-        self.latent_classes = check_classes(latent_dim, latent_classes, "latent_classes")
-        self.unimix = check_unimix(unimix)
-        self.straight_through = _check_flag("straight_through", straight_through)
+        self._categorical(latent_dim, latent_classes, unimix, straight_through)
         self.prior = mlp(deter_dim, self.hidden, latent_dim)  # logits, not loc and scale
         del self.scale_map, self.min_scale
-
-    def latent(self, out: torch.Tensor) -> GroupedOneHot:
-        return GroupedOneHot(out, self.latent_classes, self.unimix, self.straight_through)
 
 
 def latent_classes_of(part) -> int | None:
     """K of a categorical part (an init's ``classes``, a transition's or guide's
     ``latent_classes``), None for a Gaussian one."""
-    return (
-        getattr(part, "classes", None) if hasattr(part, "classes") else getattr(part, "latent_classes", None)
-    )
+    return getattr(part, "classes", getattr(part, "latent_classes", None))
 
 
 def describe_state(classes: int | None) -> str:
@@ -319,7 +322,7 @@ def check_guide_state(model, guide) -> None:
         )
 
 
-class CategoricalCombiner(nn.Module):
+class CategoricalCombiner(_CategoricalOutput, nn.Module):
     """q(z_t | z_{t-1}, h_t): G categoricals of K classes, logits = MLP([z_{t-1}, h_t]).
 
     The categorical counterpart of :class:`~pyro_worldmodel.model.components.Combiner`, with
@@ -339,9 +342,7 @@ class CategoricalCombiner(nn.Module):
         super().__init__()
         self.latent_dim = check_dim("latent_dim", latent_dim)
         self.summary_dim = check_dim("summary_dim", summary_dim)
-        self.latent_classes = check_classes(latent_dim, latent_classes, "latent_classes")
-        self.unimix = check_unimix(unimix)
-        self.straight_through = _check_flag("straight_through", straight_through)
+        self._categorical(latent_dim, latent_classes, unimix, straight_through)
         self.net = mlp(latent_dim + summary_dim, check_hidden(hidden), latent_dim)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
@@ -357,4 +358,4 @@ class CategoricalCombiner(nn.Module):
         out = nn.functional.linear(z_prev, weights[0]) + projected
         for layer in tuple(self.net)[1:]:
             out = layer(out)
-        return GroupedOneHot(out, self.latent_classes, self.unimix, self.straight_through)
+        return self.latent(out)
