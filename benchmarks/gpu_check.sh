@@ -8,6 +8,7 @@
 # 3. one SVI step on the GPU against the hand-written reference, at B = 32, 256 and 1024:
 #    sequences per second, peak GPU memory and the host-device synchronisations in a step
 #    (benchmarks/svi_step.py counts them);
+#    and, with the guide's steps compiled (torch.compile), at B = 256, T = 50, with the compile time;
 # 4. a short `pyro-worldmodel train --device cuda` and `loop --device cuda --smoke`;
 # 5. data-parallel throughput on the GPU (benchmarks/scale.py is CPU-only: not run here).
 # Each step has its own time limit, so that one that hangs leaves the others' figures.
@@ -26,6 +27,7 @@ run() {  # run NAME SECONDS COMMAND...: the output to $OUT/NAME.txt and the scre
 run gpu 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
     python -c "import torch; assert torch.cuda.is_available(), \"no CUDA device\"; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"'
 run tests 120 python -m pytest -q -p no:cacheprovider -k cuda tests/
-run svi_step 150 python benchmarks/svi_step.py --device cuda --batch 32 256 1024
+run svi_step 120 python benchmarks/svi_step.py --device cuda --batch 32 256 1024
+run compiled 90 python benchmarks/svi_step.py --device cuda --batch 256 --T 50 --compile --no-stock --memory-batch 256
 run train 60 pyro-worldmodel train --device cuda --preset smoke --episodes 12 --out "$OUT/train" --overwrite --seed 0
 run loop 60 pyro-worldmodel loop --device cuda --smoke --out "$OUT/loop" --overwrite --seed 0

@@ -14,6 +14,7 @@ from .evaluate import (
     open_loop,
 )
 from .infer import (
+    CompileFallbackWarning,
     FreeNats_ELBO,
     History,
     JitTraceMeanField_ELBO,
@@ -37,6 +38,7 @@ __all__ = [
     "JitTraceMeanField_ELBO",
     "KLAnnealing_ELBO",
     "KLBalancing_ELBO",
+    "CompileFallbackWarning",
     "MonteCarloKLWarning",
     "TraceMeanField_ELBO",
     "History",

@@ -1010,6 +1010,9 @@ def _train_into(out, s, info, same_data, prepared, built, arch, progress, log, t
             how = start(model, guide, prepared, s.init)
             if how.startswith("random ("):
                 log(f"starting at random: no linear warm start for this spec {how[len('random ') :]}")
+        backend = getattr(built.elbo, "compile_backend", None)
+        if backend is not None:
+            log(f"compiling the guide's steps with torch.compile ({backend}): the first step waits for it")
         began = time.perf_counter()
         with pyro.validation_enabled(False):  # inputs were checked once, up front
             history = train(
@@ -1026,7 +1029,7 @@ def _train_into(out, s, info, same_data, prepared, built, arch, progress, log, t
         from .plots import plot_training, save_figure
 
         save_figure(plot_training(history), tx.path("figures/training.png"))
-        log(f"trained {len(history.loss)} steps in {seconds:.0f} s")
+        log(f"trained {len(history.loss)} steps in {seconds:.0f} s{_compiled(built.elbo)}")
         metrics = {}
         if s.evaluate is not None:
             result = evaluate(
@@ -1041,6 +1044,15 @@ def _train_into(out, s, info, same_data, prepared, built, arch, progress, log, t
             metrics = result.metrics
         tx.commit()
     return metrics
+
+
+def _compiled(elbo) -> str:
+    """What compiling the guide's steps took, for the log line of a train: "" without compile."""
+    if getattr(elbo, "compile_backend", None) is None:
+        return ""
+    if elbo.compile_error is not None:
+        return f" (not compiled: {elbo.compile_error}; the steps ran eagerly)"
+    return f", {elbo.compile_seconds:.0f} s of which compiling the guide's steps"
 
 
 def evaluate_run(

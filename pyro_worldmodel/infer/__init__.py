@@ -1,5 +1,6 @@
 """Inference: the ELBOs, the batched mean-field path, training by SVI and its warm start."""
 
+from .batched import CompileFallbackWarning
 from .elbos import (
     FreeNats_ELBO,
     JitTraceMeanField_ELBO,
@@ -26,6 +27,7 @@ from .training import (
 from .warm_start import linear_warm_start, why_no_linear_warm_start
 
 __all__ = [
+    "CompileFallbackWarning",
     "DataParallel",
     "ELBOTerms",
     "FreeNats_ELBO",

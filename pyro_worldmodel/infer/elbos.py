@@ -97,6 +97,17 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         is not element-wise) takes Pyro's traces; so does everything with ``batched=False``.
     :ivar path: ``"batched"``, or why the last call took Pyro's traces.
 
+    :param compile: on the batched path, run the guide's steps (the recurrence over time,
+        :func:`pyro_worldmodel.infer.batched.recurrence`) through ``torch.compile``: True for
+        its default backend (inductor), or a backend's name (e.g. ``"aot_eager"``). The loop
+        over time is unrolled 25 steps at a time into one graph, compiled once per guide and
+        chunk shape, whatever T (:class:`~pyro_worldmodel.infer.batched.CompiledRecurrence`);
+        the loss and gradient are eager's to float tolerance, with the same random draws. If compiling fails, a :class:`CompileFallbackWarning` says why and
+        the steps run eagerly from then on. Whether it pays depends on the device: on a GPU
+        it removes launches; on a CPU it may not (``benchmarks/svi_step.py --compile``).
+    :ivar compile_seconds: seconds spent compiling, over all shapes.
+    :ivar compile_error: why compiling failed, or None.
+
     The other arguments are Pyro's ``ELBO``'s.
     """
 
@@ -111,11 +122,14 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         *,
         monte_carlo_kl: str | list[str] = "warn",
         batched: bool = True,
+        compile: bool | str = False,
     ):
         _check_pyro_args(num_particles, max_plate_nesting)
         _check_monte_carlo_kl(monte_carlo_kl)
         if not isinstance(batched, bool):
             raise ValueError(f"batched: expected True or False, got {batched!r}")
+        self.compile_backend = _check_compile(compile)
+        self.compile = compile  # as given, so that a spec rebuilds it
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -126,6 +140,7 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         )
         self.batched = batched
         self.path = ""
+        self._steps = None  # the compiled recurrence, made at the first batched call
         self.monte_carlo_kl = (
             list(monte_carlo_kl) if isinstance(monte_carlo_kl, (list, tuple)) else monte_carlo_kl
         )
@@ -152,6 +167,25 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         for _ in range(self.num_particles):
             loss = loss + batched.mean_field_loss(self, model, guide, *args, **targets) / self.num_particles
         return loss
+
+    def recurrence(self):
+        """What the batched path runs the guide's steps with: None (eagerly), or with
+        ``compile`` a :class:`~pyro_worldmodel.infer.batched.CompiledRecurrence`."""
+        if self.compile_backend is None:
+            return None
+        if self._steps is None:
+            self._steps = batched.CompiledRecurrence(self.compile_backend, type(self).__name__)
+        return self._steps
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling the guide's steps (their forward and backward), over all shapes."""
+        return 0.0 if self._steps is None else self._steps.seconds
+
+    @property
+    def compile_error(self) -> str | None:
+        """Why compiling the guide's steps failed (they run eagerly since), or None."""
+        return None if self._steps is None else self._steps.error
 
     def loss(self, model, guide, *args, **kwargs):
         if self._batched(model, guide, args, kwargs):
@@ -281,6 +315,24 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         )
 
 
+def _check_compile(compile) -> str | None:
+    """The ``torch.compile`` backend ``compile`` names (True: inductor), or None (False)."""
+    if compile is False:
+        return None
+    if compile is True:
+        return "inductor"
+    if isinstance(compile, str):
+        import torch._dynamo  # here, not at the top: about a second of every process's start
+
+        if compile in torch._dynamo.list_backends(exclude_tags=()):
+            return compile
+        usual = sorted({*torch._dynamo.list_backends(), "aot_eager", "eager"})  # without the debug ones
+        raise ValueError(
+            f"compile: expected True, False or a torch.compile backend (e.g. {', '.join(usual)}), got {compile!r}"
+        )
+    raise ValueError(f"compile: expected True, False or a torch.compile backend's name, got {compile!r}")
+
+
 def _check_monte_carlo_kl(value):
     if isinstance(value, (list, tuple)):
         for pair in value:
@@ -380,6 +432,7 @@ class KLAnnealing_ELBO(TraceMeanField_ELBO):
         retain_graph: bool | None = None,
         monte_carlo_kl: str | list[str] = "warn",
         batched: bool = True,
+        compile: bool | str = False,
     ):
         self.beta = check_real("beta", beta, low=0.0)
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, low=0)
@@ -393,6 +446,7 @@ class KLAnnealing_ELBO(TraceMeanField_ELBO):
             retain_graph,
             monte_carlo_kl=monte_carlo_kl,
             batched=batched,
+            compile=compile,
         )
         self.step = 0
 
@@ -448,6 +502,7 @@ class FreeNats_ELBO(TraceMeanField_ELBO):
         retain_graph: bool | None = None,
         monte_carlo_kl: str | list[str] = "warn",
         batched: bool = True,
+        compile: bool | str = False,
     ):
         self.free_nats = check_real("free_nats", free_nats, low=0.0)
         super().__init__(
@@ -459,6 +514,7 @@ class FreeNats_ELBO(TraceMeanField_ELBO):
             retain_graph,
             monte_carlo_kl=monte_carlo_kl,
             batched=batched,
+            compile=compile,
         )
 
     def shape_kl(self, name, kl, q, p, mask, estimator):
@@ -518,6 +574,7 @@ class KLBalancing_ELBO(TraceMeanField_ELBO):
         retain_graph: bool | None = None,
         monte_carlo_kl: str | list[str] = "warn",
         batched: bool = True,
+        compile: bool | str = False,
     ):
         self.alpha = check_real("alpha", alpha, low=0.0, high=1.0)
         super().__init__(
@@ -529,6 +586,7 @@ class KLBalancing_ELBO(TraceMeanField_ELBO):
             retain_graph,
             monte_carlo_kl=monte_carlo_kl,
             batched=batched,
+            compile=compile,
         )
 
     def shape_kl(self, name, kl, q, p, mask, estimator):
@@ -590,6 +648,7 @@ class LatentOvershooting_ELBO(TraceMeanField_ELBO):
         retain_graph: bool | None = None,
         monte_carlo_kl: str | list[str] = "warn",
         batched: bool = True,
+        compile: bool | str = False,
     ):
         self.distance = _check_int("distance", distance, low=1)
         self.beta = check_real("beta", beta, low=0.0)
@@ -606,6 +665,7 @@ class LatentOvershooting_ELBO(TraceMeanField_ELBO):
             retain_graph,
             monte_carlo_kl=monte_carlo_kl,
             batched=batched,
+            compile=compile,
         )
 
     def _batched(self, model, guide, args, kwargs) -> bool:
