@@ -152,3 +152,23 @@ def test_hmm_anchor_benchmark_prints_every_figure_of_the_readme():
         assert float(rows[key]) < 0  # every bound below the exact value
     assert 0 <= float(rows["share of the gap closed"]) <= 1
     assert "held-out gap, fitted by enumeration" in rows and "held-out gap, fitted by ELBO" in rows
+
+
+def test_categorical_benchmark_prints_both_states_with_the_loop(tmp_path):
+    out = run_benchmark(
+        "categorical.py", "--tiny", "--envs", "CartPole-v1", "--out", str(tmp_path), timeout=600
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| CartPole-v1 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["gaussian", "categorical"]
+    assert all(" ± " in r.split("|")[-2] for r in rows)  # the loop's return
+    import json
+
+    saved = json.loads((tmp_path / "categorical.json").read_text())
+    assert set(saved["CartPole-v1"]) == {"gaussian", "categorical"}
+
+
+def test_scale_benchmark_prints_one_and_two_ranks():
+    out = run_benchmark("scale.py", "--tiny")
+    rows = re.findall(r"^\| (\d) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert rows[0][2:] == ("1.00", "1.00") and all(float(r[1]) > 0 for r in rows)
