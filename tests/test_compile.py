@@ -155,3 +155,17 @@ def test_train_compiles_the_guide_steps_and_says_how_long(tmp_path, capsys):
     assert re.search(r"trained 5 steps in \d+ s, \d+ s of which compiling the guide's steps", stdout)
     spec = torch.load(out / "model.ckpt", weights_only=True)["extra"]["run"]["architecture"]["spec"]
     assert spec["elbo"]["compile"] == "aot_eager"  # kept with the run, as every other setting
+
+
+def test_compile_says_once_when_a_call_takes_pyros_traces():
+    elbo = TraceMeanField_ELBO(max_plate_nesting=MAX_PLATE_NESTING, batched=False, compile="aot_eager")
+    with pytest.warns(
+        CompileFallbackWarning, match=r"takes Pyro's traces \(batched=False\): nothing is compiled"
+    ) as said:
+        losses, params = train(elbo, steps=2)
+    assert sum(issubclass(w.category, CompileFallbackWarning) for w in said) == 1  # once, not per step
+    assert elbo.path == "pyro traces: batched=False" and elbo.compile_seconds == 0
+    eager = TraceMeanField_ELBO(max_plate_nesting=MAX_PLATE_NESTING, batched=False)
+    eager_losses, eager_params = train(eager, steps=2)
+    assert losses == eager_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, eager_params, strict=True))

@@ -247,7 +247,8 @@ def _standard_normal(like):
 
 
 class CompileFallbackWarning(UserWarning):
-    """``torch.compile`` could not compile the guide's steps: they run eagerly from then on."""
+    """``torch.compile`` could not compile the guide's steps, or an ELBO asked to compile them
+    takes Pyro's traces, where nothing is compiled: they run eagerly."""
 
 
 class CompiledRecurrence:

@@ -102,9 +102,11 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         its default backend (inductor), or a backend's name (e.g. ``"aot_eager"``). The loop
         over time is unrolled 25 steps at a time into one graph, compiled once per guide and
         chunk shape, whatever T (:class:`~pyro_worldmodel.infer.batched.CompiledRecurrence`);
-        the loss and gradient are eager's to float tolerance, with the same random draws. If compiling fails, a :class:`CompileFallbackWarning` says why and
-        the steps run eagerly from then on. Whether it pays depends on the device: on a GPU
-        it removes launches; on a CPU it may not (``benchmarks/svi_step.py --compile``).
+        the loss and gradient are eager's to float tolerance, with the same random draws.
+        A :class:`CompileFallbackWarning` says when nothing is compiled: if compiling fails
+        (the steps then run eagerly from then on), or, once, if a call takes Pyro's traces.
+        Whether it pays depends on the device: on a GPU it removes launches; on a CPU it may
+        not (``benchmarks/svi_step.py --compile``).
     :ivar compile_seconds: seconds spent compiling, over all shapes.
     :ivar compile_error: why compiling failed, or None.
 
@@ -141,6 +143,7 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         self.batched = batched
         self.path = ""
         self._steps = None  # the compiled recurrence, made at the first batched call
+        self._said_idle = False  # whether it warned that compile has nothing to compile
         self.monte_carlo_kl = (
             list(monte_carlo_kl) if isinstance(monte_carlo_kl, (list, tuple)) else monte_carlo_kl
         )
@@ -158,6 +161,14 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         else:
             why = batched.supports(model, guide, args, kwargs, vectorize_particles=self.vectorize_particles)
         self.path = "batched" if why is None else f"pyro traces: {why}"
+        if why is not None and self.compile_backend is not None and not self._said_idle:
+            self._said_idle = True  # once per ELBO
+            warnings.warn(
+                f"{type(self).__name__}(compile={self.compile_backend!r}): compiling applies to the batched"
+                f" path, and this call takes Pyro's traces ({why}): nothing is compiled",
+                batched.CompileFallbackWarning,
+                stacklevel=3,
+            )
         return why is None
 
     def _batched_loss(self, model, guide, args, kwargs):
