@@ -36,6 +36,7 @@ from . import workflow
 from .config import Spec, load_yaml, yaml_value
 from .data import Episodes, Pixels, collect
 from .errors import WorldModelError
+from .infer import DataParallel
 from .io import check_unlocked
 from .spaces import check_device
 
@@ -770,7 +771,8 @@ def main(argv=None) -> int:
 
 def _leader() -> bool:
     """Whether this process prints: the only one, or rank 0 of a data-parallel train."""
-    return os.environ.get("RANK", "0") == "0"
+    ranks = DataParallel.of_process_group()
+    return ranks is None or ranks.rank == 0
 
 
 def _join_process_group(args) -> bool:

@@ -218,7 +218,7 @@ def guide_draws(guide, obs, a_feat, mask, steps=None) -> tuple[torch.Tensor, Nor
     z_0 = guide.initial_latent(B)  # (B, Z)
     # ε_t of every step first: nothing between the steps draws, so these are the numbers that
     # Normal(loc_t, scale_t).rsample() draws step by step (empty(B, Z).normal_()), in order.
-    noise = torch.stack([_standard_normal(z_0) for _ in range(T)])  # (T, B, Z)
+    noise = [_standard_normal(z_0) for _ in range(T)]  # T of (B, Z): no stacked copy in the eager loop
     z, loc, scale = (steps or recurrence)(guide, z_0, context, weights, noise)
     return z, Normal(loc, scale)
 
@@ -227,12 +227,13 @@ def recurrence(guide, z_prev, context, weights, noise) -> tuple[torch.Tensor, to
     """The guide's steps, z_t = loc_t + ε_t ⊙ scale_t with (loc_t, scale_t) =
     ``guide.step_params(z_{t-1}, context_t, weights)``: ``(z, loc, scale)``, each ``(B, T, Z)``.
 
-    :param z_prev: ``(B, Z)``, z_0; :param context: ``(B, T, C)``; :param noise: ``(T, B, Z)``, ε.
+    :param z_prev: ``(B, Z)``, z_0; :param context: ``(B, T, C)``; :param noise: ε, T of
+        ``(B, Z)``: a list, or a ``(T, B, Z)`` tensor.
     """
     # Steps of shape (B, ·), not (B, 1, ·): fewer views, one fused matmul. unbind, not c[:, t]:
     # the backward of each slice would zero a gradient the size of all of the context.
     zs, locs, scales = [], [], []
-    for c_t, eps in zip(context.unbind(1), noise.unbind(0), strict=True):  # (B, C), (B, Z)
+    for c_t, eps in zip(context.unbind(1), noise, strict=True):  # (B, C), (B, Z)
         loc, scale = guide.step_params(z_prev, c_t, weights)  # (B, Z) each
         z_prev = torch.addcmul(loc, eps, scale)  # Normal(loc, scale).rsample() with that ε
         zs.append(z_prev)
@@ -288,8 +289,9 @@ class CompiledRecurrence:
         outputs = []
         # Contiguous chunks and z_prev, so that every full chunk of every T meets the same
         # guards (a view's strides would depend on T); split, not slices, for one backward copy.
-        for c, eps in zip(context.split(self.chunk, 1), noise.split(self.chunk, 0), strict=True):
+        for i, c in enumerate(context.split(self.chunk, 1)):
             c, z_prev = c.contiguous(), z_prev.contiguous()
+            eps = torch.stack(noise[i * self.chunk : (i + 1) * self.chunk])  # (K, B, Z): one input
             if self.error is None:
                 key = (
                     id(guide),

@@ -130,8 +130,8 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         _check_monte_carlo_kl(monte_carlo_kl)
         if not isinstance(batched, bool):
             raise ValueError(f"batched: expected True or False, got {batched!r}")
-        self.compile_backend = _check_compile(compile)
-        self.compile = compile  # as given, so that a spec rebuilds it
+        _check_compile(compile)
+        self.compile = compile
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -178,6 +178,11 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         for _ in range(self.num_particles):
             loss = loss + batched.mean_field_loss(self, model, guide, *args, **targets) / self.num_particles
         return loss
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The ``torch.compile`` backend of ``compile`` (True: inductor), or None."""
+        return "inductor" if self.compile is True else (self.compile or None)
 
     def recurrence(self):
         """What the batched path runs the guide's steps with: None (eagerly), or with
@@ -326,17 +331,15 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         )
 
 
-def _check_compile(compile) -> str | None:
-    """The ``torch.compile`` backend ``compile`` names (True: inductor), or None (False)."""
-    if compile is False:
-        return None
-    if compile is True:
-        return "inductor"
+def _check_compile(compile) -> None:
+    """That ``compile`` is True, False or a ``torch.compile`` backend's name."""
+    if isinstance(compile, bool):
+        return
     if isinstance(compile, str):
         import torch._dynamo  # here, not at the top: about a second of every process's start
 
         if compile in torch._dynamo.list_backends(exclude_tags=()):
-            return compile
+            return
         usual = sorted({*torch._dynamo.list_backends(), "aot_eager", "eager"})  # without the debug ones
         raise ValueError(
             f"compile: expected True, False or a torch.compile backend (e.g. {', '.join(usual)}), got {compile!r}"

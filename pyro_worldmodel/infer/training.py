@@ -518,8 +518,8 @@ class DataParallel:
 
     def agree(self, value: int) -> int:
         """Rank 0's ``value`` (an int below 2**62), on every rank."""
-        t = torch.tensor([value if self.rank == 0 else 0], dtype=torch.int64, device=self._device())
-        torch.distributed.all_reduce(t)  # the others add 0
+        t = torch.tensor([value], dtype=torch.int64, device=self._device())
+        torch.distributed.broadcast(t, src=0)
         return int(t)
 
     def broadcast(self, obj=None):
